@@ -1,0 +1,418 @@
+//! Configuration, in two stages: [`raw`] deserializes the TOML file as
+//! written (unknown keys rejected), [`validate`] turns it into the typed
+//! runtime [`Config`] below, reporting every problem at once, each with its
+//! key path and line.
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, Uri};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::org::{OrgDirectory, OrgId};
+use crate::quota::{Amounts, Mode};
+
+/// The validated configuration the gateway runs on.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub identity: Vec<IdentitySource>,
+    pub upstreams: Vec<Upstream>,
+    pub routes: Vec<RouteConfig>,
+    pub orgs: OrgDirectory,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: u64,
+    pub upstream_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+}
+
+/// What a metered request gets when the store cannot answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Forward it uncounted (fail open), as the source system did.
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
+/// One way of learning the org, tried in configured order.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    ApiKey(ApiKeys),
+    Header(HeaderName),
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiKeys {
+    /// The configured header; `x-api-key` is read as well.
+    pub header: HeaderName,
+    pub keys: Vec<ApiKey>,
+}
+
+/// A gateway API key, known only by its digest.
+#[derive(Clone, Debug)]
+pub struct ApiKey {
+    pub sha256: [u8; 32],
+    pub org: OrgId,
+    pub name: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// Scheme and authority that requests are sent to.
+    pub origin: Uri,
+    /// Prepended to the request path; empty or starting with `/`, never
+    /// ending with one.
+    pub path_prefix: String,
+    /// Set on every forwarded request, replacing what the client sent.
+    /// The values are marked sensitive, so `Debug` redacts them.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: Arc<str>,
+    /// `None` matches any method.
+    pub method: Option<Method>,
+    pub path: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// `None`: unmetered, streamed through untouched.
+    pub cost: Option<Cost>,
+    /// Completion bound for estimates when the request body names none.
+    pub default_max_tokens: i64,
+}
+
+/// What a metered route charges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cost {
+    pub fixed: Amounts,
+    /// Tokens come from the request body and are reconciled from the response.
+    pub estimate_tokens: bool,
+}
+
+/// The completion bound for estimate routes that name none.
+pub const DEFAULT_MAX_TOKENS: i64 = 4096;
+
+impl Config {
+    /// Reads and validates a config file, taking `${NAME}` from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    pub fn load_with_env(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), env)
+    }
+
+    /// Validates config text; `origin` names it in error messages.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            file: origin.to_string(),
+            problems,
+        };
+        let document = DeTable::parse(text).map_err(|e| {
+            invalid(vec![Problem {
+                path: KeyPath::root(),
+                line: line_of(text, e.span()),
+                message: e.message().into(),
+            }])
+        })?;
+        let deserializer = toml::de::Deserializer::from(document.clone());
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let line = line_of(text, e.inner().span());
+            let path = KeyPath::from_serde(e.path());
+            invalid(vec![Problem {
+                path,
+                line,
+                message: e.inner().message().to_string(),
+            }])
+        })?;
+        validate::validate(raw, env).map_err(|mut problems| {
+            for problem in &mut problems {
+                problem.line = problem
+                    .path
+                    .span_in(&document)
+                    .and_then(|s| line_of(text, Some(s)));
+            }
+            invalid(problems)
+        })
+    }
+
+    /// A one-line summary for logs and `check`, with no secret in it.
+    pub fn summary(&self) -> String {
+        format!(
+            "listen {}, store {:?}, {} upstreams, {} routes ({} metered), {} orgs configured",
+            self.server.listen,
+            self.store.backend,
+            self.upstreams.len(),
+            self.routes.len(),
+            self.routes.iter().filter(|r| r.cost.is_some()).count(),
+            self.orgs.known().count(),
+        )
+    }
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a config, at one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: KeyPath,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+fn render_problems(file: &str, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| {
+            let at = p
+                .line
+                .map(|l| format!("{file}:{l}"))
+                .unwrap_or_else(|| file.to_string());
+            if p.path.is_root() {
+                format!("{at}: {}", p.message)
+            } else {
+                format!("{at}: {}: {}", p.path, p.message)
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, span: Option<Range<usize>>) -> Option<usize> {
+    let start = span?.start.min(text.len());
+    Some(
+        text.as_bytes()[..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1,
+    )
+}
+
+/// Where a key sits in the document: `routes[2].cost.tokens`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPath(Vec<Segment>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    fn root() -> KeyPath {
+        KeyPath(Vec::new())
+    }
+
+    fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn key(&self, key: &str) -> KeyPath {
+        let mut path = self.clone();
+        path.0.push(Segment::Key(key.to_string()));
+        path
+    }
+
+    fn index(&self, index: usize) -> KeyPath {
+        let mut path = self.clone();
+        path.0.push(Segment::Index(index));
+        path
+    }
+
+    fn from_serde(path: &serde_path_to_error::Path) -> KeyPath {
+        use serde_path_to_error::Segment as S;
+        KeyPath(
+            path.iter()
+                .filter_map(|segment| match segment {
+                    S::Seq { index } => Some(Segment::Index(*index)),
+                    S::Map { key } | S::Enum { variant: key } => Some(Segment::Key(key.clone())),
+                    S::Unknown => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// The span of the deepest part of this path present in `document`, so
+    /// that a bad value points at its line and a missing key at its table.
+    fn span_in(&self, document: &Spanned<DeTable<'_>>) -> Option<Range<usize>> {
+        let mut span = None;
+        let mut value: Option<&DeValue<'_>> = None;
+        let mut table = Some(document.get_ref());
+        for segment in &self.0 {
+            let next = match (segment, table, value) {
+                (Segment::Key(key), Some(t), _) => t.get(key.as_str()),
+                (Segment::Index(i), _, Some(DeValue::Array(items))) => items.get(*i),
+                _ => None,
+            };
+            let Some(next) = next else { break };
+            span = Some(next.span());
+            value = Some(next.get_ref());
+            table = match next.get_ref() {
+                DeValue::Table(t) => Some(t),
+                _ => None,
+            };
+        }
+        span
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Index(index) => write!(f, "[{index}]")?,
+                Segment::Key(key) => {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    let bare = !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if bare {
+                        f.write_str(key)?
+                    } else {
+                        write!(f, "{key:?}")?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces each `${NAME}` in `text` with the variable's value.
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in {text:?}"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{name}}}` is not an environment variable name"));
+        }
+        out.push_str(&env(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Mode {
+    fn word(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "TOKEN").then(|| "s3cret".to_string())
+    }
+
+    #[test]
+    fn env_references_are_replaced_anywhere_in_a_string() {
+        assert_eq!(
+            expand_env("Bearer ${TOKEN}!", &env).unwrap(),
+            "Bearer s3cret!"
+        );
+        assert_eq!(expand_env("no references", &env).unwrap(), "no references");
+    }
+
+    #[test]
+    fn an_unset_variable_is_an_error_naming_it() {
+        assert_eq!(
+            expand_env("${MISSING}", &env).unwrap_err(),
+            "environment variable MISSING is not set"
+        );
+        assert!(expand_env("${TOKEN", &env).is_err());
+    }
+
+    #[test]
+    fn key_paths_read_as_toml() {
+        let path = KeyPath::root()
+            .key("routes")
+            .index(2)
+            .key("cost")
+            .key("tokens");
+        assert_eq!(path.to_string(), "routes[2].cost.tokens");
+        assert_eq!(
+            KeyPath::root().key("orgs").key("org.eu").to_string(),
+            "orgs.\"org.eu\""
+        );
+    }
+}

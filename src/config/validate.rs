@@ -1,0 +1,600 @@
+//! Raw config to runtime config. Every check runs, and every failure is kept,
+//! so one `check` shows all that is wrong with a file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, Uri};
+
+use super::raw::{RawAmount, RawConfig, RawRoute, RawUpstream};
+use super::{
+    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_MAX_TOKENS, IdentitySource, KeyPath,
+    OnStoreError, Problem, RouteConfig, ServerConfig, StoreConfig, Upstream, expand_env,
+};
+use crate::org::{OrgDirectory, OrgId, OrgPolicy};
+use crate::quota::{Amounts, Dimension, Limits, Mode};
+
+struct Checker<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, path: &KeyPath, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.clone(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    /// The string with `${NAME}` expanded, or a problem.
+    fn text(&mut self, path: &KeyPath, raw: &str) -> Option<String> {
+        expand_env(raw, self.env)
+            .map_err(|message| self.problem(path, message))
+            .ok()
+    }
+
+    fn parsed<T>(
+        &mut self,
+        path: &KeyPath,
+        raw: Option<&str>,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        let Some(raw) = raw else { return default };
+        let Some(text) = self.text(path, raw) else {
+            return default;
+        };
+        parse(&text).unwrap_or_else(|message| {
+            self.problem(path, message);
+            default
+        })
+    }
+
+    fn duration(&mut self, path: &KeyPath, raw: Option<&str>, default: Duration) -> Duration {
+        self.parsed(path, raw, default, |text| {
+            humantime::parse_duration(text).map_err(|e| {
+                format!("{text:?} is not a duration ({e}); write e.g. \"250ms\" or \"30s\"")
+            })
+        })
+    }
+
+    fn not_supported_yet(&mut self, path: &KeyPath, what: &str) {
+        self.problem(
+            path,
+            format!("{what} is not supported yet in this version of tollgate"),
+        );
+    }
+
+    fn org_id(&mut self, path: &KeyPath, raw: &str) -> Option<OrgId> {
+        let id = OrgId::parse(raw);
+        if id.is_none() {
+            self.problem(
+                path,
+                format!("{raw:?} is not a valid org id (1 to 64 of A-Z a-z 0-9 _ - .)"),
+            );
+        }
+        id
+    }
+
+    fn mode(&mut self, path: &KeyPath, raw: Option<&str>, default: Mode) -> Mode {
+        self.parsed(path, raw, default, |word| {
+            Mode::parse(word).ok_or_else(|| {
+                format!("{word:?} is not a mode: use \"enforce\", \"shadow\" or \"off\"")
+            })
+        })
+    }
+
+    fn anchor_day(&mut self, path: &KeyPath, raw: Option<i64>, default: u32) -> u32 {
+        match raw {
+            None => default,
+            Some(day @ 1..=31) => day as u32,
+            Some(day) => {
+                self.problem(path, format!("{day} is not a day of the month (1 to 31)"));
+                default
+            }
+        }
+    }
+
+    fn limits(&mut self, path: &KeyPath, raw: &BTreeMap<String, i64>) -> Limits {
+        let mut limits = Limits::UNLIMITED;
+        for (name, &limit) in raw {
+            let path = path.key(name);
+            match Dimension::parse(name) {
+                None => self.problem(&path, unknown_dimension(name)),
+                Some(_) if limit < 0 => {
+                    self.problem(&path, format!("a limit cannot be negative (got {limit})"))
+                }
+                Some(dimension) => limits.set(dimension, Some(limit)),
+            }
+        }
+        limits
+    }
+}
+
+fn unknown_dimension(name: &str) -> String {
+    let known: Vec<_> = Dimension::ALL.iter().map(|d| d.as_str()).collect();
+    format!(
+        "unknown quota dimension {name:?}: expected one of {}",
+        known.join(", ")
+    )
+}
+
+pub(super) fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        env,
+        problems: Vec::new(),
+    };
+    let root = KeyPath::default();
+
+    let server = {
+        let path = root.key("server");
+        let s = &raw.server;
+        let listen = c.parsed(
+            &path.key("listen"),
+            s.listen.as_deref(),
+            ([127, 0, 0, 1], 8080).into(),
+            |text| {
+                text.parse().map_err(|_| {
+                    format!("{text:?} is not an address: write e.g. \"127.0.0.1:8080\"")
+                })
+            },
+        );
+        let max_body_bytes = match s.max_body_bytes {
+            None => 1 << 20,
+            Some(n) if n > 0 => n as u64,
+            Some(n) => {
+                c.problem(
+                    &path.key("max_body_bytes"),
+                    format!("must be positive (got {n})"),
+                );
+                1 << 20
+            }
+        };
+        if s.tls.is_some() {
+            c.not_supported_yet(&path.key("tls"), "TLS termination");
+        }
+        ServerConfig {
+            listen,
+            max_body_bytes,
+            upstream_timeout: c.duration(
+                &path.key("upstream_timeout"),
+                s.upstream_timeout.as_deref(),
+                Duration::from_secs(120),
+            ),
+            idle_timeout: c.duration(
+                &path.key("idle_timeout"),
+                s.idle_timeout.as_deref(),
+                Duration::from_secs(300),
+            ),
+            shutdown_grace: c.duration(
+                &path.key("shutdown_grace"),
+                s.shutdown_grace.as_deref(),
+                Duration::from_secs(30),
+            ),
+            header_read_timeout: c.duration(
+                &path.key("header_read_timeout"),
+                s.header_read_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+        }
+    };
+
+    let store = {
+        let path = root.key("store");
+        let s = &raw.store;
+        let backend = c.parsed(&path.key("backend"), s.backend.as_deref(), Backend::Memory, |word| match word {
+            "memory" => Ok(Backend::Memory),
+            "redis" => Err("the redis backend is not supported yet in this version of tollgate; use \"memory\"".into()),
+            other => Err(format!("{other:?} is not a store backend: use \"memory\" or \"redis\"")),
+        });
+        if s.url.is_some() && backend == Backend::Memory && s.backend.as_deref() != Some("redis") {
+            c.problem(&path.key("url"), "`url` is for backend = \"redis\"");
+        }
+        if s.cluster.is_some() && s.backend.as_deref() != Some("redis") {
+            c.problem(&path.key("cluster"), "`cluster` is for backend = \"redis\"");
+        }
+        let key_prefix = c.parsed(
+            &path.key("key_prefix"),
+            s.key_prefix.as_deref(),
+            "tollgate".to_string(),
+            |text| {
+                let ok = !text.is_empty()
+                    && text
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch));
+                if ok {
+                    Ok(text.to_string())
+                } else {
+                    Err(format!("{text:?}: use 1 or more of A-Z a-z 0-9 _ - ."))
+                }
+            },
+        );
+        StoreConfig {
+            backend,
+            key_prefix,
+            timeout: c.duration(
+                &path.key("timeout"),
+                s.timeout.as_deref(),
+                Duration::from_millis(100),
+            ),
+            on_error: c.parsed(
+                &path.key("on_error"),
+                s.on_error.as_deref(),
+                OnStoreError::Allow,
+                |word| match word {
+                    "allow" => Ok(OnStoreError::Allow),
+                    "deny" => Ok(OnStoreError::Deny),
+                    other => Err(format!("{other:?}: use \"allow\" or \"deny\"")),
+                },
+            ),
+        }
+    };
+
+    let mode = c.mode(
+        &root.key("enforcement").key("mode"),
+        raw.enforcement.mode.as_deref(),
+        Mode::Enforce,
+    );
+    let identity = validate_identity(&mut c, &raw);
+    let (upstreams, upstream_index) = validate_upstreams(&mut c, &raw.upstreams);
+    let routes = validate_routes(&mut c, &raw.routes, &upstream_index);
+    let orgs = validate_orgs(&mut c, &raw, mode);
+
+    if c.problems.is_empty() {
+        Ok(Config {
+            server,
+            store,
+            identity,
+            upstreams,
+            routes,
+            orgs,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource> {
+    let path = KeyPath::default().key("identity");
+    let id = &raw.identity;
+    let default_sources = ["api_key", "header"].map(String::from).to_vec();
+    let declared: Vec<String> = match &id.sources {
+        Some(sources) => sources.clone(),
+        // Without a list, every configured source is tried in the reference order.
+        None => default_sources
+            .into_iter()
+            .filter(|s| {
+                (s == "api_key" && id.api_key.is_some()) || (s == "header" && id.header.is_some())
+            })
+            .collect(),
+    };
+    if id.jwt.is_some() && !declared.iter().any(|s| s == "jwt") {
+        c.not_supported_yet(&path.key("jwt"), "JWT identity");
+    }
+    let mut seen = HashSet::new();
+    let mut sources = Vec::new();
+    for (i, name) in declared.iter().enumerate() {
+        let at = path.key("sources").index(i);
+        if !seen.insert(name.as_str()) {
+            c.problem(&at, format!("{name:?} is listed twice"));
+            continue;
+        }
+        match name.as_str() {
+            "api_key" => {
+                let Some(keys) = &id.api_key else {
+                    c.problem(
+                        &at,
+                        "\"api_key\" is listed but [identity.api_key] is missing",
+                    );
+                    continue;
+                };
+                let section = path.key("api_key");
+                let header = header_name(
+                    c,
+                    &section.key("header"),
+                    keys.header.as_deref().unwrap_or("authorization"),
+                );
+                let mut names = HashSet::new();
+                let mut digests = HashSet::new();
+                let mut parsed = Vec::new();
+                for (k, key) in keys.keys.iter().enumerate() {
+                    let at = section.key("keys").index(k);
+                    let digest = c.text(&at.key("sha256"), &key.sha256).and_then(|text| {
+                        let mut digest = [0u8; 32];
+                        match hex::decode_to_slice(text.trim(), &mut digest) {
+                            Ok(()) => Some(digest),
+                            Err(_) => {
+                                c.problem(
+                                    &at.key("sha256"),
+                                    "must be the 64 hex digits of the key's sha256",
+                                );
+                                None
+                            }
+                        }
+                    });
+                    if let Some(digest) = digest
+                        && !digests.insert(digest)
+                    {
+                        c.problem(&at.key("sha256"), "this key digest is listed twice");
+                    }
+                    let org = c.org_id(&at.key("org"), &key.org);
+                    let name = key.name.clone().unwrap_or_else(|| format!("key-{k}"));
+                    if !names.insert(name.clone()) {
+                        c.problem(
+                            &at.key("name"),
+                            format!("the key name {name:?} is used twice"),
+                        );
+                    }
+                    if let (Some(sha256), Some(org)) = (digest, org) {
+                        parsed.push(ApiKey { sha256, org, name });
+                    }
+                }
+                sources.push(IdentitySource::ApiKey(ApiKeys {
+                    header,
+                    keys: parsed,
+                }));
+            }
+            "header" => {
+                let Some(header) = &id.header else {
+                    c.problem(&at, "\"header\" is listed but [identity.header] is missing");
+                    continue;
+                };
+                let name = header_name(
+                    c,
+                    &path.key("header").key("name"),
+                    header.name.as_deref().unwrap_or("x-org-id"),
+                );
+                sources.push(IdentitySource::Header(name));
+            }
+            "jwt" => c.not_supported_yet(&at, "JWT identity"),
+            other => c.problem(
+                &at,
+                format!(
+                    "{other:?} is not an identity source: use \"api_key\", \"jwt\" or \"header\""
+                ),
+            ),
+        }
+    }
+    sources
+}
+
+fn header_name(c: &mut Checker<'_>, path: &KeyPath, raw: &str) -> HeaderName {
+    c.parsed(
+        path,
+        Some(raw),
+        HeaderName::from_static("invalid"),
+        |text| HeaderName::from_str(text).map_err(|_| format!("{text:?} is not a header name")),
+    )
+}
+
+fn validate_upstreams(
+    c: &mut Checker<'_>,
+    raw: &BTreeMap<String, RawUpstream>,
+) -> (Vec<Upstream>, HashMap<String, usize>) {
+    let mut upstreams = Vec::new();
+    let mut index = HashMap::new();
+    for (name, upstream) in raw {
+        let path = KeyPath::default().key("upstreams").key(name);
+        let url = c.text(&path.key("url"), &upstream.url).and_then(|text| {
+            let parsed = Uri::from_str(&text)
+                .ok()
+                .filter(|u| u.authority().is_some() && u.query().is_none());
+            match parsed.as_ref().and_then(|u| u.scheme_str()) {
+                Some("http") => parsed,
+                Some("https") => {
+                    c.not_supported_yet(&path.key("url"), "an https upstream");
+                    None
+                }
+                _ => {
+                    c.problem(
+                        &path.key("url"),
+                        format!("{text:?} is not an http:// URL without a query"),
+                    );
+                    None
+                }
+            }
+        });
+        let mut headers = Vec::new();
+        for (header, value) in &upstream.headers {
+            let at = path.key("headers").key(header);
+            let name = HeaderName::from_str(header)
+                .map_err(|_| c.problem(&at, format!("{header:?} is not a header name")));
+            let value = c.text(&at, value).and_then(|text| {
+                let mut value = HeaderValue::from_str(&text)
+                    .map_err(|_| {
+                        c.problem(
+                            &at,
+                            "the value (after ${...} expansion) is not a valid header value",
+                        )
+                    })
+                    .ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            });
+            if let (Ok(name), Some(value)) = (name, value) {
+                headers.push((name, value));
+            }
+        }
+        let Some(url) = url else { continue };
+        let mut parts = url.into_parts();
+        let path_prefix = parts
+            .path_and_query
+            .take()
+            .map(|p| p.path().trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let Ok(origin) = Uri::from_parts(parts) else {
+            continue;
+        };
+        index.insert(name.clone(), upstreams.len());
+        upstreams.push(Upstream {
+            name: name.clone(),
+            origin,
+            path_prefix,
+            headers,
+        });
+    }
+    (upstreams, index)
+}
+
+fn validate_routes(
+    c: &mut Checker<'_>,
+    raw: &[RawRoute],
+    upstreams: &HashMap<String, usize>,
+) -> Vec<RouteConfig> {
+    let mut names = HashSet::new();
+    let mut routes = Vec::new();
+    for (i, route) in raw.iter().enumerate() {
+        let path = KeyPath::default().key("routes").index(i);
+        if route.name.is_empty() {
+            c.problem(&path.key("name"), "a route needs a name");
+        } else if !names.insert(route.name.as_str()) {
+            c.problem(
+                &path.key("name"),
+                format!("the route name {:?} is used twice", route.name),
+            );
+        }
+        let method = route.method.as_deref().and_then(|m| {
+            Method::from_str(&m.to_ascii_uppercase())
+                .map_err(|_| c.problem(&path.key("method"), format!("{m:?} is not an HTTP method")))
+                .ok()
+        });
+        if let Err(message) = crate::route::check_pattern(&route.path) {
+            c.problem(&path.key("path"), message);
+        }
+        let upstream = upstreams.get(&route.upstream).copied();
+        if upstream.is_none() {
+            c.problem(
+                &path.key("upstream"),
+                format!(
+                    "no upstream is named {:?} under [upstreams]",
+                    route.upstream
+                ),
+            );
+        }
+        let cost = route.cost.as_ref().map(|raw| {
+            let mut cost = Cost {
+                fixed: Amounts::ZERO,
+                estimate_tokens: false,
+            };
+            for (name, amount) in raw {
+                let at = path.key("cost").key(name);
+                let Some(dimension) = Dimension::parse(name) else {
+                    c.problem(&at, unknown_dimension(name));
+                    continue;
+                };
+                match amount {
+                    RawAmount::Word(w) if w == "estimate" && dimension == Dimension::Tokens => {
+                        cost.estimate_tokens = true
+                    }
+                    RawAmount::Word(w) => c.problem(
+                        &at,
+                        format!("{w:?}: use a whole number, or \"estimate\" for tokens"),
+                    ),
+                    RawAmount::Fixed(n) if *n < 0 && !dimension.is_gauge() => c.problem(
+                        &at,
+                        format!("only seats can be released (negative); {name} = {n}"),
+                    ),
+                    RawAmount::Fixed(n) => cost.fixed.set(dimension, *n),
+                }
+            }
+            cost
+        });
+        let default_max_tokens = match route.default_max_tokens {
+            None => DEFAULT_MAX_TOKENS,
+            Some(n) if n > 0 => n,
+            Some(n) => {
+                c.problem(
+                    &path.key("default_max_tokens"),
+                    format!("must be positive (got {n})"),
+                );
+                DEFAULT_MAX_TOKENS
+            }
+        };
+        if let Some(upstream) = upstream {
+            routes.push(RouteConfig {
+                name: route.name.as_str().into(),
+                method,
+                path: route.path.clone(),
+                upstream,
+                cost,
+                default_max_tokens,
+            });
+        }
+    }
+    routes
+}
+
+fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirectory {
+    let mut plans = HashMap::new();
+    for (slug, limits) in &raw.plans {
+        let limits = c.limits(&KeyPath::default().key("plans").key(slug), limits);
+        plans.insert(slug.as_str(), limits);
+    }
+    let plan = |c: &mut Checker<'_>, path: &KeyPath, slug: &str| match plans.get(slug) {
+        Some(limits) => Some((Arc::<str>::from(slug), *limits)),
+        None => {
+            c.problem(path, format!("no plan is named {slug:?} under [plans]"));
+            None
+        }
+    };
+
+    let defaults = KeyPath::default().key("defaults");
+    let default_slug = raw.defaults.plan.as_deref().unwrap_or("free");
+    let (default_plan, default_limits) =
+        plan(c, &defaults.key("plan"), default_slug).unwrap_or(("free".into(), Limits::UNLIMITED));
+    let default = Arc::new(OrgPolicy {
+        plan: default_plan,
+        billing_status: raw
+            .defaults
+            .billing_status
+            .as_deref()
+            .unwrap_or("active")
+            .into(),
+        period_anchor_day: c.anchor_day(
+            &defaults.key("period_anchor_day"),
+            raw.defaults.period_anchor_day,
+            1,
+        ),
+        mode,
+        limits: default_limits,
+    });
+
+    let mut known = HashMap::new();
+    for (id, org) in &raw.orgs {
+        let path = KeyPath::default().key("orgs").key(id);
+        let org_id = c.org_id(&path, id);
+        let (plan_slug, plan_limits) = match org.plan.as_deref() {
+            Some(slug) => {
+                plan(c, &path.key("plan"), slug).unwrap_or((default.plan.clone(), default.limits))
+            }
+            None => (default.plan.clone(), default.limits),
+        };
+        let overrides = c.limits(&path.key("limits"), &org.limits);
+        let policy = OrgPolicy {
+            plan: plan_slug,
+            billing_status: org
+                .billing_status
+                .as_deref()
+                .map_or_else(|| default.billing_status.clone(), Arc::from),
+            period_anchor_day: c.anchor_day(
+                &path.key("period_anchor_day"),
+                org.period_anchor_day,
+                default.period_anchor_day,
+            ),
+            mode: c.mode(&path.key("enforcement"), org.enforcement.as_deref(), mode),
+            limits: plan_limits.overridden_by(&overrides),
+        };
+        if let Some(org_id) = org_id {
+            known.insert(org_id, Arc::new(policy));
+        }
+    }
+    OrgDirectory { known, default }
+}

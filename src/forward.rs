@@ -1,0 +1,220 @@
+//! Step 5: the request to the upstream, and its response back.
+//!
+//! One pooled keep-alive client serves every upstream. The forwarded request
+//! loses its hop-by-hop headers, gains `X-Forwarded-For/-Proto/-Host`, and
+//! carries the upstream's configured headers in place of any the client sent
+//! under those names. Bodies stream both ways.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::Body;
+use crate::config::Upstream;
+use crate::error::GatewayError;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub struct Forwarder {
+    client: Client<HttpConnector, Body>,
+    upstreams: Vec<Upstream>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(upstreams: Vec<Upstream>, timeout: Duration) -> Forwarder {
+        let mut connector = HttpConnector::new();
+        // Small request/response exchanges must not wait on Nagle's algorithm.
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Forwarder {
+            client,
+            upstreams,
+            timeout,
+        }
+    }
+
+    /// Sends `request` to upstream number `upstream` and returns its response
+    /// head as soon as it arrives; the body follows as the upstream sends it.
+    pub async fn forward(
+        &self,
+        upstream: usize,
+        mut request: Request<Body>,
+        client: Option<SocketAddr>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let upstream = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+        *request.uri_mut() = upstream_uri(upstream, request.uri())?;
+        // The upstream connection is HTTP/1.1 whatever the client spoke.
+        *request.version_mut() = Version::HTTP_11;
+        prepare_headers(request.headers_mut(), upstream, client);
+
+        let sent = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let mut response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(&error), "upstream request failed");
+                return Err(GatewayError::UpstreamUnreachable);
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %upstream.name, timeout = ?self.timeout, "upstream sent no response in time");
+                return Err(GatewayError::UpstreamTimeout);
+            }
+        };
+        remove_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+}
+
+fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, GatewayError> {
+    let path_and_query = original.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut parts = upstream.origin.clone().into_parts();
+    parts.path_and_query = Some(if upstream.path_prefix.is_empty() {
+        original
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    } else {
+        format!("{}{path_and_query}", upstream.path_prefix)
+            .parse()
+            .map_err(|_| GatewayError::Internal)?
+    });
+    Uri::from_parts(parts).map_err(|_| GatewayError::Internal)
+}
+
+fn prepare_headers(headers: &mut HeaderMap, upstream: &Upstream, client: Option<SocketAddr>) {
+    remove_hop_by_hop(headers);
+    // The client connection is gone from here on; the upstream gets its own Host.
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.entry(X_FORWARDED_HOST).or_insert(host);
+    }
+    if let Some(client) = client {
+        let ip = client.ip().to_string();
+        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip,
+        };
+        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    for (name, value) in &upstream.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    // `Upgrade` only means something with `Connection: upgrade`, which is gone.
+    headers.remove(header::UPGRADE);
+}
+
+/// An error and its sources on one line, for the log.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let uri: Uri = url.parse().unwrap();
+        let prefix = uri.path().trim_end_matches('/').to_string();
+        let mut parts = uri.into_parts();
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        let mut secret = HeaderValue::from_static("Bearer provider-key");
+        secret.set_sensitive(true);
+        Upstream {
+            name: "api".into(),
+            origin: Uri::from_parts(parts).unwrap(),
+            path_prefix: prefix,
+            headers: vec![(header::AUTHORIZATION, secret)],
+        }
+    }
+
+    #[test]
+    fn the_request_path_and_query_follow_the_upstream_prefix() {
+        let original: Uri = "/v1/chat/completions?x=1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&upstream("http://10.0.0.1:3001"), &original).unwrap(),
+            "http://10.0.0.1:3001/v1/chat/completions?x=1"
+        );
+        assert_eq!(
+            upstream_uri(&upstream("http://h/base/"), &original).unwrap(),
+            "http://h/base/v1/chat/completions?x=1"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_forwarding_headers_come() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::HOST, "gateway.example".parse().unwrap());
+        headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer client-supplied".parse().unwrap(),
+        );
+        headers.insert("x-kept", "yes".parse().unwrap());
+
+        prepare_headers(
+            &mut headers,
+            &upstream("http://h"),
+            Some("192.0.2.1:5000".parse().unwrap()),
+        );
+
+        for gone in ["connection", "x-private", "keep-alive", "te", "host"] {
+            assert!(headers.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 192.0.2.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "gateway.example");
+        assert_eq!(headers["authorization"], "Bearer provider-key");
+        assert_eq!(headers["x-kept"], "yes");
+    }
+}

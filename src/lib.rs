@@ -1,0 +1,59 @@
+//! tollgate: a reverse proxy that enforces billing quotas.
+//!
+//! A request meets these modules in this order:
+//!
+//! 1. [`accept`]: listener, HTTP/1.1 and HTTP/2, header timeout, graceful shutdown.
+//! 2. [`stack`]: the tower layers around the gateway, and the gateway service
+//!    that runs the steps below in order.
+//! 3. [`route`]: method + path to a configured route (404 when none).
+//! 4. [`identify`]: the org that pays: gateway API key or trusted header (401).
+//! 5. [`meter`]: buffer the body (413), price it ([`meter::estimate`] for LLM
+//!    bodies, 400), reserve it in the [`store`] by the pure [`quota`]
+//!    decision for the org's [`period`] (402, or 503 when the store fails).
+//! 6. [`forward`]: the upstream request and its streamed response (502, 504).
+//! 7. [`settle`]: refund a reservation whose upstream call failed.
+//!
+//! Beside the path: [`config`] (two-stage loading), [`org`] (plans and
+//! per-org policy), [`error`] (every gateway-made answer and its JSON
+//! envelope), [`metrics`], [`app`] (wiring a config into a server) and
+//! [`demo`].
+
+#![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod identify;
+pub mod meter;
+pub mod metrics;
+pub mod org;
+pub mod period;
+pub mod quota;
+pub mod route;
+pub mod settle;
+pub mod stack;
+pub mod store;
+
+pub use app::App;
+pub use config::Config;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response inside the gateway.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body streamed from a peer by hyper.
+pub fn incoming_body(body: hyper::body::Incoming) -> Body {
+    Body::new(body.map_err(|error| -> BoxError { Box::new(error) }))
+}
+
+/// A body of bytes already in hand.
+pub fn full_body(bytes: Bytes) -> Body {
+    Body::new(Full::new(bytes).map_err(|never| match never {}))
+}

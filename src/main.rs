@@ -1,0 +1,156 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use tollgate::{App, Config, demo};
+
+/// A reverse proxy that enforces billing quotas.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The config file to run (same as `run --config FILE`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run,
+    /// Validate the config file and print every problem in it.
+    Check,
+    /// Run the gateway on the memory store in front of a stand-in backend.
+    Demo {
+        /// Where the gateway listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Stop after the scripted tour instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit_after_tour: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    else {
+        eprintln!("tollgate: could not start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    let result = match (cli.command.unwrap_or(Command::Run), cli.config) {
+        (Command::Check, Some(path)) => check(&path),
+        (Command::Run, Some(path)) => runtime.block_on(run(&path)),
+        (Command::Run | Command::Check, None) => Err("--config FILE is required".into()),
+        (
+            Command::Demo {
+                listen,
+                exit_after_tour,
+            },
+            _,
+        ) => runtime.block_on(run_demo(listen, exit_after_tour)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tollgate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
+    let config = Config::load(path)?;
+    println!("{}: ok ({})", path.display(), config.summary());
+    Ok(())
+}
+
+async fn run(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
+    let config = Config::load(path)?;
+    let listener = TcpListener::bind(config.server.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "{}", config.summary());
+    App::new(config).serve(listener, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollgate::BoxError> {
+    let backend = TcpListener::bind("127.0.0.1:0").await?;
+    let backend_addr = backend.local_addr()?;
+    tokio::spawn(demo::stand_in_backend(backend));
+
+    let config = demo::config(backend_addr, Some(listen))?;
+    let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
+        format!("cannot listen on {listen} ({e}); pick another address with --listen")
+    })?;
+    let gateway_addr = listener.local_addr()?;
+    println!(
+        "tollgate demo: gateway on http://{gateway_addr}, stand-in backend on http://{backend_addr}"
+    );
+    println!();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = App::new(config);
+    let server = tokio::spawn(async move {
+        app.serve(listener, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    demo::tour(gateway_addr).await?;
+    if !exit_after_tour {
+        println!();
+        println!("The gateway keeps running: try the curl lines above. Ctrl-C stops it.");
+        shutdown_signal().await;
+    }
+    let _ = stop.send(());
+    server.await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+}

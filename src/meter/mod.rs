@@ -1,0 +1,183 @@
+//! Step 4, metered routes only: read the body, price it, reserve the price.
+//!
+//! The body is buffered up to `max_body_bytes` (413 past it, before anything
+//! is reserved or forwarded), the cost is the route's fixed amounts plus, on
+//! estimate routes, the token [`estimate`] of the body, and one atomic
+//! reservation covers every dimension of it.
+
+pub mod estimate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::Request;
+use http_body_util::{BodyExt, Collected, LengthLimitError, Limited};
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::config::{Cost, OnStoreError};
+use crate::error::{Denial, GatewayError};
+use crate::metrics::Metrics;
+use crate::org::{OrgDirectory, OrgId};
+use crate::quota::{Decision, Dimension, Exceeded, Mode};
+use crate::route::Route;
+use crate::settle::Reservation;
+use crate::store::{QuotaStore, ReservationId, ReserveRequest};
+use crate::{Body, BoxError, full_body};
+
+/// The source of "now" for billing periods; tests substitute their own.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+pub struct Meter {
+    pub(crate) store: Arc<dyn QuotaStore>,
+    pub(crate) orgs: OrgDirectory,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) store_timeout: Duration,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) clock: Clock,
+}
+
+/// A metered request that may go on to the upstream.
+pub struct Admitted {
+    pub request: Request<Body>,
+    /// `None` when nothing was counted: mode `off`, or the store failed and
+    /// `on_error = "allow"` let the request through.
+    pub reservation: Option<Reservation>,
+    /// Shadow mode: the limit this request went past.
+    pub over: Option<Exceeded>,
+}
+
+impl Meter {
+    pub async fn admit(
+        &self,
+        route: &Route,
+        cost: &Cost,
+        org: OrgId,
+        request: Request<Body>,
+    ) -> Result<Admitted, GatewayError> {
+        let policy = self.orgs.policy(&org).clone();
+        if policy.mode == Mode::Off {
+            return Ok(Admitted {
+                request,
+                reservation: None,
+                over: None,
+            });
+        }
+        let (request, body) = self.buffer(request).await?;
+
+        let mut amounts = cost.fixed;
+        if cost.estimate_tokens {
+            let estimate =
+                estimate::estimate(request.uri().path(), &body, route.default_max_tokens)
+                    .map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
+            amounts.set(
+                Dimension::Tokens,
+                amounts
+                    .get(Dimension::Tokens)
+                    .saturating_add(estimate.total()),
+            );
+        }
+        let request = request.map(|()| full_body(body));
+
+        let period = policy.period((self.clock)());
+        let reserve = ReserveRequest {
+            id: ReservationId::next(),
+            org: &org,
+            period,
+            limits: policy.limits,
+            cost: amounts,
+            mode: policy.mode,
+        };
+        let decided = tokio::time::timeout(self.store_timeout, self.store.reserve(&reserve)).await;
+        match decided {
+            Ok(Ok(Decision::Admit { applied, over })) => {
+                if let Some(over) = over {
+                    Metrics::count(&self.metrics.shadow_exceeded);
+                    tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
+                }
+                let reservation = Reservation::new(
+                    reserve.id,
+                    org,
+                    period,
+                    applied,
+                    self.store.clone(),
+                    self.store_timeout,
+                    self.metrics.clone(),
+                );
+                Ok(Admitted {
+                    request,
+                    reservation: Some(reservation),
+                    over,
+                })
+            }
+            Ok(Ok(Decision::Deny(exceeded))) => {
+                Metrics::count(&self.metrics.quota_denials);
+                tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
+                Err(GatewayError::QuotaExceeded(Box::new(Denial {
+                    exceeded,
+                    policy,
+                    period,
+                })))
+            }
+            Ok(Err(error)) => self.store_failed(route, &org, request, &error),
+            Err(_elapsed) => {
+                self.store_failed(route, &org, request, &crate::store::StoreError::Timeout)
+            }
+        }
+    }
+
+    fn store_failed(
+        &self,
+        route: &Route,
+        org: &OrgId,
+        request: Request<Body>,
+        error: &dyn std::error::Error,
+    ) -> Result<Admitted, GatewayError> {
+        Metrics::count(&self.metrics.store_errors);
+        tracing::warn!(org = %org, route = %route.name, error = %error, on_error = ?self.on_store_error, "quota store failed");
+        match self.on_store_error {
+            OnStoreError::Allow => {
+                Metrics::count(&self.metrics.fail_open_passes);
+                Ok(Admitted {
+                    request,
+                    reservation: None,
+                    over: None,
+                })
+            }
+            OnStoreError::Deny => Err(GatewayError::StoreUnavailable),
+        }
+    }
+
+    /// Reads the whole body, refusing one over `max_body_bytes` before
+    /// reading it when its declared length already says so.
+    async fn buffer(&self, request: Request<Body>) -> Result<(Request<()>, Bytes), GatewayError> {
+        let too_large = GatewayError::BodyTooLarge {
+            limit: self.max_body_bytes,
+        };
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_body_bytes) {
+            return Err(too_large);
+        }
+        let (head, body) = request.into_parts();
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        // Boxed with its Send bound spelled out: rustc cannot otherwise prove
+        // the enclosing future Send across `Limited`'s error conversion.
+        let collecting: Pin<Box<dyn Future<Output = Result<Collected<Bytes>, BoxError>> + Send>> =
+            Box::pin(Limited::new(body, limit).collect());
+        let collected = collecting.await.map_err(|error| {
+            if error.downcast_ref::<LengthLimitError>().is_some() {
+                too_large
+            } else {
+                GatewayError::ClientBody
+            }
+        })?;
+        Ok((Request::from_parts(head, ()), collected.to_bytes()))
+    }
+}

@@ -1,0 +1,136 @@
+//! Monthly billing periods, anchored on a day of the month at 00:00 UTC.
+//!
+//! An anchor past the end of a short month falls on that month's last day
+//! (an org anchored on the 31st starts February's period on the 28th or 29th).
+
+use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
+
+/// `[start, end)` of one billing period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+impl Period {
+    /// The period that contains `now` for an org anchored on `anchor_day`
+    /// (1 to 31).
+    pub fn containing(now: DateTime<Utc>, anchor_day: u32) -> Period {
+        let this_month = first_of_month(now.date_naive());
+        let anchored_this_month = anchored(this_month, anchor_day);
+        let start_month = if now.date_naive() >= anchored_this_month {
+            this_month
+        } else {
+            this_month - Months::new(1)
+        };
+        Period {
+            start: midnight(anchored(start_month, anchor_day)),
+            end: midnight(anchored(start_month + Months::new(1), anchor_day)),
+        }
+    }
+
+    /// The period's name in store keys: its first day, `2026-11-05`.
+    pub fn key(&self) -> String {
+        self.start.format("%Y-%m-%d").to_string()
+    }
+}
+
+fn first_of_month(date: NaiveDate) -> NaiveDate {
+    date.with_day(1).unwrap_or(date)
+}
+
+/// `anchor_day` in the month of `first`, clamped to the month's last day.
+fn anchored(first: NaiveDate, anchor_day: u32) -> NaiveDate {
+    let last_day = (first + Months::new(1)).pred_opt().map_or(28, |d| d.day());
+    first
+        .with_day(anchor_day.clamp(1, last_day))
+        .unwrap_or(first)
+}
+
+fn midnight(date: NaiveDate) -> DateTime<Utc> {
+    date.and_time(chrono::NaiveTime::MIN).and_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn period(now: &str, anchor: u32) -> (String, String) {
+        let p = Period::containing(at(now), anchor);
+        (p.start.to_rfc3339(), p.end.to_rfc3339())
+    }
+
+    #[test]
+    fn a_period_anchored_on_the_first_is_the_calendar_month() {
+        assert_eq!(
+            period("2026-11-27T20:46:00Z", 1),
+            (
+                "2026-11-01T00:00:00+00:00".into(),
+                "2026-12-01T00:00:00+00:00".into()
+            )
+        );
+    }
+
+    #[test]
+    fn before_the_anchor_day_the_period_began_last_month() {
+        assert_eq!(
+            period("2026-11-04T23:59:59Z", 5),
+            (
+                "2026-10-05T00:00:00+00:00".into(),
+                "2026-11-05T00:00:00+00:00".into()
+            )
+        );
+    }
+
+    #[test]
+    fn the_anchor_instant_opens_the_new_period() {
+        assert_eq!(
+            period("2026-11-05T00:00:00Z", 5),
+            (
+                "2026-11-05T00:00:00+00:00".into(),
+                "2026-12-05T00:00:00+00:00".into()
+            )
+        );
+    }
+
+    #[test]
+    fn an_anchor_past_the_month_end_clamps_to_the_last_day() {
+        assert_eq!(
+            period("2026-02-28T12:00:00Z", 31),
+            (
+                "2026-02-28T00:00:00+00:00".into(),
+                "2026-03-31T00:00:00+00:00".into()
+            )
+        );
+        assert_eq!(
+            period("2028-02-28T12:00:00Z", 31),
+            (
+                "2028-01-31T00:00:00+00:00".into(),
+                "2028-02-29T00:00:00+00:00".into()
+            )
+        );
+    }
+
+    #[test]
+    fn periods_cross_the_year_end() {
+        assert_eq!(
+            period("2027-01-03T00:00:00Z", 15),
+            (
+                "2026-12-15T00:00:00+00:00".into(),
+                "2027-01-15T00:00:00+00:00".into()
+            )
+        );
+    }
+
+    #[test]
+    fn the_key_is_the_first_day() {
+        assert_eq!(
+            Period::containing(at("2026-11-27T20:46:00Z"), 5).key(),
+            "2026-11-05"
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! Step 2: method + path to a configured route.
+//!
+//! Routes are tried in config order and the first whose method and path
+//! match wins, so a catch-all placed last never shadows the routes above it.
+//! Each route's path is a `matchit` pattern (`{param}`, `{*rest}`).
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{Cost, RouteConfig};
+
+/// A route as the request path needs it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub upstream: usize,
+    pub cost: Option<Cost>,
+    pub default_max_tokens: i64,
+}
+
+pub struct Router {
+    routes: Vec<(Option<Method>, matchit::Router<()>, Arc<Route>)>,
+}
+
+impl Router {
+    /// Builds the router from validated routes, whose patterns
+    /// [`check_pattern`] has accepted.
+    pub fn new(config: &[RouteConfig]) -> Router {
+        let routes = config
+            .iter()
+            .filter_map(|route| {
+                let mut matcher = matchit::Router::new();
+                matcher.insert(route.path.as_str(), ()).ok()?;
+                let target = Route {
+                    name: route.name.clone(),
+                    upstream: route.upstream,
+                    cost: route.cost,
+                    default_max_tokens: route.default_max_tokens,
+                };
+                Some((route.method.clone(), matcher, Arc::new(target)))
+            })
+            .collect();
+        Router { routes }
+    }
+
+    pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|(m, matcher, _)| {
+                m.as_ref().is_none_or(|m| m == method) && matcher.at(path).is_ok()
+            })
+            .map(|(_, _, route)| route)
+    }
+}
+
+/// Whether `pattern` is a path pattern the router accepts.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    if !pattern.starts_with('/') {
+        return Err(format!("{pattern:?} must start with '/'"));
+    }
+    matchit::Router::new()
+        .insert(pattern, ())
+        .map_err(|e| format!("{pattern:?} is not a valid path pattern: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, method: Option<Method>, path: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            method,
+            path: path.into(),
+            upstream: 0,
+            cost: None,
+            default_max_tokens: 1,
+        }
+    }
+
+    fn router() -> Router {
+        Router::new(&[
+            route(
+                "execute",
+                Some(Method::POST),
+                "/api/v1/playbooks/{id}/execute",
+            ),
+            route(
+                "members",
+                Some(Method::DELETE),
+                "/api/v1/orgs/{org}/members/{member}",
+            ),
+            route("everything-else", None, "/{*rest}"),
+        ])
+    }
+
+    fn name(method: Method, path: &str) -> Option<String> {
+        router().find(&method, path).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn matches_method_and_path_parameters() {
+        assert_eq!(
+            name(Method::POST, "/api/v1/playbooks/pb_1/execute").as_deref(),
+            Some("execute")
+        );
+        assert_eq!(
+            name(Method::DELETE, "/api/v1/orgs/o/members/m").as_deref(),
+            Some("members")
+        );
+    }
+
+    #[test]
+    fn another_method_falls_through_to_the_next_route() {
+        assert_eq!(
+            name(Method::GET, "/api/v1/playbooks/pb_1/execute").as_deref(),
+            Some("everything-else")
+        );
+    }
+
+    #[test]
+    fn routes_are_tried_in_config_order() {
+        let router = Router::new(&[
+            route("first", None, "/{*rest}"),
+            route("second", None, "/exact"),
+        ]);
+        assert_eq!(
+            router.find(&Method::GET, "/exact").map(|r| &*r.name),
+            Some("first")
+        );
+    }
+
+    #[test]
+    fn no_route_matches_outside_the_patterns() {
+        let router = Router::new(&[route("only", Some(Method::POST), "/v1/messages")]);
+        assert!(router.find(&Method::POST, "/v1/other").is_none());
+        assert!(router.find(&Method::GET, "/v1/messages").is_none());
+    }
+
+    #[test]
+    fn bad_patterns_are_explained() {
+        assert!(
+            check_pattern("no-slash")
+                .unwrap_err()
+                .contains("must start with '/'")
+        );
+        assert!(check_pattern("/a/{unclosed").is_err());
+        assert!(check_pattern("/v1/{*rest}").is_ok());
+    }
+}

@@ -1,0 +1,170 @@
+//! The tower stack: cross-cutting layers from tower-http around the
+//! [`Gateway`] service, which runs the steps of the request path in order.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::map_request_body::MapRequestBodyLayer;
+use tower_http::map_response_body::MapResponseBodyLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::GatewayError;
+use crate::forward::Forwarder;
+use crate::identify::Identifier;
+use crate::meter::Meter;
+use crate::route::Router;
+use crate::{Body, BoxError, incoming_body};
+
+/// The whole gateway as one cloneable HTTP service.
+pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The client's address, added to each request by the accept step.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Response header naming the quota a shadow-mode request went past.
+pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shadow-exceeded");
+
+/// Wraps the gateway in its layers, outermost first.
+pub fn build(gateway: Gateway) -> HttpService {
+    let stack = ServiceBuilder::new()
+        // One body type leaves the stack, whatever the layers below wrap it in.
+        .layer(MapResponseBodyLayer::new(|body| {
+            Body::new(BodyExt::map_err(body, Into::<BoxError>::into))
+        }))
+        // Credentials are marked sensitive before anything can log them.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            AUTHORIZATION,
+            PROXY_AUTHORIZATION,
+            COOKIE,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        // Tracing sits outside everything that can fail, so every answer,
+        // including a caught panic, is logged with its status and latency.
+        .layer(TraceLayer::new_for_http())
+        // A panic becomes the gateway's 500 envelope rather than a dropped
+        // connection; the request's reservation guard settles on unwind.
+        .layer(CatchPanicLayer::custom(|_panic| {
+            GatewayError::Internal.into_response()
+        }))
+        // The steps see one request body type: hyper's, boxed.
+        .layer(MapRequestBodyLayer::new(incoming_body))
+        .service(gateway);
+    BoxCloneSyncService::new(stack)
+}
+
+/// The request path: route, identify, meter, forward, settle.
+#[derive(Clone)]
+pub struct Gateway {
+    steps: Arc<Steps>,
+}
+
+struct Steps {
+    router: Router,
+    identifier: Identifier,
+    meter: Meter,
+    forwarder: Forwarder,
+}
+
+impl Gateway {
+    pub fn new(
+        router: Router,
+        identifier: Identifier,
+        meter: Meter,
+        forwarder: Forwarder,
+    ) -> Gateway {
+        Gateway {
+            steps: Arc::new(Steps {
+                router,
+                identifier,
+                meter,
+                forwarder,
+            }),
+        }
+    }
+
+    async fn handle(self, mut request: Request<Body>) -> Result<Response<Body>, GatewayError> {
+        let steps = &*self.steps;
+        let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+        let route = steps
+            .router
+            .find(request.method(), request.uri().path())
+            .ok_or(GatewayError::NoRoute)?
+            .clone();
+
+        let Some(cost) = route.cost else {
+            steps.identifier.strip_gateway_keys(request.headers_mut());
+            let response = steps
+                .forwarder
+                .forward(route.upstream, request, client)
+                .await?;
+            return Ok(response.map(incoming_body));
+        };
+
+        let org = steps.identifier.identify(request.headers_mut())?;
+        let admitted = steps.meter.admit(&route, &cost, org, request).await?;
+        let forwarded = steps
+            .forwarder
+            .forward(route.upstream, admitted.request, client)
+            .await;
+
+        let mut response = match (forwarded, admitted.reservation) {
+            (Err(error), Some(reservation)) => {
+                // Awaited so the refund is visible by the time the client reads the error.
+                let _ = reservation.refund().await;
+                return Err(error);
+            }
+            (Err(error), None) => return Err(error),
+            (Ok(response), Some(reservation)) if !response.status().is_success() => {
+                let _ = reservation.refund().await;
+                response
+            }
+            (Ok(response), reservation) => {
+                if let Some(reservation) = reservation {
+                    reservation.stand();
+                }
+                response
+            }
+        };
+        if let Some(over) = admitted.over {
+            response.headers_mut().insert(
+                SHADOW_EXCEEDED,
+                HeaderValue::from_static(over.dimension.as_str()),
+            );
+        }
+        Ok(response.map(incoming_body))
+    }
+}
+
+impl Service<Request<Body>> for Gateway {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let gateway = self.clone();
+        // The one place where the gateway's own errors become responses.
+        Box::pin(async move {
+            Ok(gateway
+                .handle(request)
+                .await
+                .unwrap_or_else(GatewayError::into_response))
+        })
+    }
+}

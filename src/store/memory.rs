@@ -1,0 +1,135 @@
+//! The embedded store: counters in this process, for a single instance and
+//! for trying the gateway with nothing else installed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
+use crate::org::OrgId;
+use crate::period::Period;
+use crate::quota::{Amounts, Decision, Dimension, decide};
+
+/// How long a settled reservation id is remembered, so that a repeated
+/// settlement is recognised.
+const SETTLED_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Period counters under `(org, period start)`; gauges under `(org, None)`.
+    counters: HashMap<(OrgId, Option<DateTime<Utc>>), Amounts>,
+    settled: HashMap<ReservationId, Instant>,
+    last_sweep: Option<Instant>,
+}
+
+impl State {
+    fn read(&self, org: &OrgId, period: &Period) -> Amounts {
+        let mut usage = self
+            .counters
+            .get(&(org.clone(), Some(period.start)))
+            .copied()
+            .unwrap_or_default();
+        let gauges = self
+            .counters
+            .get(&(org.clone(), None))
+            .copied()
+            .unwrap_or_default();
+        for d in Dimension::ALL.into_iter().filter(|d| d.is_gauge()) {
+            usage.set(d, gauges.get(d));
+        }
+        usage
+    }
+
+    fn add(&mut self, org: &OrgId, period: &Period, amounts: &Amounts) {
+        for (d, amount) in amounts.iter() {
+            let key = (org.clone(), (!d.is_gauge()).then_some(period.start));
+            let counters = self.counters.entry(key).or_default();
+            counters.set(d, counters.get(d).saturating_add(amount));
+        }
+    }
+
+    /// Drops settlement markers past their time and counters of periods that
+    /// ended before `period` began, at most once per [`SETTLED_TTL`].
+    fn sweep(&mut self, period: &Period) {
+        let now = Instant::now();
+        if self
+            .last_sweep
+            .is_some_and(|last| now.duration_since(last) < SETTLED_TTL)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.settled
+            .retain(|_, at| now.duration_since(*at) < SETTLED_TTL);
+        let current = period.start;
+        self.counters.retain(|(_, start), _| {
+            start.is_none_or(|start| start >= current - chrono::Months::new(1))
+        });
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
+        // A poisoned lock means a panic mid-update: refuse rather than trust the counters.
+        self.state
+            .lock()
+            .map_err(|_| StoreError::Backend("memory store lock poisoned".into()))
+    }
+}
+
+#[async_trait]
+impl QuotaStore for MemoryStore {
+    async fn reserve(&self, request: &ReserveRequest<'_>) -> Result<Decision, StoreError> {
+        let mut state = self.state()?;
+        state.sweep(&request.period);
+        let current = state.read(request.org, &request.period);
+        let decision = decide(&request.limits, &current, &request.cost, request.mode);
+        if let Decision::Admit { applied, .. } = &decision {
+            state.add(request.org, &request.period, applied);
+        }
+        Ok(decision)
+    }
+
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        if state
+            .settled
+            .insert(settlement.id, Instant::now())
+            .is_none()
+        {
+            let current = state.read(settlement.org, &settlement.period);
+            let correction = crate::quota::clamp_releases(&current, &settlement.correction);
+            state.add(settlement.org, &settlement.period, &correction);
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {
+        Ok(self.state()?.read(org, &period))
+    }
+
+    async fn set_usage(
+        &self,
+        org: &OrgId,
+        period: Period,
+        dimension: Dimension,
+        value: i64,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        let key = (org.clone(), (!dimension.is_gauge()).then_some(period.start));
+        state.counters.entry(key).or_default().set(dimension, value);
+        Ok(())
+    }
+}

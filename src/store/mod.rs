@@ -1,0 +1,104 @@
+//! The quota store: per-org counters, one atomic reservation at a time.
+//!
+//! Every backend implements [`QuotaStore`] with the same meaning, checked by
+//! one conformance suite: a reservation checks every dimension of a cost and
+//! applies all of it or none (by [`quota::decide`]), and a settlement applies
+//! its correction at most once per reservation id. Counters of a period
+//! dimension are kept per billing period; gauges (seats) are not.
+//!
+//! [`quota::decide`]: crate::quota::decide
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+
+use crate::org::OrgId;
+use crate::period::Period;
+use crate::quota::{Amounts, Decision, Dimension, Limits, Mode};
+
+/// Names one reservation across every gateway instance sharing a store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationId(u128);
+
+impl ReservationId {
+    /// A fresh id: a random per-process half, so instances never collide,
+    /// and a counter, so ids within the process never repeat.
+    pub fn next() -> ReservationId {
+        static PROCESS: LazyLock<u64> =
+            LazyLock::new(|| RandomState::new().hash_one(std::process::id()));
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        ReservationId((u128::from(*PROCESS) << 64) | u128::from(count))
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Reserve `cost` for `org` in `period`, against `limits`.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest<'a> {
+    pub id: ReservationId,
+    pub org: &'a OrgId,
+    pub period: Period,
+    pub limits: Limits,
+    pub cost: Amounts,
+    /// [`Mode::Enforce`] denies past a limit; [`Mode::Shadow`] applies the
+    /// cost anyway and reports the limit it passed.
+    pub mode: Mode,
+}
+
+/// Correct reservation `id` by `correction` (negative refunds).
+#[derive(Clone, Debug)]
+pub struct Settlement<'a> {
+    pub id: ReservationId,
+    pub org: &'a OrgId,
+    pub period: Period,
+    pub correction: Amounts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the quota store did not answer in time")]
+    Timeout,
+    #[error("the quota store failed: {0}")]
+    Backend(String),
+}
+
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Checks and applies `request.cost` atomically: all of it or none.
+    async fn reserve(&self, request: &ReserveRequest<'_>) -> Result<Decision, StoreError>;
+
+    /// Applies a settlement's correction, once: repeating a settlement with
+    /// the same id changes nothing.
+    async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError>;
+
+    /// The org's counters in `period` (seats: the current gauge).
+    async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError>;
+
+    /// Overwrites one counter, for operators correcting or resetting usage.
+    async fn set_usage(
+        &self,
+        org: &OrgId,
+        period: Period,
+        dimension: Dimension,
+        value: i64,
+    ) -> Result<(), StoreError>;
+}
