@@ -547,9 +547,20 @@ fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirecto
     };
 
     let defaults = KeyPath::default().key("defaults");
-    let default_slug = raw.defaults.plan.as_deref().unwrap_or("free");
-    let (default_plan, default_limits) =
-        plan(c, &defaults.key("plan"), default_slug).unwrap_or(("free".into(), Limits::UNLIMITED));
+    let (default_plan, default_limits) = match raw.defaults.plan.as_deref() {
+        Some(slug) => plan(c, &defaults.key("plan"), slug),
+        // With no plans at all there is nothing to enforce yet; with some, an
+        // unlisted org's plan must be chosen, not guessed.
+        None if raw.plans.is_empty() => Some(("unlimited".into(), Limits::UNLIMITED)),
+        None => {
+            c.problem(
+                &defaults.key("plan"),
+                "missing: name the plan for orgs not listed under [orgs]",
+            );
+            None
+        }
+    }
+    .unwrap_or(("unlimited".into(), Limits::UNLIMITED));
     let default = Arc::new(OrgPolicy {
         plan: default_plan,
         billing_status: raw

@@ -1,0 +1,195 @@
+//! The `tollgate` binary: `check`, `demo`, and `run` stopped by SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::within;
+
+fn tollgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let output = tollgate()
+        .args(["check", "--config", "config/example.toml"])
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("ANTHROPIC_API_KEY", "sk-ant-test")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("config/example.toml: ok"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_with_its_line_and_key_path() {
+    let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("broken.toml");
+    std::fs::write(
+        &file,
+        r#"[server]
+listen = "nowhere"
+upstream_timeout = "soon"
+
+[upstreams.api]
+url = "http://127.0.0.1:3001"
+headers = { authorization = "Bearer ${TOLLGATE_TEST_UNSET_VARIABLE}" }
+
+[[routes]]
+name = "a"
+path = "/a"
+upstream = "apii"
+
+[[routes]]
+name = "a"
+path = "no-slash"
+upstream = "api"
+cost = { tokenz = 5, seats = "many" }
+
+[plans.free]
+tokens = -1
+
+[orgs.org_x]
+plan = "gold"
+period_anchor_day = 32
+"#,
+    )
+    .unwrap();
+
+    let output = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let path = file.display();
+    for expected in [
+        format!("{path}:2: server.listen: \"nowhere\" is not an address"),
+        format!("{path}:3: server.upstream_timeout: \"soon\" is not a duration"),
+        format!(
+            "{path}:7: upstreams.api.headers.authorization: environment variable TOLLGATE_TEST_UNSET_VARIABLE is not set"
+        ),
+        format!("{path}:12: routes[0].upstream: no upstream is named \"apii\""),
+        format!("{path}:15: routes[1].name: the route name \"a\" is used twice"),
+        format!("{path}:16: routes[1].path: \"no-slash\" must start with '/'"),
+        format!("{path}:18: routes[1].cost.seats: \"many\": use a whole number"),
+        format!("{path}:18: routes[1].cost.tokenz: unknown quota dimension \"tokenz\""),
+        format!("{path}:21: plans.free.tokens: a limit cannot be negative (got -1)"),
+        format!("{path}:24: orgs.org_x.plan: no plan is named \"gold\""),
+        format!("{path}:25: orgs.org_x.period_anchor_day: 32 is not a day of the month"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_rejects_an_unknown_key_with_its_path() {
+    let dir = std::env::temp_dir().join(format!("tollgate-unknown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("typo.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_byte = 5\n",
+    )
+    .unwrap();
+
+    let output = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:3: server.max_body_byte: unknown field `max_body_byte`",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_demo_shows_requests_passing_and_then_a_402() {
+    let output = tollgate()
+        .args(["demo", "--listen", "127.0.0.1:0", "--exit-after-tour"])
+        .output()
+        .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches("-> 200 OK").count(), 3, "{stdout}");
+    assert!(
+        stdout.contains("run 4: POST /api/v1/playbooks/pb_1/execute -> 402 Payment Required"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"code\": \"QUOTA_EXCEEDED\""), "{stdout}");
+}
+
+#[tokio::test]
+async fn run_stops_cleanly_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("tollgate-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nname = \"all\"\npath = \"/{{*rest}}\"\nupstream = \"api\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = tollgate()
+        .arg("run")
+        .arg("--config")
+        .arg(&file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    crate::support::eventually("the gateway listens", async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = within(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    assert!(status.success(), "exit status {status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,212 @@
+//! Every answer the gateway makes itself: the envelope, the status, and that
+//! nothing reached the upstream or stayed reserved when it should not have.
+
+use std::time::Duration;
+
+use tollgate::quota::Dimension;
+
+use crate::support::{Gateway, Upstream, client, config, config_with, envelope};
+
+#[tokio::test]
+async fn a_metered_route_without_an_org_is_401() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("authorization", "Bearer not-a-gateway-key")
+        .send()
+        .await
+        .unwrap();
+
+    envelope(response, 401, "UNAUTHORIZED").await;
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_org_id_is_400() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org:{x}")
+        .send()
+        .await
+        .unwrap();
+
+    envelope(response, 400, "INVALID_ORG_ID").await;
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn invalid_json_on_an_estimate_route_is_400_and_not_forwarded() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("x-org-id", "org_j")
+        .body("{\"messages\": [")
+        .send()
+        .await
+        .unwrap();
+
+    let body = envelope(response, 400, "INVALID_BODY").await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the request body is not valid JSON"),
+        "{body}"
+    );
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(gateway.used("org_j", Dimension::Tokens).await, 0);
+}
+
+#[tokio::test]
+async fn no_matching_route_is_404() {
+    let upstream = Upstream::start().await;
+    // Without the catch-all, nothing matches an unknown path.
+    let config = config_with(|c| c.replace("path = \"/{*rest}\"", "path = \"/only/{*rest}\""));
+    let gateway = Gateway::start(&config, &upstream).await;
+
+    let response = client().get(gateway.url("/nowhere")).send().await.unwrap();
+
+    envelope(response, 404, "NOT_FOUND").await;
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_metered_body_over_the_limit_is_413_and_never_reaches_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+    let oversized = vec![b'x'; 1024 * 1024 + 1];
+
+    let declared = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org_b")
+        .body(oversized.clone())
+        .send()
+        .await
+        .unwrap();
+    envelope(declared, 413, "PAYLOAD_TOO_LARGE").await;
+
+    // Chunked, so only reading it shows the size.
+    let chunks = oversized
+        .chunks(64 * 1024)
+        .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+        .collect::<Vec<_>>();
+    let chunked = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org_b")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    envelope(chunked, 413, "PAYLOAD_TOO_LARGE").await;
+
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(gateway.used("org_b", Dimension::PlaybookRuns).await, 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_and_the_reservation_is_refunded() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let metered = client()
+        .post(gateway.url("/dead/metered"))
+        .header("x-org-id", "org_d")
+        .send()
+        .await
+        .unwrap();
+    let body = envelope(metered, 502, "BAD_GATEWAY").await;
+    let unmetered = client()
+        .get(gateway.url("/dead/anything"))
+        .send()
+        .await
+        .unwrap();
+    envelope(unmetered, 502, "BAD_GATEWAY").await;
+
+    assert!(
+        !body.to_string().contains("127.0.0.1"),
+        "the envelope leaks the upstream address: {body}"
+    );
+    assert_eq!(gateway.used("org_d", Dimension::PlaybookRuns).await, 0);
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_in_time_is_504_and_the_reservation_is_refunded() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org_slow")
+        .header("x-test-hold", "1")
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+
+    envelope(response, 504, "GATEWAY_TIMEOUT").await;
+    assert_eq!(gateway.used("org_slow", Dimension::PlaybookRuns).await, 0);
+}
+
+#[tokio::test]
+async fn an_upstream_error_status_passes_through_and_refunds_the_reservation() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/api/v1/content/briefs/generate"))
+        .header("x-org-id", "org_f")
+        .header("x-test-status", "500")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 500);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["path"], "/api/v1/content/briefs/generate",
+        "the upstream's own body is passed through"
+    );
+    assert_eq!(upstream.hits(), 1);
+    assert_eq!(gateway.used("org_f", Dimension::Tokens).await, 0);
+    assert_eq!(
+        gateway
+            .app
+            .metrics()
+            .refunds
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_refunded_seat_release_gives_the_seat_back() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+    let add = client()
+        .post(gateway.url("/api/v1/orgs/o/members"))
+        .header("x-org-id", "org_r")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(add.status(), 200);
+
+    let failed_remove = client()
+        .delete(gateway.url("/api/v1/orgs/o/members/m"))
+        .header("x-org-id", "org_r")
+        .header("x-test-status", "409")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(failed_remove.status(), 409);
+    assert_eq!(gateway.used("org_r", Dimension::Seats).await, 1);
+}

@@ -1,0 +1,212 @@
+//! What reaches the upstream, streaming, client disconnects and shutdown.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tollgate::quota::Dimension;
+
+use crate::support::{Gateway, KEY_ACME, Upstream, client, config, eventually, within};
+
+#[tokio::test]
+async fn the_gateway_key_is_stripped_and_forwarding_headers_are_set() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute?dry=1"))
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .header("connection", "x-private")
+        .header("x-private", "hop")
+        .header("x-app", "kept")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 200);
+    let seen = &upstream.seen()[0];
+    assert_eq!(seen.path, "/api/v1/playbooks/pb_1/execute");
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "the gateway key reached the upstream"
+    );
+    assert!(
+        seen.headers.get("x-private").is_none(),
+        "a header named in Connection was forwarded"
+    );
+    assert_eq!(seen.headers["x-app"], "kept");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], gateway.addr.to_string());
+    assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 1);
+}
+
+#[tokio::test]
+async fn a_gateway_key_never_reaches_the_upstream_of_an_unmetered_route() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    client()
+        .get(gateway.url("/api/v1/anything"))
+        .header("x-api-key", KEY_ACME)
+        .send()
+        .await
+        .unwrap();
+    client()
+        .get(gateway.url("/api/v1/anything"))
+        .header("authorization", "Bearer app-session")
+        .send()
+        .await
+        .unwrap();
+
+    let seen = upstream.seen();
+    assert!(seen[0].headers.get("x-api-key").is_none());
+    assert_eq!(
+        seen[1].headers["authorization"], "Bearer app-session",
+        "the backend's own credential was removed"
+    );
+}
+
+#[tokio::test]
+async fn upstream_headers_replace_what_the_client_sent() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    client()
+        .post(gateway.url("/v1/chat/completions"))
+        .header("x-org-id", "org_h")
+        .header("authorization", "Bearer client-openai-key")
+        .body(r#"{"messages":[],"max_tokens":1}"#)
+        .send()
+        .await
+        .unwrap();
+
+    let seen = &upstream.seen()[0];
+    assert_eq!(seen.headers["authorization"], "Bearer provider-secret");
+    assert_eq!(seen.headers["x-provider"], "openai");
+    assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn an_unmetered_hundred_megabyte_upload_streams_through_a_one_megabyte_limit() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 400; // 100 MiB
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(receiver));
+    let request = tokio::spawn(
+        client()
+            .put(gateway.url("/api/v1/uploads/big"))
+            .header("x-test-hold", "1")
+            .body(body)
+            .send(),
+    );
+
+    // The upstream has the request while most of the body is still unsent:
+    // the gateway did not wait for the whole body.
+    sender.send(Ok(vec![7u8; CHUNK])).await.unwrap();
+    upstream.wait_for_arrivals(1).await;
+    for _ in 1..CHUNKS {
+        sender.send(Ok(vec![7u8; CHUNK])).await.unwrap();
+    }
+    drop(sender);
+    eventually("the upstream read the whole body", async || {
+        upstream.release();
+        request.is_finished()
+    })
+    .await;
+    let response = request.await.unwrap().unwrap();
+
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["received_bytes"], CHUNK * CHUNKS);
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)).boxed()
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_leaves_its_reservation_settled_once() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let request = tokio::spawn(
+        client()
+            .post(gateway.url("/api/v1/content/briefs/generate"))
+            .header("x-org-id", "org_gone")
+            .header("x-test-hold", "1")
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+    assert_eq!(gateway.app.metrics().open_reservations(), 1);
+    request.abort();
+
+    eventually("the dropped request's reservation is settled", async || {
+        gateway.app.metrics().open_reservations() == 0
+    })
+    .await;
+    upstream.release();
+    // It stands, once: the upstream may have done the work.
+    assert_eq!(gateway.used("org_gone", Dimension::Tokens).await, 10_000);
+    let next = client()
+        .post(gateway.url("/api/v1/content/briefs/generate"))
+        .header("x-org-id", "org_gone")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200);
+    assert_eq!(gateway.used("org_gone", Dimension::Tokens).await, 20_000);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_refuses_new_connections() {
+    let upstream = Upstream::start().await;
+    let mut gateway = Gateway::start(&config(), &upstream).await;
+    let in_flight = tokio::spawn(
+        client()
+            .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+            .header("x-org-id", "org_sd")
+            .header("x-test-hold", "1")
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+
+    let stopped = tokio::spawn(gateway.shut_down());
+    eventually("the listener is closed", async || {
+        tokio::net::TcpStream::connect(gateway.addr).await.is_err()
+    })
+    .await;
+    upstream.release();
+
+    let response = within(Duration::from_secs(10), in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    within(Duration::from_secs(10), stopped).await.unwrap();
+    assert_eq!(gateway.used("org_sd", Dimension::PlaybookRuns).await, 1);
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+
+    let response = h2
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org_h2")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.seen()[0].path, "/api/v1/playbooks/pb_1/execute");
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real gateway on a free port in front of a real HTTP
+//! stand-in upstream.
+
+mod cli;
+mod enforcement;
+mod errors;
+mod forwarding;
+mod support;
