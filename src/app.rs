@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::net::TcpListener;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
 use crate::meter::{Clock, Meter};
@@ -16,7 +16,7 @@ use crate::org::OrgId;
 use crate::quota::Amounts;
 use crate::route::Router;
 use crate::stack::{self, Gateway};
-use crate::store::{MemoryStore, QuotaStore, StoreError};
+use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
 
 pub struct App {
     config: Config,
@@ -26,16 +26,23 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config) -> App {
-        let store: Arc<dyn QuotaStore> = match config.store.backend {
+    /// Builds the gateway's parts. Nothing connects yet: a Redis store
+    /// connects on first use.
+    pub fn new(config: Config) -> Result<App, StoreError> {
+        let store: Arc<dyn QuotaStore> = match &config.store.backend {
             Backend::Memory => Arc::new(MemoryStore::new()),
+            Backend::Redis(Redacted(target)) => Arc::new(RedisStore::new(
+                target,
+                &config.store.key_prefix,
+                config.store.timeout,
+            )?),
         };
-        App {
+        Ok(App {
             config,
             store,
             metrics: Arc::default(),
             clock: Arc::new(Utc::now),
-        }
+        })
     }
 
     /// Replaces the wall clock, for tests that move time.

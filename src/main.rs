@@ -92,7 +92,7 @@ async fn run(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
     let config = Config::load(path)?;
     let listener = TcpListener::bind(config.server.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "{}", config.summary());
-    App::new(config).serve(listener, shutdown_signal()).await;
+    App::new(config)?.serve(listener, shutdown_signal()).await;
     Ok(())
 }
 
@@ -112,7 +112,7 @@ async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollg
     println!();
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = App::new(config);
+    let app = App::new(config)?;
     let server = tokio::spawn(async move {
         app.serve(listener, async {
             let _ = stopped.await;

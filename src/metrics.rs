@@ -1,6 +1,8 @@
 //! Counters the gateway keeps about itself.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -14,8 +16,12 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Metered requests forwarded uncounted because the store failed.
     pub fail_open_passes: AtomicU64,
+    /// Metered requests refused with a 503 because the store failed.
+    pub fail_closed_denials: AtomicU64,
     /// Reservations refunded because the upstream failed.
     pub refunds: AtomicU64,
+    /// Paces the log lines about store failures.
+    pub store_error_log: BurstLog,
 }
 
 impl Metrics {
@@ -25,5 +31,81 @@ impl Metrics {
 
     pub fn open_reservations(&self) -> i64 {
         self.reservations_open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a store failure and logs it, at most once per burst.
+    pub fn store_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        Metrics::count(&self.store_errors);
+        if let Some(held_back) = self.store_error_log.admit() {
+            tracing::warn!(
+                %error,
+                held_back,
+                "quota store failed ({what}); further failures within {:?} are counted, not logged",
+                self.store_error_log.window
+            );
+        }
+    }
+}
+
+/// Lets the first of a burst of like events be logged, and counts the rest,
+/// so that a store outage under load is a few log lines, not one a request.
+#[derive(Debug)]
+pub struct BurstLog {
+    window: Duration,
+    state: Mutex<BurstState>,
+}
+
+#[derive(Debug, Default)]
+struct BurstState {
+    opened: Option<Instant>,
+    held_back: u64,
+}
+
+impl Default for BurstLog {
+    fn default() -> BurstLog {
+        BurstLog::new(Duration::from_secs(10))
+    }
+}
+
+impl BurstLog {
+    pub fn new(window: Duration) -> BurstLog {
+        BurstLog {
+            window,
+            state: Mutex::default(),
+        }
+    }
+
+    /// `Some(n)` when this event should be logged, `n` being how many were
+    /// held back since the last one logged; `None` within a burst.
+    pub fn admit(&self) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if state
+            .opened
+            .is_some_and(|opened| now.duration_since(opened) < self.window)
+        {
+            state.held_back += 1;
+            return None;
+        }
+        state.opened = Some(now);
+        Some(std::mem::take(&mut state.held_back))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_logs_once_and_the_next_line_carries_the_count() {
+        let log = BurstLog::new(Duration::from_millis(50));
+        assert_eq!(log.admit(), Some(0));
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.admit(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(log.admit(), Some(2));
     }
 }

@@ -8,37 +8,22 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{Cost, RouteConfig};
-
-/// A route as the request path needs it.
-#[derive(Debug)]
-pub struct Route {
-    pub name: Arc<str>,
-    pub upstream: usize,
-    pub cost: Option<Cost>,
-    pub default_max_tokens: i64,
-}
+use crate::config::Route;
 
 pub struct Router {
-    routes: Vec<(Option<Method>, matchit::Router<()>, Arc<Route>)>,
+    routes: Vec<(matchit::Router<()>, Arc<Route>)>,
 }
 
 impl Router {
     /// Builds the router from validated routes, whose patterns
     /// [`check_pattern`] has accepted.
-    pub fn new(config: &[RouteConfig]) -> Router {
+    pub fn new(config: &[Route]) -> Router {
         let routes = config
             .iter()
             .filter_map(|route| {
                 let mut matcher = matchit::Router::new();
                 matcher.insert(route.path.as_str(), ()).ok()?;
-                let target = Route {
-                    name: route.name.clone(),
-                    upstream: route.upstream,
-                    cost: route.cost,
-                    default_max_tokens: route.default_max_tokens,
-                };
-                Some((route.method.clone(), matcher, Arc::new(target)))
+                Some((matcher, Arc::new(route.clone())))
             })
             .collect();
         Router { routes }
@@ -47,10 +32,10 @@ impl Router {
     pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
-            .find(|(m, matcher, _)| {
-                m.as_ref().is_none_or(|m| m == method) && matcher.at(path).is_ok()
+            .find(|(matcher, route)| {
+                route.method.as_ref().is_none_or(|m| m == method) && matcher.at(path).is_ok()
             })
-            .map(|(_, _, route)| route)
+            .map(|(_, route)| route)
     }
 }
 
@@ -68,14 +53,15 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn route(name: &str, method: Option<Method>, path: &str) -> RouteConfig {
-        RouteConfig {
+    fn route(name: &str, method: Option<Method>, path: &str) -> Route {
+        Route {
             name: name.into(),
             method,
             path: path.into(),
             upstream: 0,
             cost: None,
             default_max_tokens: 1,
+            on_store_error: None,
         }
     }
 

@@ -20,7 +20,10 @@ use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::Amounts;
-use crate::store::{QuotaStore, ReservationId, Settlement};
+use crate::store::{QuotaStore, ReservationId, Settlement, StoreError};
+
+/// How many times a settlement is tried before the reservation is left to stand.
+const SETTLE_ATTEMPTS: u32 = 3;
 
 /// Counters applied in the store for one request, not yet settled.
 pub struct Reservation {
@@ -82,11 +85,20 @@ impl Reservation {
                 period,
                 correction,
             };
-            let outcome = tokio::time::timeout(timeout, store.settle(&settlement)).await;
-            if !matches!(outcome, Ok(Ok(()))) {
-                Metrics::count(&metrics.store_errors);
-                tracing::warn!(org = %org, reservation = %id, "could not settle a reservation; it stands");
+            // The store applies a settlement once per id, so retrying one whose
+            // answer was lost cannot count it twice.
+            for attempt in 1..=SETTLE_ATTEMPTS {
+                let error = match tokio::time::timeout(timeout, store.settle(&settlement)).await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(error)) => error,
+                    Err(_elapsed) => StoreError::Timeout,
+                };
+                metrics.store_failed("settle", &error);
+                if attempt < SETTLE_ATTEMPTS {
+                    tokio::time::sleep(timeout).await;
+                }
             }
+            tracing::warn!(org = %org, reservation = %id, "gave up settling a reservation; it stands");
         })
     }
 }

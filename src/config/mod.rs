@@ -19,6 +19,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::org::{OrgDirectory, OrgId};
 use crate::quota::{Amounts, Mode};
+use crate::store::RedisTarget;
 
 /// The validated configuration the gateway runs on.
 #[derive(Clone, Debug)]
@@ -27,7 +28,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub identity: Vec<IdentitySource>,
     pub upstreams: Vec<Upstream>,
-    pub routes: Vec<RouteConfig>,
+    pub routes: Vec<Route>,
     pub orgs: OrgDirectory,
 }
 
@@ -49,9 +50,21 @@ pub struct StoreConfig {
     pub on_error: OnStoreError,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Backend {
     Memory,
+    /// Its URLs may hold a password, so `Debug` shows only the kind.
+    Redis(Redacted<RedisTarget>),
+}
+
+/// A value that `Debug` never shows, for config that may hold a secret.
+#[derive(Clone)]
+pub struct Redacted<T>(pub T);
+
+impl<T> fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// What a metered request gets when the store cannot answer.
@@ -99,7 +112,7 @@ pub struct Upstream {
 }
 
 #[derive(Clone, Debug)]
-pub struct RouteConfig {
+pub struct Route {
     pub name: Arc<str>,
     /// `None` matches any method.
     pub method: Option<Method>,
@@ -110,6 +123,8 @@ pub struct RouteConfig {
     pub cost: Option<Cost>,
     /// Completion bound for estimates when the request body names none.
     pub default_max_tokens: i64,
+    /// Overrides `store.on_error` for this route.
+    pub on_store_error: Option<OnStoreError>,
 }
 
 /// What a metered route charges.
@@ -182,9 +197,13 @@ impl Config {
     /// A one-line summary for logs and `check`, with no secret in it.
     pub fn summary(&self) -> String {
         format!(
-            "listen {}, store {:?}, {} upstreams, {} routes ({} metered), {} orgs configured",
+            "listen {}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
             self.server.listen,
-            self.store.backend,
+            match &self.store.backend {
+                Backend::Memory => "memory",
+                Backend::Redis(Redacted(RedisTarget::Single(_))) => "redis",
+                Backend::Redis(Redacted(RedisTarget::Cluster(_))) => "redis cluster",
+            },
             self.upstreams.len(),
             self.routes.len(),
             self.routes.iter().filter(|r| r.cost.is_some()).count(),

@@ -133,6 +133,7 @@ pub struct RawRoute {
     pub upstream: String,
     pub cost: Option<BTreeMap<String, RawAmount>>,
     pub default_max_tokens: Option<i64>,
+    pub on_error: Option<String>,
 }
 
 /// A cost entry: a fixed amount, or a word (`"estimate"`).

@@ -11,10 +11,11 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use super::raw::{RawAmount, RawConfig, RawRoute, RawUpstream};
 use super::{
     ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_MAX_TOKENS, IdentitySource, KeyPath,
-    OnStoreError, Problem, RouteConfig, ServerConfig, StoreConfig, Upstream, expand_env,
+    OnStoreError, Problem, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
 };
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, Mode};
+use crate::store::RedisTarget;
 
 struct Checker<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
@@ -59,6 +60,14 @@ impl Checker<'_> {
             humantime::parse_duration(text).map_err(|e| {
                 format!("{text:?} is not a duration ({e}); write e.g. \"250ms\" or \"30s\"")
             })
+        })
+    }
+
+    fn on_store_error(&mut self, path: &KeyPath, raw: Option<&str>) -> Option<OnStoreError> {
+        self.parsed(path, raw, None, |word| match word {
+            "allow" => Ok(Some(OnStoreError::Allow)),
+            "deny" => Ok(Some(OnStoreError::Deny)),
+            other => Err(format!("{other:?}: use \"allow\" or \"deny\"")),
         })
     }
 
@@ -189,17 +198,28 @@ pub(super) fn validate(
     let store = {
         let path = root.key("store");
         let s = &raw.store;
-        let backend = c.parsed(&path.key("backend"), s.backend.as_deref(), Backend::Memory, |word| match word {
-            "memory" => Ok(Backend::Memory),
-            "redis" => Err("the redis backend is not supported yet in this version of tollgate; use \"memory\"".into()),
-            other => Err(format!("{other:?} is not a store backend: use \"memory\" or \"redis\"")),
-        });
-        if s.url.is_some() && backend == Backend::Memory && s.backend.as_deref() != Some("redis") {
-            c.problem(&path.key("url"), "`url` is for backend = \"redis\"");
-        }
-        if s.cluster.is_some() && s.backend.as_deref() != Some("redis") {
-            c.problem(&path.key("cluster"), "`cluster` is for backend = \"redis\"");
-        }
+        let backend = match s.backend.as_deref().unwrap_or("memory") {
+            "memory" => {
+                for (key, set) in [("url", s.url.is_some()), ("cluster", s.cluster.is_some())] {
+                    if set {
+                        c.problem(
+                            &path.key(key),
+                            format!("`{key}` is for backend = \"redis\""),
+                        );
+                    }
+                }
+                Backend::Memory
+            }
+            "redis" => redis_target(&mut c, &path, s.url.as_deref(), s.cluster.as_deref())
+                .map_or(Backend::Memory, |target| Backend::Redis(Redacted(target))),
+            other => {
+                c.problem(
+                    &path.key("backend"),
+                    format!("{other:?} is not a store backend: use \"memory\" or \"redis\""),
+                );
+                Backend::Memory
+            }
+        };
         let key_prefix = c.parsed(
             &path.key("key_prefix"),
             s.key_prefix.as_deref(),
@@ -224,16 +244,9 @@ pub(super) fn validate(
                 s.timeout.as_deref(),
                 Duration::from_millis(100),
             ),
-            on_error: c.parsed(
-                &path.key("on_error"),
-                s.on_error.as_deref(),
-                OnStoreError::Allow,
-                |word| match word {
-                    "allow" => Ok(OnStoreError::Allow),
-                    "deny" => Ok(OnStoreError::Deny),
-                    other => Err(format!("{other:?}: use \"allow\" or \"deny\"")),
-                },
-            ),
+            on_error: c
+                .on_store_error(&path.key("on_error"), s.on_error.as_deref())
+                .unwrap_or(OnStoreError::Allow),
         }
     };
 
@@ -365,6 +378,59 @@ fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource
     sources
 }
 
+fn redis_target(
+    c: &mut Checker<'_>,
+    path: &KeyPath,
+    url: Option<&str>,
+    cluster: Option<&[String]>,
+) -> Option<RedisTarget> {
+    let checked_url = |c: &mut Checker<'_>, path: &KeyPath, raw: &str| {
+        let url = c.text(path, raw)?;
+        match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+            Ok(_) => Some(url),
+            // The URL may hold a password: the message names the key, not the value.
+            Err(e) => {
+                c.problem(
+                    path,
+                    format!(
+                        "not a Redis URL such as \"redis://127.0.0.1:6379\" ({:?})",
+                        e.kind()
+                    ),
+                );
+                None
+            }
+        }
+    };
+    match (url, cluster) {
+        (Some(url), None) => checked_url(c, &path.key("url"), url).map(RedisTarget::Single),
+        (None, Some(nodes)) if !nodes.is_empty() => {
+            let checked: Vec<Option<String>> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| checked_url(c, &path.key("cluster").index(i), node))
+                .collect();
+            checked
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(RedisTarget::Cluster)
+        }
+        (Some(_), Some(_)) => {
+            c.problem(
+                &path.key("cluster"),
+                "set `url` (one Redis) or `cluster` (its nodes), not both",
+            );
+            None
+        }
+        (None, _) => {
+            c.problem(
+                &path.key("url"),
+                "backend = \"redis\" needs `url` or a non-empty `cluster`",
+            );
+            None
+        }
+    }
+}
+
 fn header_name(c: &mut Checker<'_>, path: &KeyPath, raw: &str) -> HeaderName {
     c.parsed(
         path,
@@ -448,7 +514,7 @@ fn validate_routes(
     c: &mut Checker<'_>,
     raw: &[RawRoute],
     upstreams: &HashMap<String, usize>,
-) -> Vec<RouteConfig> {
+) -> Vec<Route> {
     let mut names = HashSet::new();
     let mut routes = Vec::new();
     for (i, route) in raw.iter().enumerate() {
@@ -518,14 +584,16 @@ fn validate_routes(
                 DEFAULT_MAX_TOKENS
             }
         };
+        let on_store_error = c.on_store_error(&path.key("on_error"), route.on_error.as_deref());
         if let Some(upstream) = upstream {
-            routes.push(RouteConfig {
+            routes.push(Route {
                 name: route.name.as_str().into(),
                 method,
                 path: route.path.clone(),
                 upstream,
                 cost,
                 default_max_tokens,
+                on_store_error,
             });
         }
     }

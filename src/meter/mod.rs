@@ -17,14 +17,14 @@ use http_body_util::{BodyExt, Collected, LengthLimitError, Limited};
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::config::{Cost, OnStoreError};
+use crate::config::{Cost, OnStoreError, Route};
 use crate::error::{Denial, GatewayError};
 use crate::metrics::Metrics;
 use crate::org::{OrgDirectory, OrgId};
+use crate::period::Period;
 use crate::quota::{Decision, Dimension, Exceeded, Mode};
-use crate::route::Route;
 use crate::settle::Reservation;
-use crate::store::{QuotaStore, ReservationId, ReserveRequest};
+use crate::store::{QuotaStore, ReservationId, ReserveRequest, StoreError};
 use crate::{Body, BoxError, full_body};
 
 /// The source of "now" for billing periods; tests substitute their own.
@@ -83,23 +83,34 @@ impl Meter {
         let request = request.map(|()| full_body(body));
 
         let period = policy.period((self.clock)());
-        let reserve = ReserveRequest {
-            id: ReservationId::next(),
-            org: &org,
-            period,
-            limits: policy.limits,
-            cost: amounts,
-            mode: policy.mode,
+        let id = ReservationId::next();
+        let mut reserving = {
+            let store = self.store.clone();
+            let reserve = ReserveRequest {
+                id,
+                org: org.clone(),
+                period,
+                limits: policy.limits,
+                cost: amounts,
+                mode: policy.mode,
+            };
+            Box::pin(async move { store.reserve(&reserve).await })
         };
-        let decided = tokio::time::timeout(self.store_timeout, self.store.reserve(&reserve)).await;
+        let decided = tokio::select! {
+            decided = &mut reserving => decided,
+            () = tokio::time::sleep(self.store_timeout) => {
+                self.undo_when_applied(reserving, id, org.clone(), period);
+                Err(StoreError::Timeout)
+            }
+        };
         match decided {
-            Ok(Ok(Decision::Admit { applied, over })) => {
+            Ok(Decision::Admit { applied, over }) => {
                 if let Some(over) = over {
                     Metrics::count(&self.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
                 let reservation = Reservation::new(
-                    reserve.id,
+                    id,
                     org,
                     period,
                     applied,
@@ -113,7 +124,7 @@ impl Meter {
                     over,
                 })
             }
-            Ok(Ok(Decision::Deny(exceeded))) => {
+            Ok(Decision::Deny(exceeded)) => {
                 Metrics::count(&self.metrics.quota_denials);
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
@@ -122,23 +133,40 @@ impl Meter {
                     period,
                 })))
             }
-            Ok(Err(error)) => self.store_failed(route, &org, request, &error),
-            Err(_elapsed) => {
-                self.store_failed(route, &org, request, &crate::store::StoreError::Timeout)
-            }
+            Err(error) => self.store_failed(route, request, &error),
         }
+    }
+
+    /// A reservation the store had not confirmed in time may still be
+    /// applied; the request has gone on without it, so it is refunded as
+    /// soon as the store confirms it, rather than left counted.
+    fn undo_when_applied(
+        &self,
+        reserving: Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>,
+        id: ReservationId,
+        org: OrgId,
+        period: Period,
+    ) {
+        let (store, timeout, metrics) =
+            (self.store.clone(), self.store_timeout, self.metrics.clone());
+        tokio::spawn(async move {
+            if let Ok(Decision::Admit { applied, .. }) = reserving.await {
+                tracing::debug!(org = %org, reservation = %id, "refunding a reservation confirmed after its timeout");
+                let reservation =
+                    Reservation::new(id, org, period, applied, store, timeout, metrics);
+                let _ = reservation.refund().await;
+            }
+        });
     }
 
     fn store_failed(
         &self,
         route: &Route,
-        org: &OrgId,
         request: Request<Body>,
         error: &dyn std::error::Error,
     ) -> Result<Admitted, GatewayError> {
-        Metrics::count(&self.metrics.store_errors);
-        tracing::warn!(org = %org, route = %route.name, error = %error, on_error = ?self.on_store_error, "quota store failed");
-        match self.on_store_error {
+        self.metrics.store_failed("reserve", &error);
+        match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
                 Metrics::count(&self.metrics.fail_open_passes);
                 Ok(Admitted {
@@ -147,7 +175,10 @@ impl Meter {
                     over: None,
                 })
             }
-            OnStoreError::Deny => Err(GatewayError::StoreUnavailable),
+            OnStoreError::Deny => {
+                Metrics::count(&self.metrics.fail_closed_denials);
+                Err(GatewayError::StoreUnavailable)
+            }
         }
     }
 

@@ -91,13 +91,13 @@ impl MemoryStore {
 
 #[async_trait]
 impl QuotaStore for MemoryStore {
-    async fn reserve(&self, request: &ReserveRequest<'_>) -> Result<Decision, StoreError> {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
         let mut state = self.state()?;
         state.sweep(&request.period);
-        let current = state.read(request.org, &request.period);
+        let current = state.read(&request.org, &request.period);
         let decision = decide(&request.limits, &current, &request.cost, request.mode);
         if let Decision::Admit { applied, .. } = &decision {
-            state.add(request.org, &request.period, applied);
+            state.add(&request.org, &request.period, applied);
         }
         Ok(decision)
     }

@@ -9,8 +9,10 @@
 //! [`quota::decide`]: crate::quota::decide
 
 mod memory;
+mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::{PERIOD_KEY_GRACE, RedisStore, RedisTarget};
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -53,9 +55,9 @@ impl fmt::Debug for ReservationId {
 
 /// Reserve `cost` for `org` in `period`, against `limits`.
 #[derive(Clone, Debug)]
-pub struct ReserveRequest<'a> {
+pub struct ReserveRequest {
     pub id: ReservationId,
-    pub org: &'a OrgId,
+    pub org: OrgId,
     pub period: Period,
     pub limits: Limits,
     pub cost: Amounts,
@@ -84,7 +86,7 @@ pub enum StoreError {
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {
     /// Checks and applies `request.cost` atomically: all of it or none.
-    async fn reserve(&self, request: &ReserveRequest<'_>) -> Result<Decision, StoreError>;
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError>;
 
     /// Applies a settlement's correction, once: repeating a settlement with
     /// the same id changes nothing.

@@ -342,3 +342,49 @@ async fn orgs_do_not_share_counters() {
         402
     );
 }
+
+#[tokio::test]
+async fn a_new_billing_period_admits_what_the_last_one_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let upstream = Upstream::start().await;
+    let now = Arc::new(AtomicI64::new(
+        "2026-11-30T23:59:59Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+            .timestamp(),
+    ));
+    let clock_now = now.clone();
+    let clock: tollgate::meter::Clock = Arc::new(move || {
+        chrono::DateTime::from_timestamp(clock_now.load(Ordering::Relaxed), 0).unwrap()
+    });
+    let gateway = Gateway::launch(&config(), &upstream, &[], clock).await;
+    for _ in 0..10 {
+        assert_eq!(
+            post(&gateway, "/api/v1/playbooks/pb_1/execute", "org_p")
+                .await
+                .status(),
+            200
+        );
+    }
+    let refused = envelope(
+        post(&gateway, "/api/v1/playbooks/pb_1/execute", "org_p").await,
+        402,
+        "QUOTA_EXCEEDED",
+    )
+    .await;
+    assert_eq!(
+        refused["error"]["details"]["periodEnd"],
+        "2026-12-01T00:00:00Z"
+    );
+
+    now.fetch_add(1, Ordering::Relaxed);
+
+    assert_eq!(
+        post(&gateway, "/api/v1/playbooks/pb_1/execute", "org_p")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(gateway.used("org_p", Dimension::PlaybookRuns).await, 1);
+}

@@ -5,4 +5,6 @@ mod cli;
 mod enforcement;
 mod errors;
 mod forwarding;
+mod redis_gateway;
+mod store_conformance;
 mod support;

@@ -23,6 +23,8 @@ use tollgate::org::OrgId;
 use tollgate::quota::{Amounts, Dimension};
 use tollgate::{App, Config};
 
+pub mod redis;
+
 /// What the stand-in upstream saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -150,19 +152,34 @@ impl Gateway {
     /// Starts the gateway on `config`, where `${UPSTREAM}` is the stand-in's
     /// address and `${DEAD_UPSTREAM}` an address nothing listens on.
     pub async fn start(config: &str, upstream: &Upstream) -> Gateway {
+        Gateway::launch(config, upstream, &[], fixed_clock()).await
+    }
+
+    /// [`Gateway::start`] with more `${NAME}` values and a clock of the test's.
+    pub async fn launch(
+        config: &str,
+        upstream: &Upstream,
+        vars: &[(&str, String)],
+        clock: tollgate::meter::Clock,
+    ) -> Gateway {
         let dead = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().to_string()
         };
-        let live = upstream.addr.to_string();
-        let env = move |name: &str| match name {
-            "UPSTREAM" => Some(live.clone()),
-            "DEAD_UPSTREAM" => Some(dead.clone()),
-            _ => None,
+        let mut values: Vec<(String, String)> = vec![
+            ("UPSTREAM".into(), upstream.addr.to_string()),
+            ("DEAD_UPSTREAM".into(), dead),
+        ];
+        values.extend(vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let env = move |name: &str| {
+            values
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
         };
         let config = Config::parse(config, "test.toml", &env)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let app = Arc::new(App::new(config).with_clock(fixed_clock()));
+        let app = Arc::new(App::new(config).unwrap().with_clock(clock));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

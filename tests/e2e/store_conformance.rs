@@ -1,0 +1,458 @@
+//! One conformance suite for the `QuotaStore` trait, run against every
+//! backend: the memory store, one real redis-server, and a real three-master
+//! Redis Cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use tollgate::org::OrgId;
+use tollgate::period::Period;
+use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, Mode};
+use tollgate::store::{
+    MemoryStore, QuotaStore, RedisStore, RedisTarget, ReservationId, ReserveRequest, Settlement,
+};
+
+use crate::support::redis::{RedisCluster, RedisServer};
+
+const TOKENS: Dimension = Dimension::Tokens;
+const RUNS: Dimension = Dimension::PlaybookRuns;
+const SEATS: Dimension = Dimension::Seats;
+
+/// A store under test, and whatever must stay alive for it.
+pub struct Backend {
+    pub store: Arc<dyn QuotaStore>,
+    _servers: Box<dyn std::any::Any>,
+}
+
+impl Backend {
+    pub async fn memory() -> Backend {
+        Backend {
+            store: Arc::new(MemoryStore::new()),
+            _servers: Box::new(()),
+        }
+    }
+
+    pub async fn redis() -> Backend {
+        let server = RedisServer::start().await;
+        let store = RedisStore::new(
+            &RedisTarget::Single(server.url()),
+            "tollgate",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        Backend {
+            store: Arc::new(store),
+            _servers: Box::new(server),
+        }
+    }
+
+    pub async fn redis_cluster() -> Backend {
+        let cluster = RedisCluster::start().await;
+        let store = RedisStore::new(
+            &RedisTarget::Cluster(cluster.urls()),
+            "tollgate",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        Backend {
+            store: Arc::new(store),
+            _servers: Box::new(cluster),
+        }
+    }
+}
+
+fn org(id: &str) -> OrgId {
+    OrgId::parse(id).unwrap()
+}
+
+fn at(instant: &str) -> DateTime<Utc> {
+    instant.parse().unwrap()
+}
+
+fn november() -> Period {
+    Period::containing(at("2026-11-27T12:00:00Z"), 1)
+}
+
+fn december() -> Period {
+    Period::containing(at("2026-12-01T00:00:00Z"), 1)
+}
+
+async fn reserve(
+    store: &dyn QuotaStore,
+    org: &OrgId,
+    period: Period,
+    limits: Limits,
+    cost: Amounts,
+    mode: Mode,
+) -> (ReservationId, Decision) {
+    let id = ReservationId::next();
+    let request = ReserveRequest {
+        id,
+        org: org.clone(),
+        period,
+        limits,
+        cost,
+        mode,
+    };
+    (id, store.reserve(&request).await.unwrap())
+}
+
+async fn enforce(
+    store: &dyn QuotaStore,
+    org: &OrgId,
+    period: Period,
+    limits: Limits,
+    cost: Amounts,
+) -> Decision {
+    reserve(store, org, period, limits, cost, Mode::Enforce)
+        .await
+        .1
+}
+
+async fn all_or_nothing_over_two_dimensions(store: &dyn QuotaStore) {
+    let org = org("org_two_dims");
+    let limits = Limits::UNLIMITED.with(TOKENS, 100).with(RUNS, 10);
+    enforce(
+        store,
+        &org,
+        november(),
+        limits,
+        Amounts::ZERO.with(TOKENS, 95),
+    )
+    .await;
+
+    let decision = enforce(
+        store,
+        &org,
+        november(),
+        limits,
+        Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1),
+    )
+    .await;
+
+    assert_eq!(
+        decision,
+        Decision::Deny(Exceeded {
+            dimension: TOKENS,
+            current: 95,
+            limit: 100,
+            requested: 10
+        })
+    );
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap(),
+        Amounts::ZERO.with(TOKENS, 95),
+        "runs moved though tokens were short"
+    );
+    let fits = enforce(
+        store,
+        &org,
+        november(),
+        limits,
+        Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1),
+    )
+    .await;
+    assert!(matches!(fits, Decision::Admit { over: None, .. }));
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap(),
+        Amounts::ZERO.with(TOKENS, 100).with(RUNS, 1)
+    );
+}
+
+async fn exact_admission_under_five_hundred_concurrent_reserves(store: Arc<dyn QuotaStore>) {
+    let org = org("org_concurrent");
+    let limits = Limits::UNLIMITED.with(RUNS, 137);
+    let tasks = (0..500).map(|_| {
+        let (store, org) = (store.clone(), org.clone());
+        tokio::spawn(async move {
+            enforce(
+                &*store,
+                &org,
+                november(),
+                limits,
+                Amounts::ZERO.with(RUNS, 1),
+            )
+            .await
+        })
+    });
+
+    let decisions: Vec<Decision> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+
+    let admitted = decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Admit { .. }))
+        .count();
+    assert_eq!(admitted, 137);
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 137);
+}
+
+async fn a_settlement_applies_once(store: &dyn QuotaStore) {
+    let org = org("org_settle");
+    let (id, _) = reserve(
+        store,
+        &org,
+        november(),
+        Limits::UNLIMITED,
+        Amounts::ZERO.with(TOKENS, 100),
+        Mode::Enforce,
+    )
+    .await;
+    let settlement = Settlement {
+        id,
+        org: &org,
+        period: november(),
+        correction: Amounts::ZERO.with(TOKENS, -40),
+    };
+
+    store.settle(&settlement).await.unwrap();
+    store.settle(&settlement).await.unwrap();
+
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(TOKENS), 60);
+    let (other, _) = reserve(
+        store,
+        &org,
+        november(),
+        Limits::UNLIMITED,
+        Amounts::ZERO.with(TOKENS, 10),
+        Mode::Enforce,
+    )
+    .await;
+    let correction = Amounts::ZERO.with(TOKENS, 5);
+    store
+        .settle(&Settlement {
+            id: other,
+            org: &org,
+            period: november(),
+            correction,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        75,
+        "another reservation's settlement was ignored"
+    );
+}
+
+async fn a_new_period_starts_from_zero_but_seats_carry_over(store: &dyn QuotaStore) {
+    let org = org("org_rollover");
+    let limits = Limits::UNLIMITED.with(RUNS, 2).with(SEATS, 5);
+    for _ in 0..2 {
+        enforce(
+            store,
+            &org,
+            november(),
+            limits,
+            Amounts::ZERO.with(RUNS, 1).with(SEATS, 1),
+        )
+        .await;
+    }
+    assert!(matches!(
+        enforce(store, &org, november(), limits, Amounts::ZERO.with(RUNS, 1)).await,
+        Decision::Deny(_)
+    ));
+
+    let december_run = enforce(store, &org, december(), limits, Amounts::ZERO.with(RUNS, 1)).await;
+
+    assert!(matches!(december_run, Decision::Admit { over: None, .. }));
+    assert_eq!(
+        store.usage(&org, december()).await.unwrap(),
+        Amounts::ZERO.with(RUNS, 1).with(SEATS, 2)
+    );
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap(),
+        Amounts::ZERO.with(RUNS, 2).with(SEATS, 2)
+    );
+}
+
+async fn seats_are_a_gauge_that_never_goes_below_zero(store: &dyn QuotaStore) {
+    let org = org("org_seats");
+    let limits = Limits::UNLIMITED.with(SEATS, 3);
+    let take = Amounts::ZERO.with(SEATS, 1);
+    let release = Amounts::ZERO.with(SEATS, -1);
+    for _ in 0..3 {
+        assert!(matches!(
+            enforce(store, &org, november(), limits, take).await,
+            Decision::Admit { .. }
+        ));
+    }
+    assert_eq!(
+        enforce(store, &org, november(), limits, take).await,
+        Decision::Deny(Exceeded {
+            dimension: SEATS,
+            current: 3,
+            limit: 3,
+            requested: 1
+        })
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            enforce(store, &org, november(), limits, release).await,
+            Decision::Admit {
+                applied: release,
+                over: None
+            }
+        );
+    }
+
+    let clamped = enforce(store, &org, november(), limits, release).await;
+
+    assert_eq!(
+        clamped,
+        Decision::Admit {
+            applied: Amounts::ZERO,
+            over: None
+        }
+    );
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(SEATS), 0);
+}
+
+async fn shadow_mode_applies_past_the_limit_and_says_so(store: &dyn QuotaStore) {
+    let org = org("org_shadow");
+    let limits = Limits::UNLIMITED.with(RUNS, 1);
+    let one = Amounts::ZERO.with(RUNS, 1);
+    reserve(store, &org, november(), limits, one, Mode::Shadow).await;
+
+    let (_, decision) = reserve(store, &org, november(), limits, one, Mode::Shadow).await;
+
+    let over = Exceeded {
+        dimension: RUNS,
+        current: 1,
+        limit: 1,
+        requested: 1,
+    };
+    assert_eq!(
+        decision,
+        Decision::Admit {
+            applied: one,
+            over: Some(over)
+        }
+    );
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 2);
+}
+
+async fn usage_can_be_set_and_is_then_enforced(store: &dyn QuotaStore) {
+    let org = org("org_set");
+    store
+        .set_usage(&org, november(), TOKENS, 95_000)
+        .await
+        .unwrap();
+    store.set_usage(&org, november(), SEATS, 2).await.unwrap();
+
+    let decision = enforce(
+        store,
+        &org,
+        november(),
+        Limits::UNLIMITED.with(TOKENS, 100_000),
+        Amounts::ZERO.with(TOKENS, 10_000),
+    )
+    .await;
+
+    assert_eq!(
+        decision,
+        Decision::Deny(Exceeded {
+            dimension: TOKENS,
+            current: 95_000,
+            limit: 100_000,
+            requested: 10_000
+        })
+    );
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap(),
+        Amounts::ZERO.with(TOKENS, 95_000).with(SEATS, 2)
+    );
+}
+
+macro_rules! conformance {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn admits_all_or_nothing_over_two_dimensions() {
+                all_or_nothing_over_two_dimensions(&*Backend::$backend().await.store).await;
+            }
+
+            #[tokio::test]
+            async fn admits_exactly_the_limit_under_five_hundred_concurrent_reserves() {
+                exact_admission_under_five_hundred_concurrent_reserves(
+                    Backend::$backend().await.store.clone(),
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn applies_a_settlement_only_once() {
+                a_settlement_applies_once(&*Backend::$backend().await.store).await;
+            }
+
+            #[tokio::test]
+            async fn starts_a_new_period_from_zero_but_carries_seats_over() {
+                a_new_period_starts_from_zero_but_seats_carry_over(
+                    &*Backend::$backend().await.store,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn keeps_seats_as_a_gauge_that_never_goes_below_zero() {
+                seats_are_a_gauge_that_never_goes_below_zero(&*Backend::$backend().await.store)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn applies_past_the_limit_in_shadow_mode_and_says_so() {
+                shadow_mode_applies_past_the_limit_and_says_so(&*Backend::$backend().await.store)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn enforces_usage_set_by_an_operator() {
+                usage_can_be_set_and_is_then_enforced(&*Backend::$backend().await.store).await;
+            }
+        }
+    };
+}
+
+conformance!(memory);
+conformance!(redis);
+conformance!(redis_cluster);
+
+#[tokio::test]
+async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_period() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::new(
+        &RedisTarget::Single(server.url()),
+        "tollgate",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let org = org("org_42");
+    let cost = Amounts::ZERO.with(TOKENS, 7).with(SEATS, 1);
+    enforce(&store, &org, november(), Limits::UNLIMITED, cost).await;
+
+    assert_eq!(
+        server.command::<i64>(&["GET", "tollgate:{org_42}:2026-11-01:tokens"]),
+        7
+    );
+    assert_eq!(
+        server.command::<i64>(&["GET", "tollgate:{org_42}:seats"]),
+        1
+    );
+    let expires_at: i64 = server.command(&["EXPIRETIME", "tollgate:{org_42}:2026-11-01:tokens"]);
+    assert_eq!(
+        expires_at,
+        (november().end + tollgate::store::PERIOD_KEY_GRACE).timestamp()
+    );
+    assert_eq!(
+        server.command::<i64>(&["TTL", "tollgate:{org_42}:seats"]),
+        -1,
+        "the seat gauge must not expire"
+    );
+}
