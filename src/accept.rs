@@ -13,6 +13,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tower_http::add_extension::AddExtension;
 
 use crate::config::ServerConfig;
@@ -33,6 +34,9 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Held so that connections still open when the grace period ends can be
+    // cut; finished ones are reaped as new ones arrive.
+    let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -58,7 +62,8 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
@@ -69,6 +74,9 @@ pub async fn serve(
     tracing::info!(grace = ?server.shutdown_grace, "shutting down: no new connections, draining");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(server.shutdown_grace) => tracing::warn!("grace period over, dropping open connections"),
+        () = tokio::time::sleep(server.shutdown_grace) => {
+            tracing::warn!(open = connections.len(), "grace period over, dropping open connections");
+        }
     }
+    connections.abort_all();
 }

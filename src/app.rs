@@ -76,6 +76,7 @@ impl App {
             store: self.store.clone(),
             orgs: config.orgs.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
             store_timeout: config.store.timeout,
             on_store_error: config.store.on_error,
             metrics: self.metrics.clone(),

@@ -30,6 +30,8 @@ pub enum GatewayError {
     InvalidBody(String),
     #[error("the request body could not be read")]
     ClientBody,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("{}", .0.exceeded.message())]
     QuotaExceeded(Box<Denial>),
     #[error("quota enforcement is unavailable, try again shortly")]
@@ -59,6 +61,7 @@ impl GatewayError {
             | GatewayError::InvalidBody(_)
             | GatewayError::ClientBody => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
@@ -76,6 +79,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             GatewayError::InvalidBody(_) => "INVALID_BODY",
             GatewayError::ClientBody => "BAD_REQUEST",
+            GatewayError::BodyTimeout => "REQUEST_TIMEOUT",
             GatewayError::QuotaExceeded(_) => "QUOTA_EXCEEDED",
             GatewayError::StoreUnavailable => "QUOTA_STORE_UNAVAILABLE",
             GatewayError::UpstreamUnreachable => "BAD_GATEWAY",

@@ -67,10 +67,14 @@ impl Forwarder {
         client: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, GatewayError> {
         let upstream = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+        let authority = request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         *request.uri_mut() = upstream_uri(upstream, request.uri())?;
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         *request.version_mut() = Version::HTTP_11;
-        prepare_headers(request.headers_mut(), upstream, client);
+        prepare_headers(request.headers_mut(), authority, upstream, client);
 
         let sent = tokio::time::timeout(self.timeout, self.client.request(request)).await;
         let mut response = match sent {
@@ -105,11 +109,22 @@ fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, GatewayError
     Uri::from_parts(parts).map_err(|_| GatewayError::Internal)
 }
 
-fn prepare_headers(headers: &mut HeaderMap, upstream: &Upstream, client: Option<SocketAddr>) {
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    authority: Option<HeaderValue>,
+    upstream: &Upstream,
+    client: Option<SocketAddr>,
+) {
     remove_hop_by_hop(headers);
-    // The client connection is gone from here on; the upstream gets its own Host.
-    if let Some(host) = headers.remove(header::HOST) {
-        headers.entry(X_FORWARDED_HOST).or_insert(host);
+    // The upstream gets its own Host; the one the client asked for (HTTP/1.1
+    // Host, or the HTTP/2 authority) travels as X-Forwarded-Host.
+    match headers.remove(header::HOST).or(authority) {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
     }
     if let Some(client) = client {
         let ip = client.ip().to_string();
@@ -204,6 +219,7 @@ mod tests {
 
         prepare_headers(
             &mut headers,
+            None,
             &upstream("http://h"),
             Some("192.0.2.1:5000".parse().unwrap()),
         );

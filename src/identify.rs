@@ -7,7 +7,7 @@
 //! it may be the backend's own credential.
 
 use http::HeaderMap;
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -26,53 +26,68 @@ impl Identifier {
         Identifier { sources }
     }
 
-    /// The org of a metered request, with its gateway API key removed.
+    /// The org of a metered request, with its gateway API keys removed and
+    /// the trusted org header, if one is configured, set to that org: the
+    /// backend sees the org that pays, whatever the client sent.
     pub fn identify(&self, headers: &mut HeaderMap) -> Result<OrgId, GatewayError> {
         let mut found = None;
         for source in &self.sources {
-            let org = match source {
-                IdentitySource::ApiKey(keys) => take_api_key(keys, headers),
-                IdentitySource::Header(name) => match headers.get(name) {
-                    None => None,
-                    Some(value) => {
+            match source {
+                // Every API-key source strips, even after another source answered.
+                IdentitySource::ApiKey(keys) => found = found.or(take_api_keys(keys, headers)),
+                IdentitySource::Header(name) if found.is_none() => {
+                    if let Some(value) = headers.get(name) {
                         let org = value.to_str().ok().and_then(OrgId::parse);
-                        Some(org.ok_or(GatewayError::InvalidOrgId)?)
+                        found = Some(org.ok_or(GatewayError::InvalidOrgId)?);
                     }
-                },
-            };
-            // Keep going after a match: later API-key sources must still strip.
-            found = found.or(org);
+                }
+                IdentitySource::Header(_) => {}
+            }
         }
-        found.ok_or(GatewayError::Unauthenticated)
+        let org = found.ok_or(GatewayError::Unauthenticated)?;
+        for source in &self.sources {
+            if let (IdentitySource::Header(name), Ok(value)) =
+                (source, HeaderValue::from_str(org.as_str()))
+            {
+                headers.insert(name.clone(), value);
+            }
+        }
+        Ok(org)
     }
 
     /// Removes gateway API keys from a request that needs no org.
     pub fn strip_gateway_keys(&self, headers: &mut HeaderMap) {
         for source in &self.sources {
             if let IdentitySource::ApiKey(keys) = source {
-                take_api_key(keys, headers);
+                take_api_keys(keys, headers);
             }
         }
     }
 }
 
-/// The org of the first gateway API key found in `headers`, which is then
-/// removed from them.
-fn take_api_key(keys: &ApiKeys, headers: &mut HeaderMap) -> Option<OrgId> {
+/// Removes every header holding a gateway API key and returns the org of
+/// the first, the configured header before `x-api-key`.
+fn take_api_keys(keys: &ApiKeys, headers: &mut HeaderMap) -> Option<OrgId> {
+    let mut found = None;
     for header in [&keys.header, &X_API_KEY] {
         let Some(presented) = headers.get(header).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        let presented = presented
-            .strip_prefix("Bearer ")
-            .unwrap_or(presented)
-            .trim();
-        if let Some(org) = lookup(keys, presented) {
+        if let Some(org) = lookup(keys, credential(presented)) {
             headers.remove(header);
-            return Some(org);
+            found = found.or(Some(org));
         }
     }
-    None
+    found
+}
+
+/// The credential in a header value: the token of `Bearer <token>` (the
+/// scheme is case-insensitive), or the whole value.
+fn credential(value: &str) -> &str {
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => value.trim(),
+    }
 }
 
 /// Compares the key's digest with every configured digest, in constant time
@@ -166,6 +181,23 @@ mod tests {
             identifier().identify(&mut h),
             Err(GatewayError::InvalidOrgId)
         ));
+    }
+
+    #[test]
+    fn a_key_in_both_headers_is_removed_from_both() {
+        let mut h = headers(&[
+            ("authorization", "bearer tg_live_acme"),
+            ("x-api-key", "tg_live_acme"),
+        ]);
+        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert!(h.get("authorization").is_none() && h.get("x-api-key").is_none());
+    }
+
+    #[test]
+    fn once_a_key_names_the_org_the_org_header_is_overwritten_not_validated() {
+        let mut h = headers(&[("x-api-key", "tg_live_acme"), ("x-org-id", "other:org")]);
+        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(h["x-org-id"], "org_acme");
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub struct Metrics {
     pub fail_open_passes: AtomicU64,
     /// Metered requests refused with a 503 because the store failed.
     pub fail_closed_denials: AtomicU64,
-    /// Reservations refunded because the upstream failed.
+    /// Reservations refunded: the upstream failed, or the store applied a
+    /// reservation after its request had stopped waiting for it.
     pub refunds: AtomicU64,
     /// Paces the log lines about store failures.
     pub store_error_log: BurstLog,

@@ -7,6 +7,10 @@
 
 use std::fmt;
 
+/// The largest amount a cost, limit or estimate may hold: every amount stays
+/// exact in a double, as Redis's Lua computes with doubles.
+pub const MAX_AMOUNT: i64 = (1 << 53) - 1;
+
 /// A quota type an org is billed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dimension {

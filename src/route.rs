@@ -23,6 +23,11 @@ impl Router {
             .filter_map(|route| {
                 let mut matcher = matchit::Router::new();
                 matcher.insert(route.path.as_str(), ()).ok()?;
+                // A trailing catch-all needs at least one character in matchit;
+                // `/{*rest}` must also match `/` itself.
+                if let Some(at) = route.path.find("{*") {
+                    let _ = matcher.insert(&route.path[..at], ());
+                }
                 Some((matcher, Arc::new(route.clone())))
             })
             .collect();
@@ -95,6 +100,14 @@ mod tests {
             name(Method::DELETE, "/api/v1/orgs/o/members/m").as_deref(),
             Some("members")
         );
+    }
+
+    #[test]
+    fn a_catch_all_matches_its_own_prefix() {
+        assert_eq!(name(Method::GET, "/").as_deref(), Some("everything-else"));
+        let router = Router::new(&[route("v1", None, "/v1/{*rest}")]);
+        assert!(router.find(&Method::GET, "/v1/").is_some());
+        assert!(router.find(&Method::GET, "/v2/").is_none());
     }
 
     #[test]

@@ -10,17 +10,103 @@
 //!   already have done the work (a refund here would let a client have any
 //!   amount of work for free by hanging up just before the answer).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
-
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
-use crate::quota::Amounts;
-use crate::store::{QuotaStore, ReservationId, Settlement, StoreError};
+use crate::quota::{Amounts, Decision};
+use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
+
+type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
+
+/// A reservation asked of the store and not yet answered.
+///
+/// If the request stops waiting (the store timeout passed, or the client went
+/// away and the request was dropped), the store may still apply it. The call
+/// is then finished in the background and whatever it applied is refunded,
+/// so a reservation no request went on with is never left counted.
+pub struct PendingReservation {
+    call: Option<StoreCall>,
+    id: ReservationId,
+    org: OrgId,
+    period: Period,
+    store: Arc<dyn QuotaStore>,
+    store_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl PendingReservation {
+    /// Starts `request` in `store`.
+    pub fn start(
+        store: Arc<dyn QuotaStore>,
+        request: ReserveRequest,
+        store_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> PendingReservation {
+        let (id, org, period) = (request.id, request.org.clone(), request.period);
+        let call_store = store.clone();
+        let call: StoreCall = Box::pin(async move { call_store.reserve(&request).await });
+        PendingReservation {
+            call: Some(call),
+            id,
+            org,
+            period,
+            store,
+            store_timeout,
+            metrics,
+        }
+    }
+
+    /// The store's decision, or [`StoreError::Timeout`] after the store timeout.
+    pub async fn decision(&mut self) -> Result<Decision, StoreError> {
+        let Some(call) = self.call.as_mut() else {
+            return Err(StoreError::Backend(
+                "the reservation was already decided".into(),
+            ));
+        };
+        let decided = tokio::time::timeout(self.store_timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout)?;
+        self.call = None;
+        decided
+    }
+
+    /// The admitted reservation, holding what the store `applied`.
+    pub fn admitted(self, applied: Amounts) -> Reservation {
+        Reservation::new(
+            self.id,
+            self.org.clone(),
+            self.period,
+            applied,
+            self.store.clone(),
+            self.store_timeout,
+            self.metrics.clone(),
+        )
+    }
+}
+
+impl Drop for PendingReservation {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (id, org, period) = (self.id, self.org.clone(), self.period);
+        let (store, timeout, metrics) =
+            (self.store.clone(), self.store_timeout, self.metrics.clone());
+        runtime.spawn(async move {
+            if let Ok(Decision::Admit { applied, .. }) = call.await {
+                tracing::debug!(org = %org, reservation = %id, "refunding a reservation applied after its request stopped waiting");
+                Reservation::new(id, org, period, applied, store, timeout, metrics).refund();
+            }
+        });
+    }
+}
 
 /// How many times a settlement is tried before the reservation is left to stand.
 const SETTLE_ATTEMPTS: u32 = 3;
@@ -61,24 +147,26 @@ impl Reservation {
     /// Leaves the reservation as it is.
     pub fn stand(self) {}
 
-    /// Gives back everything the reservation took.
-    pub fn refund(self) -> JoinHandle<()> {
-        Metrics::count(&self.metrics.refunds);
+    /// Gives back everything the reservation took, in the background.
+    pub fn refund(self) {
+        if !self.applied.is_zero() {
+            Metrics::count(&self.metrics.refunds);
+        }
         let correction = self.applied.negated();
-        self.apply(correction)
+        self.apply(correction);
     }
 
     /// Applies `correction` in a task of its own, so that it completes even
     /// if the request that asked for it is dropped midway.
-    fn apply(self, correction: Amounts) -> JoinHandle<()> {
+    fn apply(self, correction: Amounts) {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let (id, org, period, timeout) =
             (self.id, self.org.clone(), self.period, self.store_timeout);
+        if correction.is_zero() {
+            return;
+        }
         tokio::spawn(async move {
-            if correction.is_zero() {
-                return;
-            }
             let settlement = Settlement {
                 id,
                 org: &org,
@@ -99,7 +187,7 @@ impl Reservation {
                 }
             }
             tracing::warn!(org = %org, reservation = %id, "gave up settling a reservation; it stands");
-        })
+        });
     }
 }
 

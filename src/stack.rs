@@ -55,7 +55,7 @@ pub fn build(gateway: Gateway) -> HttpService {
         // including a caught panic, is logged with its status and latency.
         .layer(TraceLayer::new_for_http())
         // A panic becomes the gateway's 500 envelope rather than a dropped
-        // connection; the request's reservation guard settles on unwind.
+        // connection (and a reservation it held stands, as for a client gone).
         .layer(CatchPanicLayer::custom(|_panic| {
             GatewayError::Internal.into_response()
         }))
@@ -120,20 +120,20 @@ impl Gateway {
             .forward(route.upstream, admitted.request, client)
             .await;
 
-        let mut response = match (forwarded, admitted.reservation) {
-            (Err(error), Some(reservation)) => {
-                // Awaited so the refund is visible by the time the client reads the error.
-                let _ = reservation.refund().await;
+        // Refunds go on in the background: an upstream failure is passed on
+        // at once, whatever state the store is in.
+        let mut response = match forwarded {
+            Err(error) => {
+                if let Some(reservation) = admitted.reservation {
+                    reservation.refund();
+                }
                 return Err(error);
             }
-            (Err(error), None) => return Err(error),
-            (Ok(response), Some(reservation)) if !response.status().is_success() => {
-                let _ = reservation.refund().await;
-                response
-            }
-            (Ok(response), reservation) => {
-                if let Some(reservation) = reservation {
-                    reservation.stand();
+            Ok(response) => {
+                match admitted.reservation {
+                    Some(reservation) if !response.status().is_success() => reservation.refund(),
+                    Some(reservation) => reservation.stand(),
+                    None => {}
                 }
                 response
             }

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// A metered request's body must arrive within this, or 408.
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -131,7 +133,7 @@ pub struct Route {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cost {
     pub fixed: Amounts,
-    /// Tokens come from the request body and are reconciled from the response.
+    /// Tokens are estimated from the request body.
     pub estimate_tokens: bool,
 }
 
@@ -367,7 +369,7 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
         let after = &rest[start + 2..];
         let end = after
             .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in {text:?}"))?;
+            .ok_or_else(|| "`${` without a closing `}`".to_string())?;
         let name = &after[..end];
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("`${{{name}}}` is not an environment variable name"));

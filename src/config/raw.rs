@@ -38,6 +38,7 @@ pub struct RawServer {
     pub idle_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
     pub tls: Option<RawTls>,
 }
 

@@ -14,7 +14,7 @@ use super::{
     OnStoreError, Problem, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
 };
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
-use crate::quota::{Amounts, Dimension, Limits, Mode};
+use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
 use crate::store::RedisTarget;
 
 struct Checker<'a> {
@@ -57,9 +57,17 @@ impl Checker<'_> {
 
     fn duration(&mut self, path: &KeyPath, raw: Option<&str>, default: Duration) -> Duration {
         self.parsed(path, raw, default, |text| {
-            humantime::parse_duration(text).map_err(|e| {
-                format!("{text:?} is not a duration ({e}); write e.g. \"250ms\" or \"30s\"")
-            })
+            match humantime::parse_duration(text) {
+                Ok(duration) if duration.is_zero() => Err("must be longer than zero".to_string()),
+                // Past a day a timeout is a mistake, and arithmetic on it could overflow.
+                Ok(duration) if duration > Duration::from_secs(24 * 60 * 60) => {
+                    Err(format!("{text:?} is longer than a day"))
+                }
+                Ok(duration) => Ok(duration),
+                Err(e) => Err(format!(
+                    "{text:?} is not a duration ({e}); write e.g. \"250ms\" or \"30s\""
+                )),
+            }
         })
     }
 
@@ -192,6 +200,11 @@ pub(super) fn validate(
                 s.header_read_timeout.as_deref(),
                 Duration::from_secs(30),
             ),
+            body_read_timeout: c.duration(
+                &path.key("body_read_timeout"),
+                s.body_read_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
         }
     };
 
@@ -258,6 +271,12 @@ pub(super) fn validate(
     let identity = validate_identity(&mut c, &raw);
     let (upstreams, upstream_index) = validate_upstreams(&mut c, &raw.upstreams);
     let routes = validate_routes(&mut c, &raw.routes, &upstream_index);
+    if identity.is_empty() && raw.routes.iter().any(|r| r.cost.is_some()) {
+        c.problem(
+            &root.key("identity").key("sources"),
+            "metered routes need an identity source: configure [identity.api_key] or [identity.header]",
+        );
+    }
     let orgs = validate_orgs(&mut c, &raw, mode);
 
     if c.problems.is_empty() {
@@ -443,28 +462,35 @@ fn header_name(c: &mut Checker<'_>, path: &KeyPath, raw: &str) -> HeaderName {
 fn validate_upstreams(
     c: &mut Checker<'_>,
     raw: &BTreeMap<String, RawUpstream>,
-) -> (Vec<Upstream>, HashMap<String, usize>) {
+) -> (Vec<Upstream>, HashMap<String, Option<usize>>) {
     let mut upstreams = Vec::new();
     let mut index = HashMap::new();
     for (name, upstream) in raw {
         let path = KeyPath::default().key("upstreams").key(name);
         let url = c.text(&path.key("url"), &upstream.url).and_then(|text| {
+            // Messages never echo the URL: after ${...} expansion it may hold a secret.
             let parsed = Uri::from_str(&text)
                 .ok()
-                .filter(|u| u.authority().is_some() && u.query().is_none());
-            match parsed.as_ref().and_then(|u| u.scheme_str()) {
-                Some("http") => parsed,
-                Some("https") => {
+                .filter(|u| u.authority().is_some());
+            let problem = match parsed.as_ref() {
+                None => Some("not a URL such as \"http://127.0.0.1:3001\""),
+                Some(u) if u.query().is_some() => Some("a query string is not allowed here"),
+                Some(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                    Some("credentials in the URL are not sent; use `headers` instead")
+                }
+                Some(u) if u.scheme_str() == Some("http") => None,
+                Some(u) if u.scheme_str() == Some("https") => {
                     c.not_supported_yet(&path.key("url"), "an https upstream");
+                    return None;
+                }
+                Some(_) => Some("the scheme must be http://"),
+            };
+            match problem {
+                Some(message) => {
+                    c.problem(&path.key("url"), message);
                     None
                 }
-                _ => {
-                    c.problem(
-                        &path.key("url"),
-                        format!("{text:?} is not an http:// URL without a query"),
-                    );
-                    None
-                }
+                None => parsed,
             }
         });
         let mut headers = Vec::new();
@@ -488,7 +514,11 @@ fn validate_upstreams(
                 headers.push((name, value));
             }
         }
-        let Some(url) = url else { continue };
+        let Some(url) = url else {
+            // Known, so routes naming it are not reported a second time.
+            index.insert(name.clone(), None);
+            continue;
+        };
         let mut parts = url.into_parts();
         let path_prefix = parts
             .path_and_query
@@ -497,9 +527,10 @@ fn validate_upstreams(
             .unwrap_or_default();
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         let Ok(origin) = Uri::from_parts(parts) else {
+            index.insert(name.clone(), None);
             continue;
         };
-        index.insert(name.clone(), upstreams.len());
+        index.insert(name.clone(), Some(upstreams.len()));
         upstreams.push(Upstream {
             name: name.clone(),
             origin,
@@ -513,7 +544,7 @@ fn validate_upstreams(
 fn validate_routes(
     c: &mut Checker<'_>,
     raw: &[RawRoute],
-    upstreams: &HashMap<String, usize>,
+    upstreams: &HashMap<String, Option<usize>>,
 ) -> Vec<Route> {
     let mut names = HashSet::new();
     let mut routes = Vec::new();
@@ -535,8 +566,9 @@ fn validate_routes(
         if let Err(message) = crate::route::check_pattern(&route.path) {
             c.problem(&path.key("path"), message);
         }
-        let upstream = upstreams.get(&route.upstream).copied();
-        if upstream.is_none() {
+        let known = upstreams.get(&route.upstream).copied();
+        let upstream = known.flatten();
+        if known.is_none() {
             c.problem(
                 &path.key("upstream"),
                 format!(
@@ -568,11 +600,34 @@ fn validate_routes(
                         &at,
                         format!("only seats can be released (negative); {name} = {n}"),
                     ),
+                    RawAmount::Fixed(n) if n.abs() > MAX_AMOUNT => c.problem(
+                        &at,
+                        format!("{n} is beyond the largest amount, {MAX_AMOUNT}"),
+                    ),
                     RawAmount::Fixed(n) => cost.fixed.set(dimension, *n),
                 }
             }
+            if raw.is_empty() || (cost.fixed.is_zero() && !cost.estimate_tokens) {
+                c.problem(
+                    &path.key("cost"),
+                    "a cost must charge something; omit `cost` for an unmetered route",
+                );
+            }
             cost
         });
+        if cost.is_none() {
+            for (key, set) in [
+                ("default_max_tokens", route.default_max_tokens.is_some()),
+                ("on_error", route.on_error.is_some()),
+            ] {
+                if set {
+                    c.problem(
+                        &path.key(key),
+                        "only means something on a metered route (one with a `cost`)",
+                    );
+                }
+            }
+        }
         let default_max_tokens = match route.default_max_tokens {
             None => DEFAULT_MAX_TOKENS,
             Some(n) if n > 0 => n,

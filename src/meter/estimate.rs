@@ -6,9 +6,11 @@
 //! `max_tokens` or `max_output_tokens`, times `n`) is added, else the route's
 //! default. Bodies of the OpenAI chat completions, completions, embeddings
 //! and responses APIs and of the Anthropic messages API are understood; the
-//! estimate is reconciled with the provider's reported usage afterwards.
+//! estimate is what is reserved and charged.
 
 use serde_json::Value;
+
+use crate::quota::MAX_AMOUNT;
 
 /// What a request body is expected to cost in tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,8 +20,12 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// Prompt and completion together, capped at [`MAX_AMOUNT`] so that an
+    /// absurd `max_tokens` or `n` is refused by the limit, not by overflow.
     pub fn total(&self) -> i64 {
-        self.prompt_tokens.saturating_add(self.completion_bound)
+        self.prompt_tokens
+            .saturating_add(self.completion_bound)
+            .min(MAX_AMOUNT)
     }
 }
 

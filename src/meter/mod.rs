@@ -21,10 +21,9 @@ use crate::config::{Cost, OnStoreError, Route};
 use crate::error::{Denial, GatewayError};
 use crate::metrics::Metrics;
 use crate::org::{OrgDirectory, OrgId};
-use crate::period::Period;
 use crate::quota::{Decision, Dimension, Exceeded, Mode};
-use crate::settle::Reservation;
-use crate::store::{QuotaStore, ReservationId, ReserveRequest, StoreError};
+use crate::settle::{PendingReservation, Reservation};
+use crate::store::{QuotaStore, ReservationId, ReserveRequest};
 use crate::{Body, BoxError, full_body};
 
 /// The source of "now" for billing periods; tests substitute their own.
@@ -34,6 +33,7 @@ pub struct Meter {
     pub(crate) store: Arc<dyn QuotaStore>,
     pub(crate) orgs: OrgDirectory,
     pub(crate) max_body_bytes: u64,
+    pub(crate) body_read_timeout: Duration,
     pub(crate) store_timeout: Duration,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: Arc<Metrics>,
@@ -66,7 +66,9 @@ impl Meter {
                 over: None,
             });
         }
-        let (request, body) = self.buffer(request).await?;
+        let (request, body) = tokio::time::timeout(self.body_read_timeout, self.buffer(request))
+            .await
+            .map_err(|_| GatewayError::BodyTimeout)??;
 
         let mut amounts = cost.fixed;
         if cost.estimate_tokens {
@@ -83,41 +85,28 @@ impl Meter {
         let request = request.map(|()| full_body(body));
 
         let period = policy.period((self.clock)());
-        let id = ReservationId::next();
-        let mut reserving = {
-            let store = self.store.clone();
-            let reserve = ReserveRequest {
-                id,
-                org: org.clone(),
-                period,
-                limits: policy.limits,
-                cost: amounts,
-                mode: policy.mode,
-            };
-            Box::pin(async move { store.reserve(&reserve).await })
+        let reserve = ReserveRequest {
+            id: ReservationId::next(),
+            org: org.clone(),
+            period,
+            limits: policy.limits,
+            cost: amounts,
+            mode: policy.mode,
         };
-        let decided = tokio::select! {
-            decided = &mut reserving => decided,
-            () = tokio::time::sleep(self.store_timeout) => {
-                self.undo_when_applied(reserving, id, org.clone(), period);
-                Err(StoreError::Timeout)
-            }
-        };
+        let mut pending = PendingReservation::start(
+            self.store.clone(),
+            reserve,
+            self.store_timeout,
+            self.metrics.clone(),
+        );
+        let decided = pending.decision().await;
         match decided {
             Ok(Decision::Admit { applied, over }) => {
                 if let Some(over) = over {
                     Metrics::count(&self.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
-                let reservation = Reservation::new(
-                    id,
-                    org,
-                    period,
-                    applied,
-                    self.store.clone(),
-                    self.store_timeout,
-                    self.metrics.clone(),
-                );
+                let reservation = pending.admitted(applied);
                 Ok(Admitted {
                     request,
                     reservation: Some(reservation),
@@ -135,28 +124,6 @@ impl Meter {
             }
             Err(error) => self.store_failed(route, request, &error),
         }
-    }
-
-    /// A reservation the store had not confirmed in time may still be
-    /// applied; the request has gone on without it, so it is refunded as
-    /// soon as the store confirms it, rather than left counted.
-    fn undo_when_applied(
-        &self,
-        reserving: Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>,
-        id: ReservationId,
-        org: OrgId,
-        period: Period,
-    ) {
-        let (store, timeout, metrics) =
-            (self.store.clone(), self.store_timeout, self.metrics.clone());
-        tokio::spawn(async move {
-            if let Ok(Decision::Admit { applied, .. }) = reserving.await {
-                tracing::debug!(org = %org, reservation = %id, "refunding a reservation confirmed after its timeout");
-                let reservation =
-                    Reservation::new(id, org, period, applied, store, timeout, metrics);
-                let _ = reservation.refund().await;
-            }
-        });
     }
 
     fn store_failed(

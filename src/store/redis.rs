@@ -14,7 +14,10 @@
 //! - `{prefix}:{org}:{period start}:{dimension}` for period counters, expiring
 //!   [`PERIOD_KEY_GRACE`] after the period ends;
 //! - `{prefix}:{org}:{dimension}` for gauges (seats), never expiring;
-//! - `{prefix}:{org}:settled:{reservation id}` for settlement markers.
+//! - `{prefix}:{org}:settled:{reservation id}` for settlement markers;
+//! - `{prefix}:{org}:reserved:{reservation id}` on a cluster only: the reply
+//!   to a reservation, kept a few seconds, since the cluster client resends a
+//!   call whose connection failed and the script must not run twice.
 //!
 //! [`quota::decide`]: crate::quota::decide
 
@@ -43,35 +46,49 @@ const SETTLED_MARKER_SECONDS: u64 = 24 * 60 * 60;
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[i]: one counter. ARGV[1]: '1' to enforce, '0' for shadow mode.
--- ARGV[2]: unix time period counters expire at.
--- ARGV[3i], ARGV[3i+1], ARGV[3i+2]: KEYS[i]'s cost, limit (-1: none), '1' if a gauge.
--- Reply: {admitted, index of the first exceeded key or 0, its current value, applied amounts...}
+-- KEYS[1]: this reservation's marker. KEYS[i + 1]: one counter.
+-- ARGV[1]: '1' to enforce, '0' for shadow mode. ARGV[2]: unix time period
+-- counters expire at. ARGV[3]: seconds to remember this reservation's reply,
+-- '0' for not at all.
+-- ARGV[3i + 1], ARGV[3i + 2], ARGV[3i + 3]: counter i's cost, limit (-1: none),
+-- '1' if a gauge.
+-- Reply: {admitted, index of the first exceeded counter or 0, its current
+-- value, applied amounts...}
+if ARGV[3] ~= '0' then
+  -- A client that resends a call it got no reply to gets the first reply.
+  local earlier = redis.call('GET', KEYS[1])
+  if earlier then
+    return cjson.decode(earlier)
+  end
+end
+local counters = #KEYS - 1
 local current, exceeded = {}, 0
-for i = 1, #KEYS do
-  local cost, limit = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  current[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+for i = 1, counters do
+  local cost, limit = tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  current[i] = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
   if exceeded == 0 and cost > 0 and limit >= 0 and current[i] + cost > limit then
     exceeded = i
   end
 end
 local reply = {0, exceeded, exceeded > 0 and current[exceeded] or 0}
-if exceeded > 0 and ARGV[1] == '1' then
-  return reply
-end
-reply[1] = 1
-for i = 1, #KEYS do
-  local cost = tonumber(ARGV[3 * i])
-  if cost < 0 then
-    cost = math.max(cost, -math.max(current[i], 0))
-  end
-  if cost ~= 0 then
-    redis.call('INCRBY', KEYS[i], cost)
-    if ARGV[3 * i + 2] == '0' then
-      redis.call('EXPIREAT', KEYS[i], ARGV[2])
+if exceeded == 0 or ARGV[1] ~= '1' then
+  reply[1] = 1
+  for i = 1, counters do
+    local cost = tonumber(ARGV[3 * i + 1])
+    if cost < 0 then
+      cost = math.max(cost, -math.max(current[i], 0))
     end
+    if cost ~= 0 then
+      redis.call('INCRBY', KEYS[i + 1], cost)
+      if ARGV[3 * i + 3] == '0' then
+        redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
+      end
+    end
+    reply[3 + i] = cost
   end
-  reply[3 + i] = cost
+end
+if ARGV[3] ~= '0' then
+  redis.call('SET', KEYS[1], cjson.encode(reply), 'EX', ARGV[3])
 end
 return reply
 ",
@@ -124,6 +141,9 @@ enum Connection {
 pub struct RedisStore {
     connection: Connection,
     prefix: String,
+    /// Seconds a reservation's reply is remembered so that a resent call is
+    /// not applied twice; 0 where the connection never resends.
+    remember_reply_seconds: u64,
 }
 
 impl RedisStore {
@@ -171,9 +191,16 @@ impl RedisStore {
                 Connection::Cluster(client.get_pending_async_connection_with_config(config))
             }
         };
+        // The cluster client resends a call whose connection failed, and the
+        // call may have run already; a single connection never resends.
+        let remember_reply_seconds = match target {
+            RedisTarget::Single(_) => 0,
+            RedisTarget::Cluster(_) => response_timeout.as_secs() * 3 + 1,
+        };
         Ok(RedisStore {
             connection,
             prefix: prefix.to_string(),
+            remember_reply_seconds,
         })
     }
 
@@ -230,12 +257,17 @@ impl QuotaStore for RedisStore {
         let dimensions: Vec<(Dimension, i64)> = request.cost.iter().collect();
         let mut invocation = RESERVE.prepare_invoke();
         invocation
+            .key(format!(
+                "{}:{{{}}}:reserved:{}",
+                self.prefix, request.org, request.id
+            ))
             .arg(if request.mode == Mode::Enforce {
                 "1"
             } else {
                 "0"
             })
-            .arg(expire_at(&request.period));
+            .arg(expire_at(&request.period))
+            .arg(self.remember_reply_seconds);
         for &(dimension, cost) in &dimensions {
             invocation.key(self.counter_key(&request.org, &request.period, dimension));
             invocation
@@ -252,12 +284,10 @@ impl QuotaStore for RedisStore {
         };
         let (&[admitted, exceeded_at, current], applied) =
             reply.split_first_chunk::<3>().ok_or_else(unexpected)?;
-        let exceeded = match usize::try_from(exceeded_at)
-            .ok()
-            .and_then(|i| i.checked_sub(1))
-        {
-            None => None,
-            Some(index) => {
+        let exceeded = match usize::try_from(exceeded_at).map_err(|_| unexpected())? {
+            0 => None,
+            position => {
+                let index = position - 1;
                 let &(dimension, requested) = dimensions.get(index).ok_or_else(unexpected)?;
                 let limit = request.limits.get(dimension).ok_or_else(unexpected)?;
                 Some(Exceeded {

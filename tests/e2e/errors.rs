@@ -135,7 +135,9 @@ async fn an_unreachable_upstream_is_502_and_the_reservation_is_refunded() {
         !body.to_string().contains("127.0.0.1"),
         "the envelope leaks the upstream address: {body}"
     );
-    assert_eq!(gateway.used("org_d", Dimension::PlaybookRuns).await, 0);
+    gateway
+        .settles_at("org_d", Dimension::PlaybookRuns, 0)
+        .await;
 }
 
 #[tokio::test]
@@ -153,7 +155,9 @@ async fn an_upstream_that_does_not_answer_in_time_is_504_and_the_reservation_is_
         .unwrap();
 
     envelope(response, 504, "GATEWAY_TIMEOUT").await;
-    assert_eq!(gateway.used("org_slow", Dimension::PlaybookRuns).await, 0);
+    gateway
+        .settles_at("org_slow", Dimension::PlaybookRuns, 0)
+        .await;
 }
 
 #[tokio::test]
@@ -176,7 +180,7 @@ async fn an_upstream_error_status_passes_through_and_refunds_the_reservation() {
         "the upstream's own body is passed through"
     );
     assert_eq!(upstream.hits(), 1);
-    assert_eq!(gateway.used("org_f", Dimension::Tokens).await, 0);
+    gateway.settles_at("org_f", Dimension::Tokens, 0).await;
     assert_eq!(
         gateway
             .app
@@ -208,5 +212,35 @@ async fn a_refunded_seat_release_gives_the_seat_back() {
         .unwrap();
 
     assert_eq!(failed_remove.status(), 409);
-    assert_eq!(gateway.used("org_r", Dimension::Seats).await, 1);
+    gateway.settles_at("org_r", Dimension::Seats, 1).await;
+}
+
+#[tokio::test]
+async fn a_metered_body_that_stalls_is_408_and_never_reaches_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let config = config_with(|c| {
+        c.replace(
+            "max_body_bytes = 1048576",
+            "max_body_bytes = 1048576\nbody_read_timeout = \"200ms\"",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+
+    // Ten bytes announced, two sent, then nothing.
+    stream
+        .write_all(b"POST /api/v1/playbooks/pb_1/execute HTTP/1.1\r\nhost: t\r\nx-org-id: org_stall\r\ncontent-length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    crate::support::within(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap();
+
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"REQUEST_TIMEOUT""#), "{answer}");
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(gateway.used("org_stall", Dimension::PlaybookRuns).await, 0);
 }

@@ -210,3 +210,42 @@ async fn http2_clients_are_served() {
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.seen()[0].path, "/api/v1/playbooks/pb_1/execute");
 }
+
+#[tokio::test]
+async fn connections_still_open_when_the_grace_period_ends_are_cut() {
+    let upstream = Upstream::start().await;
+    let config = crate::support::config_with(|c| {
+        c.replace(
+            "upstream_timeout = \"500ms\"",
+            "upstream_timeout = \"60s\"\nshutdown_grace = \"200ms\"",
+        )
+    });
+    let mut gateway = Gateway::start(&config, &upstream).await;
+    let stuck = tokio::spawn(
+        client()
+            .get(gateway.url("/api/v1/slow"))
+            .header("x-test-hold", "1")
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+
+    within(Duration::from_secs(10), gateway.shut_down()).await;
+
+    let outcome = within(Duration::from_secs(10), stuck).await.unwrap();
+    assert!(
+        outcome.is_err(),
+        "the held request was not cut: {outcome:?}"
+    );
+    upstream.release();
+}
+
+#[tokio::test]
+async fn the_catch_all_route_also_serves_the_root_path() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config(), &upstream).await;
+
+    let response = client().get(gateway.url("/")).send().await.unwrap();
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.seen()[0].path, "/");
+}

@@ -298,7 +298,7 @@ async fn a_refund_on_the_redis_store_gives_the_tokens_back() {
         .unwrap();
 
     assert_eq!(response.status(), 503);
-    assert_eq!(gateway.used("org_refund", Dimension::Tokens).await, 0);
+    gateway.settles_at("org_refund", Dimension::Tokens, 0).await;
     let markers: Vec<String> = redis.command(&["KEYS", "tollgate:{org_refund}:settled:*"]);
     assert_eq!(
         markers.len(),

@@ -456,3 +456,39 @@ async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_p
         "the seat gauge must not expire"
     );
 }
+
+#[tokio::test]
+async fn a_reservation_the_cluster_client_resends_is_applied_once() {
+    let cluster = RedisCluster::start().await;
+    let store = RedisStore::new(
+        &RedisTarget::Cluster(cluster.urls()),
+        "tollgate",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let org = org("org_resent");
+    let request = ReserveRequest {
+        id: ReservationId::next(),
+        org: org.clone(),
+        period: november(),
+        limits: Limits::UNLIMITED.with(RUNS, 1),
+        cost: Amounts::ZERO.with(RUNS, 1),
+        mode: Mode::Enforce,
+    };
+
+    let first = store.reserve(&request).await.unwrap();
+    let resent = store.reserve(&request).await.unwrap();
+
+    assert_eq!(
+        first,
+        Decision::Admit {
+            applied: Amounts::ZERO.with(RUNS, 1),
+            over: None
+        }
+    );
+    assert_eq!(
+        resent, first,
+        "a resent call must get the first reply, not a denial"
+    );
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 1);
+}

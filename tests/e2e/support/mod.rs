@@ -211,6 +211,17 @@ impl Gateway {
         self.usage(org).await.get(dimension)
     }
 
+    /// Waits until `org` has used `expected` of `dimension`, as after a
+    /// refund, which is applied in the background.
+    pub async fn settles_at(&self, org: &str, dimension: Dimension, expected: i64) {
+        eventually(
+            &format!("{org} has used {expected} {dimension}"),
+            async || self.used(org, dimension).await == expected,
+        )
+        .await;
+        assert_eq!(self.app.metrics().open_reservations(), 0);
+    }
+
     /// Starts a graceful shutdown; the returned future ends when the server has.
     pub fn shut_down(&mut self) -> impl Future<Output = ()> + use<> {
         if let Some(stop) = self.stop.take() {
