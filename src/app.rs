@@ -23,12 +23,27 @@ pub struct App {
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    service: stack::HttpService,
+}
+
+/// Why a valid config could not be turned into a running gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("quota store: {0}")]
+    Store(#[from] StoreError),
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 impl App {
-    /// Builds the gateway's parts. Nothing connects yet: a Redis store
-    /// connects on first use.
-    pub fn new(config: Config) -> Result<App, StoreError> {
+    /// Builds the gateway's parts on the wall clock. Nothing connects yet:
+    /// upstreams and a Redis store connect on first use.
+    pub fn new(config: Config) -> Result<App, StartError> {
+        App::with_clock(config, Arc::new(Utc::now))
+    }
+
+    /// [`App::new`] with a clock of the caller's, for tests that move time.
+    pub fn with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
         let store: Arc<dyn QuotaStore> = match &config.store.backend {
             Backend::Memory => Arc::new(MemoryStore::new()),
             Backend::Redis(Redacted(target)) => Arc::new(RedisStore::new(
@@ -37,18 +52,34 @@ impl App {
                 config.store.timeout,
             )?),
         };
+        let metrics = Arc::<Metrics>::default();
+        let meter = Meter {
+            store: store.clone(),
+            orgs: config.orgs.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
+            store_timeout: config.store.timeout,
+            on_store_error: config.store.on_error,
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+        };
+        let service = stack::build(Gateway::new(
+            Router::new(&config.routes),
+            Identifier::new(config.identity.clone()),
+            meter,
+            Forwarder::new(
+                config.upstreams.clone(),
+                config.server.upstream_timeout,
+                config.server.idle_timeout,
+            )?,
+        ));
         Ok(App {
             config,
             store,
-            metrics: Arc::default(),
-            clock: Arc::new(Utc::now),
+            metrics,
+            clock,
+            service,
         })
-    }
-
-    /// Replaces the wall clock, for tests that move time.
-    pub fn with_clock(mut self, clock: Clock) -> App {
-        self.clock = clock;
-        self
     }
 
     pub fn config(&self) -> &Config {
@@ -69,29 +100,14 @@ impl App {
         self.store.usage(org, period).await
     }
 
-    /// The tower stack for this config.
-    pub fn service(&self) -> stack::HttpService {
-        let config = &self.config;
-        let meter = Meter {
-            store: self.store.clone(),
-            orgs: config.orgs.clone(),
-            max_body_bytes: config.server.max_body_bytes,
-            body_read_timeout: config.server.body_read_timeout,
-            store_timeout: config.store.timeout,
-            on_store_error: config.store.on_error,
-            metrics: self.metrics.clone(),
-            clock: self.clock.clone(),
-        };
-        stack::build(Gateway::new(
-            Router::new(&config.routes),
-            Identifier::new(config.identity.clone()),
-            meter,
-            Forwarder::new(config.upstreams.clone(), config.server.upstream_timeout),
-        ))
-    }
-
     /// Serves on `listener` until `shutdown` completes, then drains.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        crate::accept::serve(listener, self.service(), &self.config.server, shutdown).await;
+        crate::accept::serve(
+            listener,
+            self.service.clone(),
+            &self.config.server,
+            shutdown,
+        )
+        .await;
     }
 }

@@ -22,6 +22,8 @@ pub enum GatewayError {
     NoRoute,
     #[error("this route is metered and needs a gateway API key or a verified org")]
     Unauthenticated,
+    #[error("the bearer token was not accepted: {0}")]
+    InvalidToken(&'static str),
     #[error("the org id is malformed (1 to 64 of A-Z a-z 0-9 _ - .)")]
     InvalidOrgId,
     #[error("the request body is larger than {limit} bytes")]
@@ -56,7 +58,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
-            GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthenticated | GatewayError::InvalidToken(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             GatewayError::InvalidOrgId
             | GatewayError::InvalidBody(_)
             | GatewayError::ClientBody => StatusCode::BAD_REQUEST,
@@ -74,7 +78,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "NOT_FOUND",
-            GatewayError::Unauthenticated => "UNAUTHORIZED",
+            GatewayError::Unauthenticated | GatewayError::InvalidToken(_) => "UNAUTHORIZED",
             GatewayError::InvalidOrgId => "INVALID_ORG_ID",
             GatewayError::BodyTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             GatewayError::InvalidBody(_) => "INVALID_BODY",

@@ -1,24 +1,36 @@
 //! Step 5: the request to the upstream, and its response back.
 //!
-//! One pooled keep-alive client serves every upstream. The forwarded request
-//! loses its hop-by-hop headers, gains `X-Forwarded-For/-Proto/-Host`, and
-//! carries the upstream's configured headers in place of any the client sent
-//! under those names. Bodies stream both ways.
+//! Each upstream has a pooled keep-alive client: plain HTTP/1.1, or HTTPS
+//! through rustls (webpki roots plus the upstream's `ca_file`) with HTTP/2
+//! where ALPN offers it. The forwarded request loses its hop-by-hop headers
+//! and gains `X-Forwarded-For/-Proto/-Host`. An upstream with configured
+//! `headers` (a provider key) gets those in place of every credential the
+//! client sent; one without keeps the client's, for the backend's own auth.
+//! Bodies stream both ways.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::Sleep;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::Body;
 use crate::config::Upstream;
 use crate::error::GatewayError;
+use crate::{Body, BoxError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -36,26 +48,41 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Credentials a client may send, none of which reaches an upstream that has
+/// credentials of its own configured.
+const CLIENT_CREDENTIALS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
 pub struct Forwarder {
-    client: Client<HttpConnector, Body>,
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<(Upstream, UpstreamClient)>,
     timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<Upstream>, timeout: Duration) -> Forwarder {
-        let mut connector = HttpConnector::new();
-        // Small request/response exchanges must not wait on Nagle's algorithm.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        Forwarder {
-            client,
+    /// `timeout` bounds the wait for response headers, `idle_timeout` each
+    /// wait for more of a response body.
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<Forwarder, rustls::Error> {
+        let upstreams = upstreams
+            .into_iter()
+            .map(|upstream| Ok((client_for(&upstream, timeout)?, upstream)))
+            .map(|pair: Result<_, rustls::Error>| pair.map(|(client, upstream)| (upstream, client)))
+            .collect::<Result<_, _>>()?;
+        Ok(Forwarder {
             upstreams,
             timeout,
-        }
+            idle_timeout,
+        })
     }
 
     /// Sends `request` to upstream number `upstream` and returns its response
@@ -65,18 +92,20 @@ impl Forwarder {
         upstream: usize,
         mut request: Request<Body>,
         client: Option<SocketAddr>,
-    ) -> Result<Response<Incoming>, GatewayError> {
-        let upstream = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+    ) -> Result<Response<Body>, GatewayError> {
+        let (upstream, upstream_client) =
+            self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
         let authority = request
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         *request.uri_mut() = upstream_uri(upstream, request.uri())?;
-        // The upstream connection is HTTP/1.1 whatever the client spoke.
+        // The client's HTTP version is its own; the upstream connection's is
+        // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
         *request.version_mut() = Version::HTTP_11;
         prepare_headers(request.headers_mut(), authority, upstream, client);
 
-        let sent = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let sent = tokio::time::timeout(self.timeout, upstream_client.request(request)).await;
         let mut response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
@@ -89,8 +118,91 @@ impl Forwarder {
             }
         };
         remove_hop_by_hop(response.headers_mut());
-        Ok(response)
+        let idle = self.idle_timeout;
+        Ok(response.map(|body| Body::new(IdleTimeout::new(body, idle))))
     }
+}
+
+/// An upstream body that fails once it has sent nothing for `idle`: a
+/// stream may run for as long as it keeps moving, but not hang forever.
+struct IdleTimeout {
+    inner: Incoming,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(inner: Incoming, idle: Duration) -> IdleTimeout {
+        IdleTimeout {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?}")]
+struct UpstreamIdle(Duration);
+
+impl HttpBody for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::warn!(idle = ?this.idle, "cutting an upstream body that went idle");
+                    Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn client_for(upstream: &Upstream, timeout: Duration) -> Result<UpstreamClient, rustls::Error> {
+    let mut http = HttpConnector::new();
+    // Small request/response exchanges must not wait on Nagle's algorithm.
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeout));
+    http.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Validated when the config was loaded; a rejected one was reported then.
+    let _ = roots.add_parsable_certificates(upstream.extra_roots.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector))
 }
 
 fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, GatewayError> {
@@ -137,6 +249,11 @@ fn prepare_headers(
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !upstream.headers.is_empty() {
+        for credential in &CLIENT_CREDENTIALS {
+            headers.remove(credential);
+        }
+    }
     for (name, value) in &upstream.headers {
         headers.insert(name.clone(), value.clone());
     }
@@ -186,6 +303,7 @@ mod tests {
             origin: Uri::from_parts(parts).unwrap(),
             path_prefix: prefix,
             headers: vec![(header::AUTHORIZATION, secret)],
+            extra_roots: Vec::new(),
         }
     }
 

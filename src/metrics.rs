@@ -21,6 +21,8 @@ pub struct Metrics {
     /// Reservations refunded: the upstream failed, or the store applied a
     /// reservation after its request had stopped waiting for it.
     pub refunds: AtomicU64,
+    /// Estimate-route reservations corrected to the usage the provider reported.
+    pub reconciliations: AtomicU64,
     /// Paces the log lines about store failures.
     pub store_error_log: BurstLog,
 }

@@ -25,6 +25,7 @@ use crate::forward::Forwarder;
 use crate::identify::Identifier;
 use crate::meter::Meter;
 use crate::route::Router;
+use crate::settle::tap::UsageTap;
 use crate::{Body, BoxError, incoming_body};
 
 /// The whole gateway as one cloneable HTTP service.
@@ -106,11 +107,10 @@ impl Gateway {
 
         let Some(cost) = route.cost else {
             steps.identifier.strip_gateway_keys(request.headers_mut());
-            let response = steps
+            return steps
                 .forwarder
                 .forward(route.upstream, request, client)
-                .await?;
-            return Ok(response.map(incoming_body));
+                .await;
         };
 
         let org = steps.identifier.identify(request.headers_mut())?;
@@ -129,14 +129,26 @@ impl Gateway {
                 }
                 return Err(error);
             }
-            Ok(response) => {
-                match admitted.reservation {
-                    Some(reservation) if !response.status().is_success() => reservation.refund(),
-                    Some(reservation) => reservation.stand(),
-                    None => {}
+            Ok(response) => match (admitted.reservation, admitted.reading) {
+                (Some(reservation), _) if !response.status().is_success() => {
+                    reservation.refund();
+                    response
                 }
-                response
-            }
+                // The settlement waits for the body's end, and its usage.
+                (Some(reservation), Some(reading)) => {
+                    let (mut head, body) = response.into_parts();
+                    if UsageTap::rewrites(reading) {
+                        head.headers.remove(http::header::CONTENT_LENGTH);
+                    }
+                    let tap = UsageTap::new(body, &head.headers, reading, reservation);
+                    Response::from_parts(head, Body::new(tap))
+                }
+                (Some(reservation), None) => {
+                    reservation.stand();
+                    response
+                }
+                (None, _) => response,
+            },
         };
         if let Some(over) = admitted.over {
             response.headers_mut().insert(
@@ -144,7 +156,7 @@ impl Gateway {
                 HeaderValue::from_static(over.dimension.as_str()),
             );
         }
-        Ok(response.map(incoming_body))
+        Ok(response)
     }
 }
 

@@ -82,7 +82,30 @@ pub enum OnStoreError {
 #[derive(Clone, Debug)]
 pub enum IdentitySource {
     ApiKey(ApiKeys),
+    Jwt(Arc<JwtConfig>),
     Header(HeaderName),
+}
+
+/// How bearer JWTs are verified and where the org is read from.
+#[derive(Clone, Debug)]
+pub struct JwtConfig {
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// For HS256 (and the other HMAC algorithms).
+    pub hmac_secret: Option<Redacted<jsonwebtoken::DecodingKey>>,
+    /// For RS256, ES256 and the other public-key algorithms, from `jwks_file`.
+    pub public_keys: Redacted<Vec<PublicKey>>,
+    /// The dotted `org_claim`, split: `["app_metadata", "org_id"]`.
+    pub org_claim: Vec<String>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub leeway: Duration,
+}
+
+#[derive(Clone)]
+pub struct PublicKey {
+    pub kid: Option<String>,
+    pub family: jsonwebtoken::AlgorithmFamily,
+    pub key: jsonwebtoken::DecodingKey,
 }
 
 #[derive(Clone, Debug)]
@@ -111,6 +134,8 @@ pub struct Upstream {
     /// Set on every forwarded request, replacing what the client sent.
     /// The values are marked sensitive, so `Debug` redacts them.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Trusted for this upstream besides the webpki roots (`ca_file`).
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Clone, Debug)]

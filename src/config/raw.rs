@@ -97,10 +97,6 @@ pub struct RawApiKey {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[expect(
-    dead_code,
-    reason = "accepted as part of the interface; JWT identity is not built yet"
-)]
 pub struct RawJwt {
     pub algorithms: Option<Vec<String>>,
     pub secret: Option<String>,
@@ -121,6 +117,7 @@ pub struct RawHeaderSource {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub url: String,
+    pub ca_file: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }

@@ -7,11 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Uri};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
-use super::raw::{RawAmount, RawConfig, RawRoute, RawUpstream};
+use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawUpstream};
 use super::{
-    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_MAX_TOKENS, IdentitySource, KeyPath,
-    OnStoreError, Problem, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
+    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_MAX_TOKENS, IdentitySource, JwtConfig, KeyPath,
+    OnStoreError, Problem, PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream,
+    expand_env,
 };
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
@@ -55,10 +60,23 @@ impl Checker<'_> {
         })
     }
 
+    /// A timeout: longer than zero.
     fn duration(&mut self, path: &KeyPath, raw: Option<&str>, default: Duration) -> Duration {
+        self.any_duration(path, raw, default, false)
+    }
+
+    fn any_duration(
+        &mut self,
+        path: &KeyPath,
+        raw: Option<&str>,
+        default: Duration,
+        zero_allowed: bool,
+    ) -> Duration {
         self.parsed(path, raw, default, |text| {
             match humantime::parse_duration(text) {
-                Ok(duration) if duration.is_zero() => Err("must be longer than zero".to_string()),
+                Ok(duration) if duration.is_zero() && !zero_allowed => {
+                    Err("must be longer than zero".to_string())
+                }
                 // Past a day a timeout is a mistake, and arithmetic on it could overflow.
                 Ok(duration) if duration > Duration::from_secs(24 * 60 * 60) => {
                     Err(format!("{text:?} is longer than a day"))
@@ -296,20 +314,19 @@ pub(super) fn validate(
 fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource> {
     let path = KeyPath::default().key("identity");
     let id = &raw.identity;
-    let default_sources = ["api_key", "header"].map(String::from).to_vec();
     let declared: Vec<String> = match &id.sources {
         Some(sources) => sources.clone(),
         // Without a list, every configured source is tried in the reference order.
-        None => default_sources
-            .into_iter()
-            .filter(|s| {
-                (s == "api_key" && id.api_key.is_some()) || (s == "header" && id.header.is_some())
-            })
-            .collect(),
+        None => [
+            ("api_key", id.api_key.is_some()),
+            ("jwt", id.jwt.is_some()),
+            ("header", id.header.is_some()),
+        ]
+        .into_iter()
+        .filter(|&(_, configured)| configured)
+        .map(|(name, _)| name.to_string())
+        .collect(),
     };
-    if id.jwt.is_some() && !declared.iter().any(|s| s == "jwt") {
-        c.not_supported_yet(&path.key("jwt"), "JWT identity");
-    }
     let mut seen = HashSet::new();
     let mut sources = Vec::new();
     for (i, name) in declared.iter().enumerate() {
@@ -385,7 +402,15 @@ fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource
                 );
                 sources.push(IdentitySource::Header(name));
             }
-            "jwt" => c.not_supported_yet(&at, "JWT identity"),
+            "jwt" => {
+                let Some(jwt) = &id.jwt else {
+                    c.problem(&at, "\"jwt\" is listed but [identity.jwt] is missing");
+                    continue;
+                };
+                if let Some(config) = validate_jwt(c, &path.key("jwt"), jwt) {
+                    sources.push(IdentitySource::Jwt(Arc::new(config)));
+                }
+            }
             other => c.problem(
                 &at,
                 format!(
@@ -450,6 +475,171 @@ fn redis_target(
     }
 }
 
+fn validate_jwt(c: &mut Checker<'_>, path: &KeyPath, raw: &RawJwt) -> Option<JwtConfig> {
+    let accepted = [
+        "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "ES256", "ES384",
+    ];
+    let mut algorithms = Vec::new();
+    for (i, name) in raw
+        .algorithms
+        .clone()
+        .unwrap_or_else(|| vec!["HS256".into()])
+        .iter()
+        .enumerate()
+    {
+        match Algorithm::from_str(name)
+            .ok()
+            .filter(|_| accepted.contains(&name.as_str()))
+        {
+            Some(algorithm) => algorithms.push(algorithm),
+            None => c.problem(
+                &path.key("algorithms").index(i),
+                format!("{name:?} is not one of {}", accepted.join(", ")),
+            ),
+        }
+    }
+    let wants = |family: AlgorithmFamily| algorithms.iter().any(|a| a.family() == family);
+    let hmac_secret = match (&raw.secret, wants(AlgorithmFamily::Hmac)) {
+        (Some(secret), true) => c.text(&path.key("secret"), secret).and_then(|secret| {
+            if secret.len() < 16 {
+                // The message never shows the secret itself.
+                c.problem(
+                    &path.key("secret"),
+                    "is too short to be an HMAC secret (16 bytes at least)",
+                );
+                return None;
+            }
+            Some(Redacted(DecodingKey::from_secret(secret.as_bytes())))
+        }),
+        (None, true) => {
+            c.problem(
+                &path.key("secret"),
+                "an HMAC algorithm is accepted, so a `secret` is needed",
+            );
+            None
+        }
+        (Some(_), false) => {
+            c.problem(
+                &path.key("secret"),
+                "is only used with HS256, HS384 or HS512 in `algorithms`",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    let public_families = [AlgorithmFamily::Rsa, AlgorithmFamily::Ec];
+    let wants_public = public_families.into_iter().any(wants);
+    let public_keys = match (&raw.jwks_file, wants_public) {
+        (Some(file), true) => c
+            .text(&path.key("jwks_file"), file)
+            .map_or_else(Vec::new, |file| {
+                read_jwks(&file).unwrap_or_else(|message| {
+                    c.problem(&path.key("jwks_file"), message);
+                    Vec::new()
+                })
+            }),
+        (None, true) => {
+            c.problem(
+                &path.key("jwks_file"),
+                "an RS or ES algorithm is accepted, so a `jwks_file` is needed",
+            );
+            Vec::new()
+        }
+        (Some(_), false) => {
+            c.problem(
+                &path.key("jwks_file"),
+                "is only used with RS or ES algorithms in `algorithms`",
+            );
+            Vec::new()
+        }
+        (None, false) => Vec::new(),
+    };
+    let org_claim: Vec<String> = match raw.org_claim.as_deref() {
+        Some(claim) if !claim.is_empty() && claim.split('.').all(|part| !part.is_empty()) => {
+            claim.split('.').map(String::from).collect()
+        }
+        Some(claim) => {
+            c.problem(
+                &path.key("org_claim"),
+                format!("{claim:?} is not a dotted claim path such as \"app_metadata.org_id\""),
+            );
+            Vec::new()
+        }
+        None => {
+            c.problem(
+                &path.key("org_claim"),
+                "missing: the claim holding the org id, e.g. \"app_metadata.org_id\"",
+            );
+            Vec::new()
+        }
+    };
+    let audience = raw
+        .audience
+        .as_deref()
+        .and_then(|a| c.text(&path.key("audience"), a));
+    let issuer = raw
+        .issuer
+        .as_deref()
+        .and_then(|i| c.text(&path.key("issuer"), i));
+    let leeway = c.any_duration(
+        &path.key("leeway"),
+        raw.leeway.as_deref(),
+        Duration::from_secs(30),
+        true,
+    );
+    (!algorithms.is_empty() && !org_claim.is_empty()).then(|| JwtConfig {
+        algorithms,
+        hmac_secret,
+        public_keys: Redacted(public_keys),
+        org_claim,
+        audience,
+        issuer,
+        leeway,
+    })
+}
+
+/// The public keys of a JWKS file, each usable with its algorithm family.
+fn read_jwks(file: &str) -> Result<Vec<PublicKey>, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+    let set: JwkSet =
+        serde_json::from_str(&text).map_err(|e| format!("{file:?} is not a JWKS document: {e}"))?;
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => AlgorithmFamily::Ec,
+            _ => {
+                return Err(format!(
+                    "{file:?}: key {i} is neither an RSA nor an EC public key"
+                ));
+            }
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| format!("{file:?}: key {i} cannot be used: {e}"))?;
+        keys.push(PublicKey {
+            kid: jwk.common.key_id.clone(),
+            family,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err(format!("{file:?} holds no keys"));
+    }
+    Ok(keys)
+}
+
+/// The PEM certificates in `file`: at least one.
+fn read_certificates(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("cannot read {file:?}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{file:?} is not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("{file:?} holds no PEM certificate"));
+    }
+    Ok(certificates)
+}
+
 fn header_name(c: &mut Checker<'_>, path: &KeyPath, raw: &str) -> HeaderName {
     c.parsed(
         path,
@@ -478,12 +668,8 @@ fn validate_upstreams(
                 Some(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
                     Some("credentials in the URL are not sent; use `headers` instead")
                 }
-                Some(u) if u.scheme_str() == Some("http") => None,
-                Some(u) if u.scheme_str() == Some("https") => {
-                    c.not_supported_yet(&path.key("url"), "an https upstream");
-                    return None;
-                }
-                Some(_) => Some("the scheme must be http://"),
+                Some(u) if matches!(u.scheme_str(), Some("http" | "https")) => None,
+                Some(_) => Some("the scheme must be http:// or https://"),
             };
             match problem {
                 Some(message) => {
@@ -514,6 +700,25 @@ fn validate_upstreams(
                 headers.push((name, value));
             }
         }
+        let extra_roots = match &upstream.ca_file {
+            None => Vec::new(),
+            Some(_)
+                if url
+                    .as_ref()
+                    .is_some_and(|u| u.scheme_str() != Some("https")) =>
+            {
+                c.problem(&path.key("ca_file"), "is for https:// upstreams");
+                Vec::new()
+            }
+            Some(file) => c
+                .text(&path.key("ca_file"), file)
+                .map_or_else(Vec::new, |file| {
+                    read_certificates(&file).unwrap_or_else(|message| {
+                        c.problem(&path.key("ca_file"), message);
+                        Vec::new()
+                    })
+                }),
+        };
         let Some(url) = url else {
             // Known, so routes naming it are not reported a second time.
             index.insert(name.clone(), None);
@@ -536,6 +741,7 @@ fn validate_upstreams(
             origin,
             path_prefix,
             headers,
+            extra_roots,
         });
     }
     (upstreams, index)

@@ -8,7 +8,7 @@
 //! and responses APIs and of the Anthropic messages API are understood; the
 //! estimate is what is reserved and charged.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::quota::MAX_AMOUNT;
 
@@ -34,21 +34,22 @@ impl Estimate {
 #[error("{0}")]
 pub struct EstimateError(String);
 
-/// Estimates `body`, sent to `path`, with `default_max_tokens` as the
-/// completion bound when the body names none.
-pub fn estimate(
-    path: &str,
-    body: &[u8],
-    default_max_tokens: i64,
-) -> Result<Estimate, EstimateError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| EstimateError(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(request) = value else {
-        return Err(EstimateError(
+/// The request body as a JSON object, or why it is not one.
+pub fn parse(body: &[u8]) -> Result<Map<String, Value>, EstimateError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(request)) => Ok(request),
+        Ok(_) => Err(EstimateError(
             "the request body must be a JSON object".into(),
-        ));
-    };
+        )),
+        Err(e) => Err(EstimateError(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
 
+/// Estimates `request`, sent to `path`, with `default_max_tokens` as the
+/// completion bound when it names none.
+pub fn estimate(path: &str, request: &Map<String, Value>, default_max_tokens: i64) -> Estimate {
     let mut prompt_tokens = 0i64;
     for key in ["system", "instructions", "prompt", "input"] {
         if let Some(value) = request.get(key) {
@@ -84,10 +85,43 @@ pub fn estimate(
     };
     let completion_bound = named_bound.unwrap_or(default_bound).saturating_mul(choices);
 
-    Ok(Estimate {
+    Estimate {
         prompt_tokens,
         completion_bound,
-    })
+    }
+}
+
+/// What the gateway did to have a stream report its usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Not an OpenAI stream: usage comes as it would anyway.
+    NotNeeded,
+    /// The client asked for usage itself.
+    ClientAsked,
+    /// The gateway set `stream_options.include_usage` for itself.
+    Added,
+}
+
+/// Asks an OpenAI chat completions or completions stream to report its
+/// usage, which it only does when `stream_options.include_usage` is set.
+pub fn request_stream_usage(path: &str, request: &mut Map<String, Value>) -> StreamUsage {
+    let openai = path.ends_with("/chat/completions") || path.ends_with("/completions");
+    if !openai || request.get("stream") != Some(&Value::Bool(true)) {
+        return StreamUsage::NotNeeded;
+    }
+    let options = request
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(Map::new());
+    }
+    match options.get("include_usage") {
+        Some(Value::Bool(true)) => StreamUsage::ClientAsked,
+        _ => {
+            options["include_usage"] = Value::Bool(true);
+            StreamUsage::Added
+        }
+    }
 }
 
 fn text_tokens(chars: usize) -> i64 {
@@ -156,7 +190,7 @@ mod tests {
     use super::*;
 
     fn tokens(path: &str, body: &str) -> Estimate {
-        estimate(path, body.as_bytes(), 4096).unwrap()
+        estimate(path, &parse(body.as_bytes()).unwrap(), 4096)
     }
 
     #[test]
@@ -289,7 +323,7 @@ mod tests {
 
     #[test]
     fn invalid_json_is_explained() {
-        let error = estimate("/v1/chat/completions", b"{not json", 1).unwrap_err();
+        let error = parse(b"{not json").unwrap_err();
         assert!(
             error
                 .to_string()
@@ -297,10 +331,40 @@ mod tests {
             "{error}"
         );
         assert_eq!(
-            estimate("/v1/chat/completions", b"[1]", 1)
-                .unwrap_err()
-                .to_string(),
+            parse(b"[1]").unwrap_err().to_string(),
             "the request body must be a JSON object"
+        );
+    }
+
+    #[test]
+    fn an_openai_stream_is_asked_for_its_usage_once() {
+        let mut request = parse(br#"{"stream":true,"messages":[]}"#).unwrap();
+        assert_eq!(
+            request_stream_usage("/v1/chat/completions", &mut request),
+            StreamUsage::Added
+        );
+        assert_eq!(request["stream_options"]["include_usage"], true);
+        assert_eq!(
+            request_stream_usage("/v1/chat/completions", &mut request),
+            StreamUsage::ClientAsked
+        );
+    }
+
+    #[test]
+    fn other_bodies_are_left_as_they_are() {
+        let mut anthropic = parse(br#"{"stream":true,"messages":[]}"#).unwrap();
+        assert_eq!(
+            request_stream_usage("/v1/messages", &mut anthropic),
+            StreamUsage::NotNeeded
+        );
+        let mut not_streaming = parse(br#"{"messages":[]}"#).unwrap();
+        assert_eq!(
+            request_stream_usage("/v1/chat/completions", &mut not_streaming),
+            StreamUsage::NotNeeded
+        );
+        assert!(
+            !anthropic.contains_key("stream_options")
+                && !not_streaming.contains_key("stream_options")
         );
     }
 }

@@ -22,9 +22,11 @@ use crate::error::{Denial, GatewayError};
 use crate::metrics::Metrics;
 use crate::org::{OrgDirectory, OrgId};
 use crate::quota::{Decision, Dimension, Exceeded, Mode};
+use crate::settle::tap::UsageReading;
 use crate::settle::{PendingReservation, Reservation};
 use crate::store::{QuotaStore, ReservationId, ReserveRequest};
 use crate::{Body, BoxError, full_body};
+use estimate::StreamUsage;
 
 /// The source of "now" for billing periods; tests substitute their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -48,6 +50,8 @@ pub struct Admitted {
     pub reservation: Option<Reservation>,
     /// Shadow mode: the limit this request went past.
     pub over: Option<Exceeded>,
+    /// Estimate routes: how to read the response for the usage to reconcile.
+    pub reading: Option<UsageReading>,
 }
 
 impl Meter {
@@ -64,6 +68,7 @@ impl Meter {
                 request,
                 reservation: None,
                 over: None,
+                reading: None,
             });
         }
         let (request, body) = tokio::time::timeout(self.body_read_timeout, self.buffer(request))
@@ -71,16 +76,32 @@ impl Meter {
             .map_err(|_| GatewayError::BodyTimeout)??;
 
         let mut amounts = cost.fixed;
+        let mut reading = None;
+        let (mut request, mut body) = (request, body);
         if cost.estimate_tokens {
-            let estimate =
-                estimate::estimate(request.uri().path(), &body, route.default_max_tokens)
-                    .map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
+            let path = request.uri().path().to_string();
+            let mut json =
+                estimate::parse(&body).map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
+            let estimate = estimate::estimate(&path, &json, route.default_max_tokens);
             amounts.set(
                 Dimension::Tokens,
                 amounts
                     .get(Dimension::Tokens)
                     .saturating_add(estimate.total()),
             );
+            let stream_usage = estimate::request_stream_usage(&path, &mut json);
+            if stream_usage == StreamUsage::Added {
+                let rewritten = serde_json::to_vec(&json)
+                    .map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
+                body = Bytes::from(rewritten);
+                request.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from(body.len()),
+                );
+            }
+            reading = Some(UsageReading {
+                hide_requested_usage: stream_usage == StreamUsage::Added,
+            });
         }
         let request = request.map(|()| full_body(body));
 
@@ -111,6 +132,7 @@ impl Meter {
                     request,
                     reservation: Some(reservation),
                     over,
+                    reading,
                 })
             }
             Ok(Decision::Deny(exceeded)) => {
@@ -140,6 +162,7 @@ impl Meter {
                     request,
                     reservation: None,
                     over: None,
+                    reading: None,
                 })
             }
             OnStoreError::Deny => {

@@ -179,7 +179,7 @@ impl Gateway {
         };
         let config = Config::parse(config, "test.toml", &env)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let app = Arc::new(App::new(config).unwrap().with_clock(clock));
+        let app = Arc::new(App::with_clock(config, clock).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

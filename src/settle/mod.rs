@@ -10,6 +10,9 @@
 //!   already have done the work (a refund here would let a client have any
 //!   amount of work for free by hanging up just before the answer).
 
+pub mod tap;
+pub mod usage;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use std::time::Duration;
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
-use crate::quota::{Amounts, Decision};
+use crate::quota::{Amounts, Decision, Dimension, MAX_AMOUNT};
 use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
@@ -146,6 +149,15 @@ impl Reservation {
 
     /// Leaves the reservation as it is.
     pub fn stand(self) {}
+
+    /// Replaces the estimated tokens with the `tokens` the provider reported.
+    pub fn reconcile(self, tokens: i64) {
+        Metrics::count(&self.metrics.reconciliations);
+        let estimated = self.applied.get(Dimension::Tokens);
+        let correction =
+            Amounts::ZERO.with(Dimension::Tokens, tokens.clamp(0, MAX_AMOUNT) - estimated);
+        self.apply(correction);
+    }
 
     /// Gives back everything the reservation took, in the background.
     pub fn refund(self) {

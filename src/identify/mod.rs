@@ -1,4 +1,5 @@
-//! Step 3: the org that pays for a request.
+//! Step 3: the org that pays for a request: a gateway API key, a verified
+//! JWT ([`jwt`]), or a header set by a trusted auth layer.
 //!
 //! Sources are tried in configured order and the first that yields an org
 //! wins. Gateway API keys are credentials for the gateway alone: a matching
@@ -6,7 +7,10 @@
 //! never reaches an upstream. A key that matches nothing is left alone, since
 //! it may be the backend's own credential.
 
+mod jwt;
+
 use http::HeaderMap;
+use http::header::AUTHORIZATION;
 use http::header::{HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -41,7 +45,17 @@ impl Identifier {
                         found = Some(org.ok_or(GatewayError::InvalidOrgId)?);
                     }
                 }
-                IdentitySource::Header(_) => {}
+                IdentitySource::Jwt(config) if found.is_none() => {
+                    let bearer = headers
+                        .get(AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(bearer_token);
+                    if let Some(token) = bearer.filter(|t| jwt::looks_like_jwt(t)) {
+                        // A token that fails is refused, not passed over.
+                        found = Some(jwt::verify(config, token)?);
+                    }
+                }
+                IdentitySource::Header(_) | IdentitySource::Jwt(_) => {}
             }
         }
         let org = found.ok_or(GatewayError::Unauthenticated)?;
@@ -81,12 +95,17 @@ fn take_api_keys(keys: &ApiKeys, headers: &mut HeaderMap) -> Option<OrgId> {
     found
 }
 
-/// The credential in a header value: the token of `Bearer <token>` (the
-/// scheme is case-insensitive), or the whole value.
+/// The credential in a header value: the token of `Bearer <token>`, or the
+/// whole value.
 fn credential(value: &str) -> &str {
+    bearer_token(value).unwrap_or(value.trim())
+}
+
+/// The token of `Bearer <token>`; the scheme is case-insensitive.
+fn bearer_token(value: &str) -> Option<&str> {
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => value.trim(),
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+        _ => None,
     }
 }
 
@@ -108,7 +127,6 @@ fn lookup(keys: &ApiKeys, presented: &str) -> Option<OrgId> {
 mod tests {
     use super::*;
     use crate::config::ApiKey;
-    use http::header::AUTHORIZATION;
 
     fn identifier() -> Identifier {
         let sha256 = Sha256::digest(b"tg_live_acme").into();

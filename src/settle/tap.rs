@@ -1,0 +1,159 @@
+//! The response body of an estimate route, passed through as it streams and
+//! read on the way for the usage the provider reports; at its end the
+//! reservation is reconciled to that usage.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use super::Reservation;
+use super::usage::{SseScanner, tokens_in_json};
+use crate::{Body, BoxError};
+
+/// A JSON body larger than this is passed on unread, and its estimate stands.
+const MAX_JSON_READ: usize = 4 << 20;
+
+/// How to read an estimate route's response for usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsageReading {
+    /// The gateway asked an OpenAI stream for usage that the client did not.
+    pub hide_requested_usage: bool,
+}
+
+enum Reader {
+    Json { copy: BytesMut, overflowed: bool },
+    Stream(SseScanner),
+}
+
+/// See the module documentation.
+pub struct UsageTap {
+    inner: Body,
+    reader: Reader,
+    reservation: Option<Reservation>,
+    done: bool,
+}
+
+impl UsageTap {
+    /// Wraps `body`, whose response `headers` say whether it is a stream.
+    pub fn new(
+        body: Body,
+        headers: &HeaderMap,
+        reading: UsageReading,
+        reservation: Reservation,
+    ) -> UsageTap {
+        let is_stream = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let reader = if is_stream {
+            Reader::Stream(SseScanner::new(reading.hide_requested_usage))
+        } else {
+            Reader::Json {
+                copy: BytesMut::new(),
+                overflowed: false,
+            }
+        };
+        UsageTap {
+            inner: body,
+            reader,
+            reservation: Some(reservation),
+            done: false,
+        }
+    }
+
+    /// Whether the tap may change the bytes (so no length can be promised).
+    pub fn rewrites(reading: UsageReading) -> bool {
+        reading.hide_requested_usage
+    }
+
+    fn feed(&mut self, data: Bytes) -> Bytes {
+        match &mut self.reader {
+            Reader::Json { copy, overflowed } => {
+                if copy.len() + data.len() > MAX_JSON_READ {
+                    *overflowed = true;
+                    *copy = BytesMut::new();
+                } else if !*overflowed {
+                    copy.extend_from_slice(&data);
+                }
+                data
+            }
+            Reader::Stream(scanner) => scanner.feed(data),
+        }
+    }
+
+    /// The body ended: returns its last bytes, and reconciles.
+    fn finish(&mut self) -> Bytes {
+        let (rest, tokens) = match &mut self.reader {
+            Reader::Json { copy, overflowed } => (
+                Bytes::new(),
+                (!*overflowed).then(|| tokens_in_json(copy)).flatten(),
+            ),
+            Reader::Stream(scanner) => (scanner.finish(), scanner.tokens()),
+        };
+        if let Some(reservation) = self.reservation.take() {
+            match tokens {
+                Some(tokens) => reservation.reconcile(tokens),
+                // No usage reported: the estimate stands.
+                None => reservation.stand(),
+            }
+        }
+        rest
+    }
+}
+
+impl HttpBody for UsageTap {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.feed(data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        // Everything so far was held back or hidden: read on.
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Some(Err(error)) => {
+                    // Cut mid-way: whatever was reported, the estimate stands.
+                    this.done = true;
+                    if let Some(reservation) = this.reservation.take() {
+                        reservation.stand();
+                    }
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    this.done = true;
+                    let rest = this.finish();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never claimed early: the end must be polled for, to reconcile.
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.reader {
+            Reader::Stream(_) => SizeHint::default(),
+            Reader::Json { .. } => self.inner.size_hint(),
+        }
+    }
+}
