@@ -5,6 +5,8 @@ mod cli;
 mod enforcement;
 mod errors;
 mod forwarding;
+mod jwt;
+mod llm;
 mod redis_gateway;
 mod store_conformance;
 mod support;

@@ -23,6 +23,7 @@ use tollgate::org::OrgId;
 use tollgate::quota::{Amounts, Dimension};
 use tollgate::{App, Config};
 
+pub mod provider;
 pub mod redis;
 
 /// What the stand-in upstream saw of one request.

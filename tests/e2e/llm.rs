@@ -1,0 +1,376 @@
+//! The LLM provider path: estimates reconciled to the usage providers report,
+//! in JSON and in streams cut at awkward places, over HTTP and HTTPS.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tollgate::quota::Dimension;
+
+use crate::support::provider::{
+    ANTHROPIC_STREAM, ANTHROPIC_USAGE, OPENAI_USAGE, Provider, RESPONSES_STREAM, RESPONSES_USAGE,
+    openai_stream,
+};
+use crate::support::{Gateway, KEY_ACME, Upstream, client, eventually, fixed_clock};
+
+fn llm_config(provider: &Provider, idle_timeout: &str) -> String {
+    let (scheme, host, ca) = match &provider.ca_pem {
+        Some(_) => (
+            "https",
+            format!("localhost:{}", provider.addr.port()),
+            "ca_file = \"${CA_FILE}\"\n",
+        ),
+        None => ("http", provider.addr.to_string(), ""),
+    };
+    crate::support::config_with(|c| {
+        c.replace("upstream_timeout = \"500ms\"", &format!("upstream_timeout = \"5s\"\nidle_timeout = \"{idle_timeout}\""))
+            .replace(
+                "[upstreams.openai]\nurl = \"http://${UPSTREAM}\"",
+                &format!("[upstreams.openai]\nurl = \"{scheme}://{host}\"\n{ca}"),
+            )
+            .replace(
+                "[upstreams.dead]",
+                &format!(
+                    "[upstreams.anthropic]\nurl = \"{scheme}://{host}\"\n{ca}headers = {{ x-api-key = \"anthropic-secret\" }}\n\n[upstreams.dead]"
+                ),
+            )
+            .replace(
+                "[[routes]]\nname = \"dead-metered\"",
+                "[[routes]]\nname = \"anthropic-messages\"\nmethod = \"POST\"\npath = \"/v1/messages\"\nupstream = \"anthropic\"\ncost = { tokens = \"estimate\" }\n\n\
+                 [[routes]]\nname = \"openai-responses\"\nmethod = \"POST\"\npath = \"/v1/responses\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\n\n\
+                 [[routes]]\nname = \"openai-embeddings\"\nmethod = \"POST\"\npath = \"/v1/embeddings\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\n\n\
+                 [[routes]]\nname = \"dead-metered\"",
+            )
+    })
+}
+
+struct Setup {
+    provider: Provider,
+    gateway: Gateway,
+    _upstream: Upstream,
+    _ca: Option<tempfile::NamedTempFile>,
+}
+
+async fn setup(tls: bool, idle_timeout: &str) -> Setup {
+    let provider = if tls {
+        Provider::start_tls().await
+    } else {
+        Provider::start().await
+    };
+    let upstream = Upstream::start().await;
+    let ca = provider.ca_pem.as_ref().map(|pem| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), pem).unwrap();
+        file
+    });
+    let vars: Vec<(&str, String)> = ca
+        .iter()
+        .map(|f| ("CA_FILE", f.path().display().to_string()))
+        .collect();
+    let gateway = Gateway::launch(
+        &llm_config(&provider, idle_timeout),
+        &upstream,
+        &vars,
+        fixed_clock(),
+    )
+    .await;
+    Setup {
+        provider,
+        gateway,
+        _upstream: upstream,
+        _ca: ca,
+    }
+}
+
+async fn call(
+    gateway: &Gateway,
+    path: &str,
+    org: &str,
+    body: serde_json::Value,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = client()
+        .post(gateway.url(path))
+        .header("x-org-id", org)
+        .json(&body);
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+fn chat(stream: bool) -> serde_json::Value {
+    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100, "stream": stream})
+}
+
+/// The estimate of [`chat`]: "hello" is 2 tokens, plus 100.
+const CHAT_ESTIMATE: i64 = 102;
+
+#[tokio::test]
+async fn a_json_answer_replaces_the_estimate_with_its_usage() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_json",
+        chat(false),
+        &[],
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["total_tokens"], 16);
+    s.gateway
+        .settles_at("org_json", Dimension::Tokens, OPENAI_USAGE)
+        .await;
+}
+
+#[tokio::test]
+async fn an_openai_stream_reports_usage_the_client_never_sees_unless_it_asked() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_hidden",
+        chat(true),
+        &[],
+    )
+    .await;
+
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(
+        response.text().await.unwrap(),
+        openai_stream(false),
+        "the client saw the usage it did not ask for"
+    );
+    assert_eq!(
+        s.provider.seen()[0].body["stream_options"]["include_usage"],
+        true,
+        "the gateway did not ask for usage"
+    );
+    s.gateway
+        .settles_at("org_hidden", Dimension::Tokens, OPENAI_USAGE)
+        .await;
+}
+
+#[tokio::test]
+async fn an_openai_stream_whose_client_asked_for_usage_passes_byte_for_byte() {
+    let s = setup(false, "30s").await;
+    let mut body = chat(true);
+    body["stream_options"] = json!({"include_usage": true});
+
+    let response = call(&s.gateway, "/v1/chat/completions", "org_asked", body, &[]).await;
+
+    assert_eq!(response.text().await.unwrap(), openai_stream(true));
+    s.gateway
+        .settles_at("org_asked", Dimension::Tokens, OPENAI_USAGE)
+        .await;
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_counts_input_cache_and_the_last_output() {
+    let s = setup(false, "30s").await;
+    let body = json!({"model": "claude", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+
+    let response = call(
+        &s.gateway,
+        "/v1/messages",
+        "org_claude",
+        body,
+        &[("authorization", "Bearer client-token")],
+    )
+    .await;
+
+    assert_eq!(response.text().await.unwrap(), ANTHROPIC_STREAM);
+    s.gateway
+        .settles_at("org_claude", Dimension::Tokens, ANTHROPIC_USAGE)
+        .await;
+    let seen = &s.provider.seen()[0];
+    assert_eq!(seen.headers["x-api-key"], "anthropic-secret");
+    assert!(
+        seen.headers.get("authorization").is_none(),
+        "the client's credential reached the provider"
+    );
+    assert!(
+        seen.body.get("stream_options").is_none(),
+        "an Anthropic body was given OpenAI options"
+    );
+}
+
+#[tokio::test]
+async fn a_responses_stream_counts_its_completed_usage() {
+    let s = setup(false, "30s").await;
+    let body = json!({"model": "gpt-4o", "input": "hi", "max_output_tokens": 20, "stream": true});
+
+    let response = call(&s.gateway, "/v1/responses", "org_resp", body, &[]).await;
+
+    assert_eq!(response.text().await.unwrap(), RESPONSES_STREAM);
+    s.gateway
+        .settles_at("org_resp", Dimension::Tokens, RESPONSES_USAGE)
+        .await;
+}
+
+#[tokio::test]
+async fn embeddings_reconcile_from_their_json_usage() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/embeddings",
+        "org_embed",
+        json!({"model": "e", "input": ["abcdefgh", "a"]}),
+        &[],
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    s.gateway
+        .settles_at("org_embed", Dimension::Tokens, 8)
+        .await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_keeps_the_estimate() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_cut",
+        chat(true),
+        &[("x-test-cut", "90")],
+    )
+    .await;
+
+    assert!(
+        response.text().await.is_err(),
+        "the cut must reach the client as an error"
+    );
+    s.gateway
+        .settles_at("org_cut", Dimension::Tokens, CHAT_ESTIMATE)
+        .await;
+    assert_eq!(
+        s.gateway
+            .app
+            .metrics()
+            .reconciliations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_keeps_the_estimate() {
+    let s = setup(false, "30s").await;
+    // Over HTTP/2 a client that leaves resets its stream, which the gateway
+    // sees at once; over HTTP/1.1 it sees it at its next write.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // Asking for usage, so the stream passes piece by piece, not event by event.
+    let mut body = chat(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = h2
+        .post(s.gateway.url("/v1/chat/completions"))
+        .header("x-org-id", "org_left")
+        .header("x-test-hold", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    s.provider.holding().await;
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        first,
+        &openai_stream(true).as_bytes()[..7],
+        "the first piece did not arrive as sent"
+    );
+
+    drop(stream);
+    drop(h2);
+
+    eventually("the stream's reservation is let go", async || {
+        s.gateway.app.metrics().open_reservations() == 0
+    })
+    .await;
+    s.provider.release();
+    assert_eq!(
+        s.gateway.used("org_left", Dimension::Tokens).await,
+        CHAT_ESTIMATE
+    );
+    assert_eq!(
+        s.gateway
+            .app
+            .metrics()
+            .reconciliations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_quiet_is_cut_after_the_idle_timeout() {
+    let s = setup(false, "300ms").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_idle",
+        chat(true),
+        &[("x-test-hold", "1")],
+    )
+    .await;
+
+    let text = crate::support::within(Duration::from_secs(10), response.text()).await;
+    assert!(text.is_err(), "the quiet stream was not cut: {text:?}");
+    s.provider.release();
+    s.gateway
+        .settles_at("org_idle", Dimension::Tokens, CHAT_ESTIMATE)
+        .await;
+}
+
+#[tokio::test]
+async fn a_provider_error_refunds_the_estimate() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_500",
+        chat(false),
+        &[("x-test-status", "500")],
+    )
+    .await;
+
+    assert_eq!(response.status(), 500);
+    s.gateway.settles_at("org_500", Dimension::Tokens, 0).await;
+}
+
+#[tokio::test]
+async fn an_https_provider_is_reached_over_http2_with_its_own_key() {
+    let s = setup(true, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_tls",
+        chat(true),
+        &[("authorization", format!("Bearer {KEY_ACME}").as_str())],
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), openai_stream(false));
+    let seen = &s.provider.seen()[0];
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.headers["authorization"], "Bearer provider-secret");
+    // The gateway key named org_acme, whatever x-org-id said.
+    s.gateway
+        .settles_at("org_acme", Dimension::Tokens, OPENAI_USAGE)
+        .await;
+}
