@@ -121,6 +121,8 @@ pub struct SseScanner {
     hide_requested_usage: bool,
     /// Bytes of the event in progress.
     pending: BytesMut,
+    /// How much of `pending` is known to hold no event end.
+    searched: usize,
     tally: Tally,
 }
 
@@ -137,17 +139,40 @@ impl SseScanner {
         if !self.hide_requested_usage {
             // Scan a copy of complete events; pass the chunk on untouched.
             self.pending.extend_from_slice(&chunk);
-            while let Some(event) = take_event(&mut self.pending) {
-                self.scan(&event);
+            while let Some(event) = self.take_event() {
+                // Every event that reports usage names it, with a value other
+                // than null; the rest need no parsing.
+                let reports = memchr::memmem::find_iter(&event, br#""usage":"#)
+                    .any(|at| !event[at + 8..].starts_with(b"null"));
+                if reports {
+                    self.scan(&event);
+                }
             }
             return chunk;
         }
         self.pending.extend_from_slice(&chunk);
         let mut out = BytesMut::new();
-        while let Some(event) = take_event(&mut self.pending) {
+        while let Some(event) = self.take_event() {
             out.extend_from_slice(&self.rewrite(event));
         }
         out.freeze()
+    }
+
+    /// Splits the first complete event (through its blank line) off the
+    /// pending bytes, searching only what was not searched before.
+    fn take_event(&mut self) -> Option<Bytes> {
+        // Back up two bytes: a blank line's "\n\r\n" may straddle pieces.
+        let from = self.searched.saturating_sub(2);
+        match find_event_end(&self.pending[from..]) {
+            Some(end) => {
+                self.searched = 0;
+                Some(self.pending.split_to(from + end).freeze())
+            }
+            None => {
+                self.searched = self.pending.len();
+                None
+            }
+        }
     }
 
     /// The end of the stream: whatever is left is passed on as it is.
@@ -166,6 +191,7 @@ impl SseScanner {
     }
 
     fn scan(&mut self, event: &[u8]) -> Option<(Value, bool)> {
+        memchr::memmem::find(event, b"usage")?;
         let data = event_data(event)?;
         let value: Value = serde_json::from_slice(&data).ok()?;
         let usage_only = self.tally.observe(&value);
@@ -173,6 +199,23 @@ impl SseScanner {
     }
 
     fn rewrite(&mut self, event: Bytes) -> Bytes {
+        // The common case, a compact chunk ending in `"usage":null}`, loses
+        // those bytes without a parse.
+        for terminator in [&b"\n\n"[..], b"\r\n\r\n"] {
+            if let Some(json) = event
+                .strip_suffix(terminator)
+                .and_then(|e| e.strip_prefix(b"data: "))
+                && let Some(kept) = json.strip_suffix(br#","usage":null}"#)
+                && !kept.contains(&b'\n')
+            {
+                let mut out = BytesMut::with_capacity(event.len());
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(kept);
+                out.extend_from_slice(b"}");
+                out.extend_from_slice(terminator);
+                return out.freeze();
+            }
+        }
         match self.scan(&event) {
             Some((_, true)) => Bytes::new(),
             Some((Value::Object(mut chunk), false)) if chunk.get("usage") == Some(&Value::Null) => {
@@ -192,26 +235,16 @@ impl SseScanner {
     }
 }
 
-/// Splits the first complete event (through its blank line) off `pending`.
-fn take_event(pending: &mut BytesMut) -> Option<Bytes> {
-    let end = find_event_end(pending)?;
-    Some(pending.split_to(end).freeze())
-}
-
-/// The end of the first event: just past the first blank line, whether
+/// The end of the first event in `bytes`: just past its blank line, whether
 /// lines end in `\n` or `\r\n`.
 fn find_event_end(bytes: &[u8]) -> Option<usize> {
-    let mut line_start = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
-        if byte == b'\n' {
-            let line = &bytes[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                return Some(i + 1);
-            }
-            line_start = i + 1;
-        }
-    }
-    None
+    memchr::memchr_iter(b'\n', bytes)
+        .skip(1)
+        .find_map(|i| match bytes[..i] {
+            [.., b'\n'] => Some(i + 1),
+            [.., b'\n', b'\r'] => Some(i + 1),
+            _ => None,
+        })
 }
 
 /// The `data` of one event, its `data:` lines joined by newlines.

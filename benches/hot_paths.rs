@@ -1,0 +1,174 @@
+//! The pure work on a request's path, each beside a baseline measured in
+//! the same run, so the note can state costs as ratios:
+//!
+//! - estimating a 4 KB chat body, against only parsing it as JSON (which the
+//!   estimate has to do anyway);
+//! - scanning an SSE stream for usage, passing it through or rewriting it,
+//!   against copying the same pieces;
+//! - routing among the reference config's nine routes, and the quota decision.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::Method;
+use tollgate::config::Route;
+use tollgate::meter::estimate;
+use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
+use tollgate::route::Router;
+use tollgate::settle::usage::SseScanner;
+
+/// A chat completions body of about 4 KB: a system prompt, a few turns, a tool.
+fn chat_body() -> Vec<u8> {
+    let turn = "Summarise the quarterly revenue figures for the EMEA region and flag anomalies. "
+        .repeat(6);
+    let body = serde_json::json!({
+        "model": "gpt-4o",
+        "max_tokens": 512,
+        "messages": [
+            {"role": "system", "content": "You are a careful financial analyst. ".repeat(10)},
+            {"role": "user", "content": turn},
+            {"role": "assistant", "content": turn},
+            {"role": "user", "content": [{"type": "text", "text": turn}]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "lookup", "description": "Look a figure up",
+            "parameters": {"type": "object", "properties": {"region": {"type": "string"}}}}}],
+    });
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// An OpenAI stream with usage, in 64-byte pieces.
+fn stream_pieces() -> Vec<Bytes> {
+    let mut stream = String::new();
+    for i in 0..100 {
+        stream.push_str(&format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}}}}],\"usage\":null}}\n\n"
+        ));
+    }
+    stream.push_str("data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":100,\"total_tokens\":109}}\n\ndata: [DONE]\n\n");
+    stream
+        .as_bytes()
+        .chunks(64)
+        .map(Bytes::copy_from_slice)
+        .collect()
+}
+
+fn estimation(c: &mut Criterion) {
+    let body = chat_body();
+    let mut group = c.benchmark_group("estimate 4 KB chat body");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("baseline: parse JSON only", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap()))
+    });
+    group.bench_function("parse and estimate", |b| {
+        b.iter(|| {
+            let request = estimate::parse(black_box(&body)).unwrap();
+            black_box(estimate::estimate("/v1/chat/completions", &request, 4096))
+        })
+    });
+    group.finish();
+}
+
+fn stream_tap(c: &mut Criterion) {
+    let pieces = stream_pieces();
+    let total: usize = pieces.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("SSE stream of 100 chunks");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.bench_function("baseline: copy the pieces", |b| {
+        b.iter(|| {
+            let mut out = Vec::with_capacity(total);
+            for piece in &pieces {
+                out.extend_from_slice(black_box(piece));
+            }
+            black_box(out)
+        })
+    });
+    for (name, hide) in [
+        ("scan, pass through", false),
+        ("scan, hide requested usage", true),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut scanner = SseScanner::new(hide);
+                let mut out = Vec::with_capacity(total);
+                for piece in &pieces {
+                    out.extend_from_slice(&scanner.feed(piece.clone()));
+                }
+                black_box((out, scanner.tokens()))
+            })
+        });
+    }
+    group.finish();
+}
+
+fn routing_and_decision(c: &mut Criterion) {
+    let route = |name: &str, method: Option<Method>, path: &str| Route {
+        name: name.into(),
+        method,
+        path: path.into(),
+        upstream: 0,
+        cost: None,
+        default_max_tokens: 4096,
+        on_store_error: None,
+    };
+    let router = Router::new(&[
+        route(
+            "playbook-execute",
+            Some(Method::POST),
+            "/api/v1/playbooks/{id}/execute",
+        ),
+        route(
+            "brief-generate",
+            Some(Method::POST),
+            "/api/v1/content/briefs/generate",
+        ),
+        route(
+            "content-rewrite",
+            Some(Method::POST),
+            "/api/v1/content/rewrite",
+        ),
+        route(
+            "member-add",
+            Some(Method::POST),
+            "/api/v1/orgs/{org}/members",
+        ),
+        route(
+            "member-remove",
+            Some(Method::DELETE),
+            "/api/v1/orgs/{org}/members/{member}",
+        ),
+        route("openai-chat", Some(Method::POST), "/v1/chat/completions"),
+        route("anthropic-messages", Some(Method::POST), "/v1/messages"),
+        route("everything-else", None, "/{*rest}"),
+    ]);
+    let mut group = c.benchmark_group("per request");
+    group.bench_function("route: first of nine", |b| {
+        b.iter(|| {
+            black_box(router.find(&Method::POST, black_box("/api/v1/playbooks/pb_1/execute")))
+        })
+    });
+    group.bench_function("route: catch-all, last", |b| {
+        b.iter(|| black_box(router.find(&Method::GET, black_box("/api/v2/reports/weekly"))))
+    });
+    let limits = Limits::UNLIMITED
+        .with(Dimension::Tokens, 100_000)
+        .with(Dimension::PlaybookRuns, 10);
+    let current = Amounts::ZERO.with(Dimension::Tokens, 42_000);
+    let cost = Amounts::ZERO
+        .with(Dimension::Tokens, 10_000)
+        .with(Dimension::PlaybookRuns, 1);
+    group.bench_function("quota decision", |b| {
+        b.iter(|| {
+            black_box(decide(
+                black_box(&limits),
+                black_box(&current),
+                black_box(&cost),
+                Mode::Enforce,
+            ))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, estimation, stream_tap, routing_and_decision);
+criterion_main!(benches);
