@@ -2,16 +2,21 @@
 //!
 //! A request meets these modules in this order:
 //!
-//! 1. [`accept`]: listener, HTTP/1.1 and HTTP/2, header timeout, graceful shutdown.
+//! 1. [`accept`]: listener, HTTP/1.1 and HTTP/2, header timeout, graceful
+//!    shutdown.
 //! 2. [`stack`]: the tower layers around the gateway, and the gateway service
 //!    that runs the steps below in order.
 //! 3. [`route`]: method + path to a configured route (404 when none).
-//! 4. [`identify`]: the org that pays: gateway API key or trusted header (401).
-//! 5. [`meter`]: buffer the body (413), price it ([`meter::estimate`] for LLM
-//!    bodies, 400), reserve it in the [`store`] by the pure [`quota`]
+//! 4. [`identify`]: the org that pays: gateway API key, verified JWT or
+//!    trusted header (401).
+//! 5. [`meter`]: buffer the body (413, 408), price it ([`meter::estimate`] for
+//!    LLM bodies, 400), reserve it in the [`store`] by the pure [`quota`]
 //!    decision for the org's [`period`] (402, or 503 when the store fails).
-//! 6. [`forward`]: the upstream request and its streamed response (502, 504).
-//! 7. [`settle`]: refund a reservation whose upstream call failed.
+//! 6. [`forward`]: the upstream request over HTTP or HTTPS, and its streamed
+//!    response (502, 504; a silent body is cut).
+//! 7. [`settle`]: refund a reservation whose upstream call failed, or
+//!    reconcile an estimate with the usage the response reports
+//!    ([`settle::tap`], [`settle::usage`]).
 //!
 //! Beside the path: [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`error`] (every gateway-made answer and its JSON

@@ -5,10 +5,15 @@
 //! gateway saw decides the correction:
 //!
 //! - the upstream failed (no answer, timeout, non-2xx): refund all of it;
-//! - the upstream succeeded: the reservation stands;
+//! - the upstream succeeded: the reservation stands, except on estimate
+//!   routes, where the [`tap`] replaces the estimate with the usage the
+//!   response reports once it has ended (no usage reported: it stands);
 //! - the client went away first: it stands too, since the upstream may
 //!   already have done the work (a refund here would let a client have any
 //!   amount of work for free by hanging up just before the answer).
+//!
+//! A reservation whose store call the request stopped waiting for is a
+//! [`PendingReservation`]: refunded once the store confirms it.
 
 pub mod tap;
 pub mod usage;

@@ -9,12 +9,17 @@ fn tollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
 }
 
-#[test]
-fn check_accepts_the_example_config() {
-    let output = tollgate()
-        .args(["check", "--config", "config/example.toml"])
+/// Sets the variables the example and reference configs read.
+fn with_secrets(command: &mut Command) -> &mut Command {
+    command
         .env("OPENAI_API_KEY", "sk-test")
         .env("ANTHROPIC_API_KEY", "sk-ant-test")
+        .env("SUPABASE_JWT_SECRET", "a-supabase-style-jwt-secret")
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let output = with_secrets(tollgate().args(["check", "--config", "config/example.toml"]))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -24,6 +29,28 @@ fn check_accepts_the_example_config() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("config/example.toml: ok"), "{stdout}");
+}
+
+#[test]
+fn check_accepts_the_reference_interface_once_its_placeholder_key_is_real() {
+    let reference = std::fs::read_to_string("config/reference.toml").unwrap();
+    assert!(
+        reference.contains(r#"sha256 = "9f2c...""#),
+        "the placeholder this test replaces is gone"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("reference.toml");
+    std::fs::write(&file, reference.replace("9f2c...", &"ab".repeat(32))).unwrap();
+
+    let output = with_secrets(tollgate().arg("check").arg("--config").arg(&file))
+        .output()
+        .unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
