@@ -1,5 +1,5 @@
-//! Configuration, in two stages: [`raw`] deserializes the TOML file as
-//! written (unknown keys rejected), [`validate`] turns it into the typed
+//! Configuration, in two stages: `raw` deserializes the TOML file as
+//! written (unknown keys rejected), `validate` turns it into the typed
 //! runtime [`Config`] below, reporting every problem at once, each with its
 //! key path and line.
 

@@ -1,5 +1,5 @@
 //! Step 3: the org that pays for a request: a gateway API key, a verified
-//! JWT ([`jwt`]), or a header set by a trusted auth layer.
+//! JWT (the `jwt` module), or a header set by a trusted auth layer.
 //!
 //! Sources are tried in configured order and the first that yields an org
 //! wins. Gateway API keys are credentials for the gateway alone: a matching
