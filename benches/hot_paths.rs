@@ -110,6 +110,7 @@ fn routing_and_decision(c: &mut Criterion) {
         cost: None,
         default_max_tokens: 4096,
         on_store_error: None,
+        refund_statuses: None,
     };
     let router = Router::new(&[
         route(

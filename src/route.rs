@@ -67,6 +67,7 @@ mod tests {
             cost: None,
             default_max_tokens: 1,
             on_store_error: None,
+            refund_statuses: None,
         }
     }
 

@@ -130,7 +130,7 @@ impl Gateway {
                 return Err(error);
             }
             Ok(response) => match (admitted.reservation, admitted.reading) {
-                (Some(reservation), _) if !response.status().is_success() => {
+                (Some(reservation), _) if route.refunds(response.status()) => {
                     reservation.refund();
                     response
                 }

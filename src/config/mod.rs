@@ -152,6 +152,18 @@ pub struct Route {
     pub default_max_tokens: i64,
     /// Overrides `store.on_error` for this route.
     pub on_store_error: Option<OnStoreError>,
+    /// Upstream statuses that refund the reservation; `None`: every non-2xx.
+    pub refund_statuses: Option<Vec<http::StatusCode>>,
+}
+
+impl Route {
+    /// Whether an upstream answer with `status` gives the reservation back.
+    pub fn refunds(&self, status: http::StatusCode) -> bool {
+        match &self.refund_statuses {
+            Some(statuses) => statuses.contains(&status),
+            None => !status.is_success(),
+        }
+    }
 }
 
 /// What a metered route charges.

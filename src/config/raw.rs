@@ -132,6 +132,7 @@ pub struct RawRoute {
     pub cost: Option<BTreeMap<String, RawAmount>>,
     pub default_max_tokens: Option<i64>,
     pub on_error: Option<String>,
+    pub refund_statuses: Option<Vec<i64>>,
 }
 
 /// A cost entry: a fixed amount, or a word (`"estimate"`).

@@ -637,6 +637,13 @@ fn read_certificates(file: &str) -> Result<Vec<CertificateDer<'static>>, String>
     if certificates.is_empty() {
         return Err(format!("{file:?} holds no PEM certificate"));
     }
+    let (_, rejected) =
+        rustls::RootCertStore::empty().add_parsable_certificates(certificates.iter().cloned());
+    if rejected > 0 {
+        return Err(format!(
+            "{file:?}: {rejected} of its certificates cannot be used as a trust anchor"
+        ));
+    }
     Ok(certificates)
 }
 
@@ -825,6 +832,7 @@ fn validate_routes(
             for (key, set) in [
                 ("default_max_tokens", route.default_max_tokens.is_some()),
                 ("on_error", route.on_error.is_some()),
+                ("refund_statuses", route.refund_statuses.is_some()),
             ] {
                 if set {
                     c.problem(
@@ -846,6 +854,24 @@ fn validate_routes(
             }
         };
         let on_store_error = c.on_store_error(&path.key("on_error"), route.on_error.as_deref());
+        let refund_statuses = route.refund_statuses.as_ref().map(|codes| {
+            codes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &code)| {
+                    let status = u16::try_from(code)
+                        .ok()
+                        .and_then(|c| http::StatusCode::from_u16(c).ok());
+                    if status.is_none() {
+                        c.problem(
+                            &path.key("refund_statuses").index(i),
+                            format!("{code} is not an HTTP status"),
+                        );
+                    }
+                    status
+                })
+                .collect()
+        });
         if let Some(upstream) = upstream {
             routes.push(Route {
                 name: route.name.as_str().into(),
@@ -855,6 +881,7 @@ fn validate_routes(
                 cost,
                 default_max_tokens,
                 on_store_error,
+                refund_statuses,
             });
         }
     }

@@ -83,7 +83,9 @@ fn validation(config: &JwtConfig, algorithm: Algorithm) -> Validation {
     validation.leeway = config.leeway.as_secs();
     validation.validate_nbf = true;
     let mut required = vec!["exp"];
-    validation.validate_aud = config.audience.is_some();
+    // Left on even without an audience configured: a token that names an
+    // audience is then refused, as RFC 7519 asks, rather than accepted for
+    // whichever app it was minted for.
     if let Some(audience) = &config.audience {
         validation.set_audience(&[audience]);
         required.push("aud");

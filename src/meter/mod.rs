@@ -99,6 +99,11 @@ impl Meter {
                     http::HeaderValue::from(body.len()),
                 );
             }
+            // The usage must be readable: no compressed answers.
+            request.headers_mut().insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
             reading = Some(UsageReading {
                 hide_requested_usage: stream_usage == StreamUsage::Added,
             });

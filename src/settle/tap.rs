@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::Reservation;
-use super::usage::{SseScanner, tokens_in_json};
+use super::usage::{SseScanner, concat, tokens_in_json};
 use crate::{Body, BoxError};
 
 /// A JSON body larger than this is passed on unread, and its estimate stands.
@@ -24,8 +24,14 @@ pub struct UsageReading {
 }
 
 enum Reader {
-    Json { copy: BytesMut, overflowed: bool },
+    Json {
+        copy: BytesMut,
+        overflowed: bool,
+    },
     Stream(SseScanner),
+    /// A compressed body, which the gateway does not decode: passed on as it
+    /// is, and its estimate stands.
+    Blind,
 }
 
 /// See the module documentation.
@@ -34,6 +40,8 @@ pub struct UsageTap {
     reader: Reader,
     reservation: Option<Reservation>,
     done: bool,
+    /// Trailers held while the bytes held back before them go out.
+    trailers: Option<Frame<Bytes>>,
 }
 
 impl UsageTap {
@@ -44,11 +52,18 @@ impl UsageTap {
         reading: UsageReading,
         reservation: Reservation,
     ) -> UsageTap {
-        let is_stream = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let reader = if is_stream {
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
+        let compressed = header(http::header::CONTENT_ENCODING)
+            .is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
+        let is_stream =
+            header(http::header::CONTENT_TYPE).is_some_and(|v| v.starts_with("text/event-stream"));
+        let reader = if compressed {
+            Reader::Blind
+        } else if is_stream {
             Reader::Stream(SseScanner::new(reading.hide_requested_usage))
         } else {
             Reader::Json {
@@ -61,6 +76,7 @@ impl UsageTap {
             reader,
             reservation: Some(reservation),
             done: false,
+            trailers: None,
         }
     }
 
@@ -81,6 +97,7 @@ impl UsageTap {
                 data
             }
             Reader::Stream(scanner) => scanner.feed(data),
+            Reader::Blind => data,
         }
     }
 
@@ -92,6 +109,7 @@ impl UsageTap {
                 (!*overflowed).then(|| tokens_in_json(copy)).flatten(),
             ),
             Reader::Stream(scanner) => (scanner.finish(), scanner.tokens()),
+            Reader::Blind => (Bytes::new(), None),
         };
         if let Some(reservation) = self.reservation.take() {
             match tokens {
@@ -114,19 +132,38 @@ impl HttpBody for UsageTap {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if this.done {
-            return Poll::Ready(None);
+            return Poll::Ready(this.trailers.take().map(Ok));
         }
         loop {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let out = this.feed(data);
+                        let mut out = this.feed(data);
+                        // A body of known length is done with its last byte:
+                        // hyper will not poll for the end, so settle now.
+                        if this.inner.is_end_stream() {
+                            this.done = true;
+                            out = concat(out, this.finish());
+                        }
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
+                        if this.done {
+                            return Poll::Ready(None);
+                        }
                         // Everything so far was held back or hidden: read on.
                     }
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    Err(trailers) => {
+                        // Trailers end the body: settle, and send what was
+                        // held back before them.
+                        this.done = true;
+                        let rest = this.finish();
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        }
+                        this.trailers = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
                 },
                 Some(Err(error)) => {
                     // Cut mid-way: whatever was reported, the estimate stands.
@@ -147,13 +184,22 @@ impl HttpBody for UsageTap {
 
     fn is_end_stream(&self) -> bool {
         // Never claimed early: the end must be polled for, to reconcile.
-        self.done
+        self.done && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.reader {
             Reader::Stream(_) => SizeHint::default(),
-            Reader::Json { .. } => self.inner.size_hint(),
+            Reader::Json { .. } | Reader::Blind => self.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for UsageTap {
+    fn drop(&mut self) {
+        // Dropped once its last byte went out, before the end was polled for.
+        if !self.done && self.inner.is_end_stream() {
+            self.finish();
         }
     }
 }

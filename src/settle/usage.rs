@@ -10,10 +10,14 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
+/// The largest event held back while it arrives; a stream with a larger one
+/// is passed on unread.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// Tokens in one `usage` object: its `total_tokens`, else the sum of the
 /// parts it names.
 pub fn tokens_in_usage(usage: &Value) -> Option<i64> {
-    if let Some(total) = usage.get("total_tokens").and_then(Value::as_i64) {
+    if let Some(total) = count(usage, "total_tokens") {
         return Some(total);
     }
     let parts = [
@@ -24,11 +28,13 @@ pub fn tokens_in_usage(usage: &Value) -> Option<i64> {
         "prompt_tokens",
         "completion_tokens",
     ];
-    let named: Vec<i64> = parts
-        .iter()
-        .filter_map(|p| usage.get(*p).and_then(Value::as_i64))
-        .collect();
-    (!named.is_empty()).then(|| named.iter().sum())
+    let named: Vec<i64> = parts.iter().filter_map(|p| count(usage, p)).collect();
+    (!named.is_empty()).then(|| named.into_iter().fold(0, i64::saturating_add))
+}
+
+/// A token count as the provider reported it; a negative one counts as zero.
+fn count(usage: &Value, key: &str) -> Option<i64> {
+    usage.get(key).and_then(Value::as_i64).map(|n| n.max(0))
 }
 
 /// The tokens a whole JSON response body reports.
@@ -52,7 +58,7 @@ impl Tally {
     fn tokens(&self) -> Option<i64> {
         self.total.or(match (self.input, self.output) {
             (None, None) => None,
-            (input, output) => Some(input.unwrap_or(0) + output.unwrap_or(0)),
+            (input, output) => Some(input.unwrap_or(0).saturating_add(output.unwrap_or(0))),
         })
     }
 
@@ -63,24 +69,21 @@ impl Tally {
         match data.get("type").and_then(Value::as_str) {
             Some("message_start") => {
                 if let Some(usage) = data.pointer("/message/usage") {
-                    let input: i64 = [
+                    let input = [
                         "input_tokens",
                         "cache_creation_input_tokens",
                         "cache_read_input_tokens",
                     ]
                     .iter()
-                    .filter_map(|p| usage.get(*p).and_then(Value::as_i64))
-                    .sum();
+                    .filter_map(|p| count(usage, p))
+                    .fold(0, i64::saturating_add);
                     self.input = Some(input);
-                    self.output = usage
-                        .get("output_tokens")
-                        .and_then(Value::as_i64)
-                        .or(self.output);
+                    self.output = count(usage, "output_tokens").or(self.output);
                 }
                 false
             }
             Some("message_delta") => {
-                if let Some(output) = data.pointer("/usage/output_tokens").and_then(Value::as_i64) {
+                if let Some(output) = data.get("usage").and_then(|u| count(u, "output_tokens")) {
                     self.output = Some(output);
                 }
                 false
@@ -123,6 +126,8 @@ pub struct SseScanner {
     pending: BytesMut,
     /// How much of `pending` is known to hold no event end.
     searched: usize,
+    /// An event outgrew [`MAX_EVENT_BYTES`]: the stream passes unread.
+    gave_up: bool,
     tally: Tally,
 }
 
@@ -136,6 +141,25 @@ impl SseScanner {
 
     /// Takes in `chunk` and returns the bytes the client gets now.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.gave_up {
+            return chunk;
+        }
+        let out = self.scan_events(chunk);
+        if self.pending.len() > MAX_EVENT_BYTES {
+            // Not an event stream this scanner understands: pass the rest on
+            // unread, and let the estimate stand.
+            self.gave_up = true;
+            let held = self.pending.split().freeze();
+            return if self.hide_requested_usage {
+                concat(out, held)
+            } else {
+                out
+            };
+        }
+        out
+    }
+
+    fn scan_events(&mut self, chunk: Bytes) -> Bytes {
         if !self.hide_requested_usage {
             // Scan a copy of complete events; pass the chunk on untouched.
             self.pending.extend_from_slice(&chunk);
@@ -185,9 +209,13 @@ impl SseScanner {
         }
     }
 
-    /// The tokens reported so far, if any were.
+    /// The tokens reported so far, if any were and the stream was read whole.
     pub fn tokens(&self) -> Option<i64> {
-        self.tally.tokens()
+        if self.gave_up {
+            None
+        } else {
+            self.tally.tokens()
+        }
     }
 
     fn scan(&mut self, event: &[u8]) -> Option<(Value, bool)> {
@@ -220,19 +248,51 @@ impl SseScanner {
             Some((_, true)) => Bytes::new(),
             Some((Value::Object(mut chunk), false)) if chunk.get("usage") == Some(&Value::Null) => {
                 chunk.remove("usage");
-                let terminator = if event.ends_with(b"\r\n\r\n") {
-                    "\r\n\r\n"
-                } else {
-                    "\n\n"
+                let Ok(json) = serde_json::to_string(&chunk) else {
+                    return event;
                 };
-                match serde_json::to_string(&chunk) {
-                    Ok(json) => Bytes::from(format!("data: {json}{terminator}")),
-                    Err(_) => event,
+                // The event's other fields stay; its data lines become one.
+                let newline = if event.ends_with(b"\r\n\r\n") {
+                    "\r\n"
+                } else {
+                    "\n"
+                };
+                let mut out = String::with_capacity(event.len());
+                let mut data_written = false;
+                for line in event.split(|&b| b == b'\n') {
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if line.is_empty() {
+                        continue;
+                    }
+                    if !line.starts_with(b"data:") {
+                        out.push_str(&String::from_utf8_lossy(line));
+                        out.push_str(newline);
+                    } else if !data_written {
+                        out.push_str("data: ");
+                        out.push_str(&json);
+                        out.push_str(newline);
+                        data_written = true;
+                    }
                 }
+                out.push_str(newline);
+                Bytes::from(out)
             }
             _ => event,
         }
     }
+}
+
+pub(super) fn concat(first: Bytes, second: Bytes) -> Bytes {
+    if first.is_empty() {
+        return second;
+    }
+    if second.is_empty() {
+        return first;
+    }
+    let mut joined = BytesMut::with_capacity(first.len() + second.len());
+    joined.extend_from_slice(&first);
+    joined.extend_from_slice(&second);
+    joined.freeze()
 }
 
 /// The end of the first event in `bytes`: just past its blank line, whether
@@ -331,6 +391,30 @@ mod tests {
             run(cut, true, 3).0,
             cut,
             "an unfinished event is passed on at the end"
+        );
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_on_unread() {
+        let endless = format!(
+            "data: {{\"usage\":{{\"total_tokens\":5}}, \"pad\":\"{}",
+            "x".repeat(MAX_EVENT_BYTES + 10)
+        );
+        for hide in [false, true] {
+            let (out, tokens) = run(&endless, hide, 4096);
+            assert_eq!(out, endless, "hide = {hide}");
+            assert_eq!(tokens, None);
+        }
+    }
+
+    #[test]
+    fn a_rewritten_event_keeps_its_other_fields() {
+        let stream =
+            "event: chunk\nid: 7\ndata: {\"choices\":[{\"delta\":{}}], \"usage\": null}\n\n";
+        let (out, _) = run(stream, true, 5);
+        assert_eq!(
+            out,
+            "event: chunk\nid: 7\ndata: {\"choices\":[{\"delta\":{}}]}\n\n"
         );
     }
 

@@ -244,3 +244,36 @@ async fn a_metered_body_that_stalls_is_408_and_never_reaches_the_upstream() {
     assert_eq!(upstream.hits(), 0);
     assert_eq!(gateway.used("org_stall", Dimension::PlaybookRuns).await, 0);
 }
+
+#[tokio::test]
+async fn a_route_can_name_the_upstream_statuses_that_refund() {
+    let upstream = Upstream::start().await;
+    let config = config_with(|c| {
+        c.replace(
+            "path = \"/api/v1/content/briefs/generate\"\nupstream = \"api\"\ncost = { tokens = 10000 }",
+            "path = \"/api/v1/content/briefs/generate\"\nupstream = \"api\"\ncost = { tokens = 10000 }\nrefund_statuses = [503]",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
+    let brief = |status: &'static str| {
+        client()
+            .post(gateway.url("/api/v1/content/briefs/generate"))
+            .header("x-org-id", "org_q")
+            .header("x-test-status", status)
+            .send()
+    };
+
+    assert_eq!(brief("500").await.unwrap().status(), 500);
+    assert_eq!(brief("503").await.unwrap().status(), 503);
+
+    // The 500 was not in the list: its 10,000 tokens stand; the 503's came back.
+    gateway.settles_at("org_q", Dimension::Tokens, 10_000).await;
+    assert_eq!(
+        gateway
+            .app
+            .metrics()
+            .refunds
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

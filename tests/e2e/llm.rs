@@ -128,6 +128,34 @@ async fn a_json_answer_replaces_the_estimate_with_its_usage() {
 }
 
 #[tokio::test]
+async fn a_json_answer_with_a_content_length_is_reconciled_too() {
+    let s = setup(false, "30s").await;
+
+    let response = call(
+        &s.gateway,
+        "/v1/chat/completions",
+        "org_length",
+        chat(false),
+        &[("x-test-length", "1")],
+    )
+    .await;
+
+    assert!(response.headers().contains_key("content-length"));
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["usage"]["total_tokens"],
+        16
+    );
+    s.gateway
+        .settles_at("org_length", Dimension::Tokens, OPENAI_USAGE)
+        .await;
+    assert_eq!(
+        s.provider.seen()[0].headers["accept-encoding"],
+        "identity",
+        "the usage must come uncompressed"
+    );
+}
+
+#[tokio::test]
 async fn an_openai_stream_reports_usage_the_client_never_sees_unless_it_asked() {
     let s = setup(false, "30s").await;
 

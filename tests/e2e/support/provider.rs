@@ -3,6 +3,7 @@
 //! (HTTP/2 by ALPN), sending its bodies in small pieces.
 //!
 //! Steered per request by headers: `x-test-status: 500` fails,
+//! `x-test-length: 1` answers in one piece with a Content-Length,
 //! `x-test-cut: N` ends a stream abruptly after N bytes, `x-test-hold: 1`
 //! sends the first piece and then waits for [`Provider::release`].
 
@@ -220,6 +221,16 @@ async fn answer(
         ("/v1/embeddings", _) => ("application/json", r#"{"data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#.to_string()),
         _ => ("application/json", r#"{"ok":true}"#.to_string()),
     };
+    if header("x-test-length").is_some() {
+        // One piece, with a Content-Length: the gateway is not polled for the end.
+        let mut response = Response::new(BodyExt::boxed(
+            http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}),
+        ));
+        response
+            .headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        return Ok(response);
+    }
     let cut = header("x-test-cut").and_then(|n| n.parse().ok());
     let hold = header("x-test-hold").is_some();
     Ok(respond(

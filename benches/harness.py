@@ -1,0 +1,266 @@
+"""Runs the load cases of benches/run and reports them against nginx.
+
+Every server listens on loopback: the stand-in upstream (examples/
+bench_upstream.rs), redis-server, nginx as a plain keep-alive proxy_pass (the
+peer, enforcing nothing), and tollgate on the memory and on the redis store.
+Closed-loop throughput comes from wrk (64 connections, a warm-up, then 10 s a
+case); open-loop latency at fixed rates from oha with latency correction.
+"""
+
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DURATION = os.environ.get("BENCH_DURATION", "10s")
+WARMUP = os.environ.get("BENCH_WARMUP", "3s")
+CONNECTIONS = 64
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port, what):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not start on port {port}")
+
+
+TOLLGATE = """
+[server]
+listen = "127.0.0.1:{port}"
+[store]
+backend = "{backend}"
+{store_url}
+timeout = "1s"
+[identity]
+sources = ["header"]
+[identity.header]
+name = "x-org-id"
+[upstreams.api]
+url = "http://127.0.0.1:{upstream}"
+[[routes]]
+name = "playbook-execute"
+method = "POST"
+path = "/run"
+upstream = "api"
+cost = {{ playbook_runs = 1 }}
+[[routes]]
+name = "openai-chat"
+method = "POST"
+path = "/v1/chat/completions"
+upstream = "api"
+cost = {{ tokens = "estimate" }}
+[[routes]]
+name = "everything-else"
+path = "/{{*rest}}"
+upstream = "api"
+[plans.big]
+tokens = 1000000000000
+playbook_runs = 1000000000000
+[plans.none]
+playbook_runs = 0
+[defaults]
+plan = "big"
+[orgs.org_broke]
+plan = "none"
+"""
+
+NGINX = """
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+LUA_POST = """
+wrk.method = "POST"
+wrk.headers["x-org-id"] = "{org}"
+"""
+
+LUA_CHAT = """
+wrk.method = "POST"
+wrk.headers["x-org-id"] = "org_bench"
+wrk.headers["content-type"] = "application/json"
+wrk.body = [[{body}]]
+"""
+
+
+def chat_body():
+    turn = "Summarise the quarterly revenue figures for the EMEA region and flag anomalies. " * 6
+    body = {"model": "gpt-4o", "max_tokens": 512, "messages": [
+        {"role": "system", "content": "You are a careful financial analyst. " * 10},
+        {"role": "user", "content": turn}, {"role": "assistant", "content": turn},
+        {"role": "user", "content": [{"type": "text", "text": turn}]}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "description": "Look a figure up",
+                   "parameters": {"type": "object", "properties": {"region": {"type": "string"}}}}}]}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def wrk(url, script):
+    subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{WARMUP}", "-s", script, url], capture_output=True, check=True)
+    out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", "-s", script, url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "requests": total}
+
+
+def oha(url, rate, org=True):
+    args = ["oha", "-z", DURATION, "-q", str(rate), "-c", str(CONNECTIONS), "--latency-correction",
+            "--no-tui", "--output-format", "json", "-m", "POST", url]
+    if org:
+        args[1:1] = ["-H", "x-org-id: org_bench"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    pct = report["latencyPercentiles"]
+    return {"p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000, "p999": pct["p99.9"] * 1000,
+            "rps": report["summary"]["requestsPerSec"]}
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="tollgate-bench-")
+    procs = []
+
+    def start(args, port, what, **kw):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        procs.append(proc)
+        wait_for(port, what)
+        return proc
+
+    try:
+        ports = {name: free_port() for name in ["upstream", "redis", "nginx", "memory", "redis_gw"]}
+        start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
+              ports["upstream"], "the stand-in upstream")
+        start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+              ports["redis"], "redis-server")
+        with open(f"{work}/nginx.conf", "w") as f:
+            f.write(NGINX.format(dir=work, upstream=ports["upstream"], port=ports["nginx"]))
+        start(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], ports["nginx"], "nginx")
+        gateways = {}
+        for name, backend, url in [("memory", "memory", ""),
+                                   ("redis_gw", "redis", f'url = "redis://127.0.0.1:{ports["redis"]}"')]:
+            path = f"{work}/{name}.toml"
+            with open(path, "w") as f:
+                f.write(TOLLGATE.format(port=ports[name], backend=backend, store_url=url, upstream=ports["upstream"]))
+            gateways[name] = start([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
+                                   ports[name], f"tollgate ({backend})", env={**os.environ, "RUST_LOG": "warn"})
+        scripts = {}
+        for name, text in [("post", LUA_POST.format(org="org_bench")), ("broke", LUA_POST.format(org="org_broke")),
+                           ("chat", LUA_CHAT.format(body=chat_body()))]:
+            scripts[name] = f"{work}/{name}.lua"
+            with open(scripts[name], "w") as f:
+                f.write(text)
+
+        base = lambda name: f"http://127.0.0.1:{ports[name]}"
+        cases = [
+            ("1. upstream directly (ceiling)", base("upstream") + "/run", "post"),
+            ("2. nginx proxy_pass (peer)", base("nginx") + "/run", "post"),
+            ("3. tollgate, unmetered route", base("memory") + "/unmetered", "post"),
+            ("4. tollgate, fixed cost, memory store", base("memory") + "/run", "post"),
+            ("5. tollgate, fixed cost, redis store", base("redis_gw") + "/run", "post"),
+            ("6. tollgate, estimate 4 KB chat + usage, redis", base("redis_gw") + "/v1/chat/completions", "chat"),
+            ("7. tollgate, 402 path (all denied), redis", base("redis_gw") + "/run", "broke"),
+        ]
+        results = []
+        for title, url, script in cases:
+            result = wrk(url, scripts[script])
+            results.append((title, result))
+            print(f"{title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms", file=sys.stderr)
+
+        latency = []
+        if shutil.which("oha"):
+            for title, url in [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
+                               ("5. tollgate redis", base("redis_gw") + "/run")]:
+                for rate in (5000, 10000):
+                    latency.append((title, rate, oha(url, rate)))
+        rss = {name: peak_rss_mb(proc.pid) for name, proc in gateways.items()}
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    nginx_rps = results[1][1]["rps"]
+    lines = [
+        "# tollgate load benchmark",
+        "",
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {os.cpu_count()} cores, {cpu_model()}; "
+        f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case; "
+        "all processes on one machine, over loopback, sharing its cores.",
+        "",
+        "| case | requests/s | × nginx | p99 (ms) | non-2xx |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for title, r in results:
+        lines.append(f"| {title} | {r['rps']:.0f} | {r['rps'] / nginx_rps:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} |")
+    if latency:
+        lines += ["", "Open loop (oha, latency-corrected), fixed rates:", "",
+                  "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) |", "|---|---:|---:|---:|---:|---:|"]
+        for title, rate, r in latency:
+            lines.append(f"| {title} | {rate} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} |")
+    lines += ["", "Peak RSS of tollgate over the run: " +
+              ", ".join(f"{'memory store' if k == 'memory' else 'redis store'} {v:.1f} MB" for k, v in rss.items()), ""]
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(ROOT, "benches/results/latest.md"), "w") as f:
+        f.write(table)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
