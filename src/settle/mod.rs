@@ -32,6 +32,30 @@ use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreE
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
 
+/// Which reservation, and the store it lives in: all a settlement needs but
+/// the amounts.
+#[derive(Clone)]
+struct Ticket {
+    id: ReservationId,
+    org: OrgId,
+    period: Period,
+    store: Arc<dyn QuotaStore>,
+    store_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Ticket {
+    fn admitted(self, applied: Amounts) -> Reservation {
+        self.metrics
+            .reservations_open
+            .fetch_add(1, Ordering::Relaxed);
+        Reservation {
+            ticket: self,
+            applied,
+        }
+    }
+}
+
 /// A reservation asked of the store and not yet answered.
 ///
 /// If the request stops waiting (the store timeout passed, or the client went
@@ -40,12 +64,7 @@ type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Sen
 /// so a reservation no request went on with is never left counted.
 pub struct PendingReservation {
     call: Option<StoreCall>,
-    id: ReservationId,
-    org: OrgId,
-    period: Period,
-    store: Arc<dyn QuotaStore>,
-    store_timeout: Duration,
-    metrics: Arc<Metrics>,
+    ticket: Ticket,
 }
 
 impl PendingReservation {
@@ -56,17 +75,18 @@ impl PendingReservation {
         store_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> PendingReservation {
-        let (id, org, period) = (request.id, request.org.clone(), request.period);
-        let call_store = store.clone();
-        let call: StoreCall = Box::pin(async move { call_store.reserve(&request).await });
-        PendingReservation {
-            call: Some(call),
-            id,
-            org,
-            period,
-            store,
+        let ticket = Ticket {
+            id: request.id,
+            org: request.org.clone(),
+            period: request.period,
+            store: store.clone(),
             store_timeout,
             metrics,
+        };
+        let call: StoreCall = Box::pin(async move { store.reserve(&request).await });
+        PendingReservation {
+            call: Some(call),
+            ticket,
         }
     }
 
@@ -77,7 +97,7 @@ impl PendingReservation {
                 "the reservation was already decided".into(),
             ));
         };
-        let decided = tokio::time::timeout(self.store_timeout, call)
+        let decided = tokio::time::timeout(self.ticket.store_timeout, call)
             .await
             .map_err(|_| StoreError::Timeout)?;
         self.call = None;
@@ -86,15 +106,7 @@ impl PendingReservation {
 
     /// The admitted reservation, holding what the store `applied`.
     pub fn admitted(self, applied: Amounts) -> Reservation {
-        Reservation::new(
-            self.id,
-            self.org.clone(),
-            self.period,
-            applied,
-            self.store.clone(),
-            self.store_timeout,
-            self.metrics.clone(),
-        )
+        self.ticket.clone().admitted(applied)
     }
 }
 
@@ -104,13 +116,11 @@ impl Drop for PendingReservation {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (id, org, period) = (self.id, self.org.clone(), self.period);
-        let (store, timeout, metrics) =
-            (self.store.clone(), self.store_timeout, self.metrics.clone());
+        let ticket = self.ticket.clone();
         runtime.spawn(async move {
             if let Ok(Decision::Admit { applied, .. }) = call.await {
-                tracing::debug!(org = %org, reservation = %id, "refunding a reservation applied after its request stopped waiting");
-                Reservation::new(id, org, period, applied, store, timeout, metrics).refund();
+                tracing::debug!(org = %ticket.org, reservation = %ticket.id, "refunding a reservation applied after its request stopped waiting");
+                ticket.admitted(applied).refund();
             }
         });
     }
@@ -121,43 +131,17 @@ const SETTLE_ATTEMPTS: u32 = 3;
 
 /// Counters applied in the store for one request, not yet settled.
 pub struct Reservation {
-    id: ReservationId,
-    org: OrgId,
-    period: Period,
+    ticket: Ticket,
     applied: Amounts,
-    store: Arc<dyn QuotaStore>,
-    store_timeout: Duration,
-    metrics: Arc<Metrics>,
 }
 
 impl Reservation {
-    pub(crate) fn new(
-        id: ReservationId,
-        org: OrgId,
-        period: Period,
-        applied: Amounts,
-        store: Arc<dyn QuotaStore>,
-        store_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Reservation {
-        metrics.reservations_open.fetch_add(1, Ordering::Relaxed);
-        Reservation {
-            id,
-            org,
-            period,
-            applied,
-            store,
-            store_timeout,
-            metrics,
-        }
-    }
-
     /// Leaves the reservation as it is.
     pub fn stand(self) {}
 
     /// Replaces the estimated tokens with the `tokens` the provider reported.
     pub fn reconcile(self, tokens: i64) {
-        Metrics::count(&self.metrics.reconciliations);
+        Metrics::count(&self.ticket.metrics.reconciliations);
         let estimated = self.applied.get(Dimension::Tokens);
         let correction =
             Amounts::ZERO.with(Dimension::Tokens, tokens.clamp(0, MAX_AMOUNT) - estimated);
@@ -167,7 +151,7 @@ impl Reservation {
     /// Gives back everything the reservation took, in the background.
     pub fn refund(self) {
         if !self.applied.is_zero() {
-            Metrics::count(&self.metrics.refunds);
+            Metrics::count(&self.ticket.metrics.refunds);
         }
         let correction = self.applied.negated();
         self.apply(correction);
@@ -176,14 +160,19 @@ impl Reservation {
     /// Applies `correction` in a task of its own, so that it completes even
     /// if the request that asked for it is dropped midway.
     fn apply(self, correction: Amounts) {
-        let store = self.store.clone();
-        let metrics = self.metrics.clone();
-        let (id, org, period, timeout) =
-            (self.id, self.org.clone(), self.period, self.store_timeout);
         if correction.is_zero() {
             return;
         }
+        let ticket = self.ticket.clone();
         tokio::spawn(async move {
+            let Ticket {
+                id,
+                org,
+                period,
+                store,
+                store_timeout,
+                metrics,
+            } = ticket;
             let settlement = Settlement {
                 id,
                 org: &org,
@@ -193,14 +182,15 @@ impl Reservation {
             // The store applies a settlement once per id, so retrying one whose
             // answer was lost cannot count it twice.
             for attempt in 1..=SETTLE_ATTEMPTS {
-                let error = match tokio::time::timeout(timeout, store.settle(&settlement)).await {
-                    Ok(Ok(())) => return,
-                    Ok(Err(error)) => error,
-                    Err(_elapsed) => StoreError::Timeout,
-                };
+                let error =
+                    match tokio::time::timeout(store_timeout, store.settle(&settlement)).await {
+                        Ok(Ok(())) => return,
+                        Ok(Err(error)) => error,
+                        Err(_elapsed) => StoreError::Timeout,
+                    };
                 metrics.store_failed("settle", &error);
                 if attempt < SETTLE_ATTEMPTS {
-                    tokio::time::sleep(timeout).await;
+                    tokio::time::sleep(store_timeout).await;
                 }
             }
             tracing::warn!(org = %org, reservation = %id, "gave up settling a reservation; it stands");
@@ -210,7 +200,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.metrics
+        self.ticket
+            .metrics
             .reservations_open
             .fetch_sub(1, Ordering::Relaxed);
     }
