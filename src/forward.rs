@@ -125,10 +125,15 @@ impl Forwarder {
 
 /// An upstream body that fails once it has sent nothing for `idle`: a
 /// stream may run for as long as it keeps moving, but not hang forever.
+///
+/// The timer is armed only when the body has to wait, so a body that is
+/// ready whenever it is polled (most small answers) never touches it.
 struct IdleTimeout {
     inner: Incoming,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    /// Allocated on the first wait, then re-armed for each later one.
+    deadline: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl IdleTimeout {
@@ -136,7 +141,8 @@ impl IdleTimeout {
         IdleTimeout {
             inner,
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: None,
+            armed: false,
         }
     }
 }
@@ -154,19 +160,24 @@ impl HttpBody for IdleTimeout {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.deadline.as_mut().reset(next);
-                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
+        }
+        let until = tokio::time::Instant::now() + this.idle;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if !this.armed {
+            deadline.as_mut().reset(until);
+            this.armed = true;
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!(idle = ?this.idle, "cutting an upstream body that went idle");
+                Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)))))
             }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    tracing::warn!(idle = ?this.idle, "cutting an upstream body that went idle");
-                    Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => Poll::Pending,
         }
     }
 
