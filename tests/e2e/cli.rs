@@ -55,9 +55,8 @@ fn check_accepts_the_reference_interface_once_its_placeholder_key_is_real() {
 
 #[test]
 fn check_reports_every_problem_with_its_line_and_key_path() {
-    let dir = std::env::temp_dir().join(format!("tollgate-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("broken.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
     std::fs::write(
         &file,
         r#"[server]
@@ -123,14 +122,12 @@ period_anchor_day = 32
             "missing {expected:?} in:\n{stderr}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn check_rejects_an_unknown_key_with_its_path() {
-    let dir = std::env::temp_dir().join(format!("tollgate-unknown-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("typo.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.toml");
     std::fs::write(
         &file,
         "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_byte = 5\n",
@@ -153,7 +150,6 @@ fn check_rejects_an_unknown_key_with_its_path() {
         )),
         "{stderr}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -184,9 +180,8 @@ async fn run_stops_cleanly_on_sigterm() {
         .local_addr()
         .unwrap()
         .port();
-    let dir = std::env::temp_dir().join(format!("tollgate-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("run.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.toml");
     std::fs::write(
         &file,
         format!(
@@ -222,5 +217,4 @@ async fn run_stops_cleanly_on_sigterm() {
     .unwrap();
 
     assert!(status.success(), "exit status {status}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
