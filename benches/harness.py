@@ -126,8 +126,9 @@ def chat_body():
     return json.dumps(body, separators=(",", ":"))
 
 
-def wrk(url, script):
+def wrk(url, script, proxy, redis):
     subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{WARMUP}", "-s", script, url], capture_output=True, check=True)
+    before = cpu_seconds(proxy), cpu_seconds(redis)
     out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", "-s", script, url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -135,8 +136,9 @@ def wrk(url, script):
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))
+    proxy_cpu, redis_cpu = cpu_seconds(proxy) - before[0], cpu_seconds(redis) - before[1]
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": int(non2xx.group(1)) if non2xx else 0,
-            "requests": total}
+            "requests": total, "cpu_us": proxy_cpu * 1e6 / total, "redis_us": redis_cpu * 1e6 / total}
 
 
 def oha(url, rate, org=True):
@@ -149,6 +151,21 @@ def oha(url, rate, org=True):
     pct = report["latencyPercentiles"]
     return {"p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000, "p999": pct["p99.9"] * 1000,
             "rps": report["summary"]["requestsPerSec"]}
+
+
+def cpu_seconds(pids):
+    """User plus system CPU time of these processes and their children."""
+    family, total = set(pids), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry) in family or int(fields[1]) in family:
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid):
@@ -171,13 +188,13 @@ def main():
 
     try:
         ports = {name: free_port() for name in ["upstream", "redis", "nginx", "memory", "redis_gw"]}
-        start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
+        upstream = start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
               ports["upstream"], "the stand-in upstream")
-        start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        redis = start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
               ports["redis"], "redis-server")
         with open(f"{work}/nginx.conf", "w") as f:
             f.write(NGINX.format(dir=work, upstream=ports["upstream"], port=ports["nginx"]))
-        start(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], ports["nginx"], "nginx")
+        nginx = start(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], ports["nginx"], "nginx")
         gateways = {}
         for name, backend, url in [("memory", "memory", ""),
                                    ("redis_gw", "redis", f'url = "redis://127.0.0.1:{ports["redis"]}"')]:
@@ -194,23 +211,31 @@ def main():
                 f.write(text)
 
         base = lambda name: f"http://127.0.0.1:{ports[name]}"
+        pids = {"upstream": upstream.pid, "nginx": nginx.pid, "memory": gateways["memory"].pid,
+                "redis_gw": gateways["redis_gw"].pid}
         cases = [
-            ("1. upstream directly (ceiling)", base("upstream") + "/run", "post"),
-            ("2. nginx proxy_pass (peer)", base("nginx") + "/run", "post"),
-            ("3. tollgate, unmetered route", base("memory") + "/unmetered", "post"),
-            ("4. tollgate, fixed cost, memory store", base("memory") + "/run", "post"),
-            ("5. tollgate, fixed cost, redis store", base("redis_gw") + "/run", "post"),
-            ("6. tollgate, estimate 4 KB chat + usage, redis", base("redis_gw") + "/v1/chat/completions", "chat"),
-            ("7. tollgate, 402 path (all denied), redis", base("redis_gw") + "/run", "broke"),
+            ("1. upstream directly (ceiling)", "upstream", "/run", "post"),
+            ("2. nginx proxy_pass (peer)", "nginx", "/run", "post"),
+            ("3. tollgate, unmetered route", "memory", "/unmetered", "post"),
+            ("4. tollgate, fixed cost, memory store", "memory", "/run", "post"),
+            ("5. tollgate, fixed cost, redis store", "redis_gw", "/run", "post"),
+            ("6. tollgate, estimate 4 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat"),
+            ("7. tollgate, 402 path (all denied), redis", "redis_gw", "/run", "broke"),
         ]
+        # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
+        # always runs, as every ratio is taken against it.
+        wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7").split(",")} | {2}
         results = []
-        for title, url, script in cases:
-            result = wrk(url, scripts[script])
+        for title, server, path, script in cases:
+            if int(title.split(".")[0]) not in wanted:
+                continue
+            result = wrk(base(server) + path, scripts[script], [pids[server]], [redis.pid])
             results.append((title, result))
-            print(f"{title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms", file=sys.stderr)
+            print(f"{title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms, "
+                  f"{result['cpu_us']:.1f} µs CPU/request (+{result['redis_us']:.1f} redis)", file=sys.stderr)
 
         latency = []
-        if shutil.which("oha"):
+        if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0":
             for title, url in [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
                                ("5. tollgate redis", base("redis_gw") + "/run")]:
                 for rate in (5000, 10000):
@@ -225,7 +250,7 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    nginx_rps = results[1][1]["rps"]
+    nginx_rps = next(r["rps"] for title, r in results if title.startswith("2."))
     lines = [
         "# tollgate load benchmark",
         "",
@@ -233,11 +258,12 @@ def main():
         f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case; "
         "all processes on one machine, over loopback, sharing its cores.",
         "",
-        "| case | requests/s | × nginx | p99 (ms) | non-2xx |",
-        "|---|---:|---:|---:|---:|",
+        "| case | requests/s | × nginx | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for title, r in results:
-        lines.append(f"| {title} | {r['rps']:.0f} | {r['rps'] / nginx_rps:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} |")
+        lines.append(f"| {title} | {r['rps']:.0f} | {r['rps'] / nginx_rps:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} "
+                     f"| {r['cpu_us']:.1f} | {r['redis_us']:.1f} |")
     if latency:
         lines += ["", "Open loop (oha, latency-corrected), fixed rates:", "",
                   "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) |", "|---|---:|---:|---:|---:|---:|"]

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chrono::Utc;
-use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
@@ -15,15 +15,20 @@ use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::quota::Amounts;
 use crate::route::Router;
-use crate::stack::{self, Gateway};
+use crate::settle::Ledger;
+use crate::stack::{self, Gateway, HttpService};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
 
+/// The parts every worker shares. Cloning is cheap: it shares them.
+#[derive(Clone)]
 pub struct App {
-    config: Config,
+    config: Arc<Config>,
+    /// The memory store every worker uses, or this handle's own connection
+    /// to Redis (each worker opens another).
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
     clock: Clock,
-    service: stack::HttpService,
+    settling: TaskTracker,
 }
 
 /// Why a valid config could not be turned into a running gateway.
@@ -33,6 +38,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("upstream TLS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("starting a worker: {0}")]
+    Worker(#[from] std::io::Error),
 }
 
 impl App {
@@ -44,26 +51,40 @@ impl App {
 
     /// [`App::new`] with a clock of the caller's, for tests that move time.
     pub fn with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
-        let store: Arc<dyn QuotaStore> = match &config.store.backend {
-            Backend::Memory => Arc::new(MemoryStore::new()),
-            Backend::Redis(Redacted(target)) => Arc::new(RedisStore::new(
-                target,
-                &config.store.key_prefix,
-                config.store.timeout,
-            )?),
+        Ok(App {
+            store: open_store(&config)?,
+            config: Arc::new(config),
+            metrics: Arc::default(),
+            clock,
+            settling: TaskTracker::new(),
+        })
+    }
+
+    /// The service one worker runs, built on that worker's runtime.
+    ///
+    /// Upstream connections are the worker's own, and so is its Redis
+    /// connection: everything a request waits on is driven by the thread
+    /// that serves it. A memory store is one, shared by all.
+    fn worker_service(&self) -> Result<HttpService, StartError> {
+        let config = &self.config;
+        let store = match config.store.backend {
+            Backend::Memory => self.store.clone(),
+            Backend::Redis(_) => open_store(config)?,
         };
-        let metrics = Arc::<Metrics>::default();
         let meter = Meter {
-            store: store.clone(),
+            ledger: Ledger {
+                store,
+                store_timeout: config.store.timeout,
+                metrics: self.metrics.clone(),
+                settling: self.settling.clone(),
+            },
             orgs: config.orgs.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
-            store_timeout: config.store.timeout,
             on_store_error: config.store.on_error,
-            metrics: metrics.clone(),
-            clock: clock.clone(),
+            clock: self.clock.clone(),
         };
-        let service = stack::build(Gateway::new(
+        Ok(stack::build(Gateway::new(
             Router::new(&config.routes),
             Identifier::new(config.identity.clone()),
             meter,
@@ -72,14 +93,7 @@ impl App {
                 config.server.upstream_timeout,
                 config.server.idle_timeout,
             )?,
-        ));
-        Ok(App {
-            config,
-            store,
-            metrics,
-            clock,
-            service,
-        })
+        )))
     }
 
     pub fn config(&self) -> &Config {
@@ -100,14 +114,33 @@ impl App {
         self.store.usage(org, period).await
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains.
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        crate::accept::serve(
+    /// Serves on `listener` with `server.workers` threads until `shutdown`
+    /// completes, then drains: open requests get `shutdown_grace` to finish,
+    /// and settlements already begun get the same to reach the store.
+    pub async fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let app = self.clone();
+        crate::accept::serve_on_workers(
             listener,
-            self.service.clone(),
             &self.config.server,
+            move || app.worker_service(),
+            self.settling.clone(),
             shutdown,
         )
-        .await;
+        .await
     }
+}
+
+fn open_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StoreError> {
+    Ok(match &config.store.backend {
+        Backend::Memory => Arc::new(MemoryStore::new()),
+        Backend::Redis(Redacted(target)) => Arc::new(RedisStore::new(
+            target,
+            &config.store.key_prefix,
+            config.store.timeout,
+        )?),
+    })
 }

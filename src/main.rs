@@ -1,9 +1,9 @@
 use std::net::SocketAddr;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use tollgate::{App, Config, demo};
@@ -42,7 +42,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+    // This thread only waits for signals; the gateway's workers run
+    // runtimes of their own (see `tollgate::accept`).
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
@@ -90,19 +92,19 @@ fn check(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
 
 async fn run(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
     let config = Config::load(path)?;
-    let listener = TcpListener::bind(config.server.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "{}", config.summary());
-    App::new(config)?.serve(listener, shutdown_signal()).await;
+    let listener = TcpListener::bind(config.server.listen)?;
+    tracing::info!(addr = %listener.local_addr()?, workers = config.server.workers, "{}", config.summary());
+    App::new(config)?.serve(listener, shutdown_signal()).await?;
     Ok(())
 }
 
 async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollgate::BoxError> {
-    let backend = TcpListener::bind("127.0.0.1:0").await?;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_addr = backend.local_addr()?;
     tokio::spawn(demo::stand_in_backend(backend));
 
     let config = demo::config(backend_addr, Some(listen))?;
-    let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
+    let listener = TcpListener::bind(config.server.listen).map_err(|e| {
         format!("cannot listen on {listen} ({e}); pick another address with --listen")
     })?;
     let gateway_addr = listener.local_addr()?;
@@ -117,7 +119,7 @@ async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollg
         app.serve(listener, async {
             let _ = stopped.await;
         })
-        .await;
+        .await
     });
     demo::tour(gateway_addr).await?;
     if !exit_after_tour {
@@ -126,7 +128,7 @@ async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollg
         shutdown_signal().await;
     }
     let _ = stop.send(());
-    server.await?;
+    server.await??;
     Ok(())
 }
 

@@ -35,6 +35,8 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Threads serving connections, each with a runtime of its own.
+    pub workers: usize,
     pub max_body_bytes: u64,
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,

@@ -39,6 +39,7 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
+    pub workers: Option<i64>,
     pub tls: Option<RawTls>,
 }
 

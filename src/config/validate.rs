@@ -22,6 +22,9 @@ use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
 use crate::store::RedisTarget;
 
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: i64 = 1024;
+
 struct Checker<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<Problem>,
@@ -192,11 +195,23 @@ pub(super) fn validate(
                 1 << 20
             }
         };
+        let workers = match s.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n) if (1..=MAX_WORKERS).contains(&n) => n as usize,
+            Some(n) => {
+                c.problem(
+                    &path.key("workers"),
+                    format!("must be between 1 and {MAX_WORKERS} (got {n})"),
+                );
+                1
+            }
+        };
         if s.tls.is_some() {
             c.not_supported_yet(&path.key("tls"), "TLS termination");
         }
         ServerConfig {
             listen,
+            workers,
             max_body_bytes,
             upstream_timeout: c.duration(
                 &path.key("upstream_timeout"),

@@ -23,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::org::{OrgDirectory, OrgId};
 use crate::quota::{Decision, Dimension, Exceeded, Mode};
 use crate::settle::tap::UsageReading;
-use crate::settle::{PendingReservation, Reservation};
-use crate::store::{QuotaStore, ReservationId, ReserveRequest};
+use crate::settle::{Ledger, PendingReservation, Reservation};
+use crate::store::{ReservationId, ReserveRequest};
 use crate::{Body, BoxError, full_body};
 use estimate::StreamUsage;
 
@@ -32,13 +32,11 @@ use estimate::StreamUsage;
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 pub struct Meter {
-    pub(crate) store: Arc<dyn QuotaStore>,
+    pub(crate) ledger: Ledger,
     pub(crate) orgs: OrgDirectory,
     pub(crate) max_body_bytes: u64,
     pub(crate) body_read_timeout: Duration,
-    pub(crate) store_timeout: Duration,
     pub(crate) on_store_error: OnStoreError,
-    pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Clock,
 }
 
@@ -119,17 +117,12 @@ impl Meter {
             cost: amounts,
             mode: policy.mode,
         };
-        let mut pending = PendingReservation::start(
-            self.store.clone(),
-            reserve,
-            self.store_timeout,
-            self.metrics.clone(),
-        );
+        let mut pending = PendingReservation::start(&self.ledger, reserve);
         let decided = pending.decision().await;
         match decided {
             Ok(Decision::Admit { applied, over }) => {
                 if let Some(over) = over {
-                    Metrics::count(&self.metrics.shadow_exceeded);
+                    Metrics::count(&self.ledger.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
                 let reservation = pending.admitted(applied);
@@ -141,7 +134,7 @@ impl Meter {
                 })
             }
             Ok(Decision::Deny(exceeded)) => {
-                Metrics::count(&self.metrics.quota_denials);
+                Metrics::count(&self.ledger.metrics.quota_denials);
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
                     exceeded,
@@ -159,10 +152,10 @@ impl Meter {
         request: Request<Body>,
         error: &dyn std::error::Error,
     ) -> Result<Admitted, GatewayError> {
-        self.metrics.store_failed("reserve", &error);
+        self.ledger.metrics.store_failed("reserve", &error);
         match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
-                Metrics::count(&self.metrics.fail_open_passes);
+                Metrics::count(&self.ledger.metrics.fail_open_passes);
                 Ok(Admitted {
                     request,
                     reservation: None,
@@ -171,7 +164,7 @@ impl Meter {
                 })
             }
             OnStoreError::Deny => {
-                Metrics::count(&self.metrics.fail_closed_denials);
+                Metrics::count(&self.ledger.metrics.fail_closed_denials);
                 Err(GatewayError::StoreUnavailable)
             }
         }

@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio_util::task::TaskTracker;
+
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
@@ -32,21 +34,31 @@ use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreE
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
 
-/// Which reservation, and the store it lives in: all a settlement needs but
-/// the amounts.
+/// Where reservations are kept and settled: the store, how long one call to
+/// it may take, the metrics, and the settlements still running in the
+/// background (shutdown waits for those, so none is cut off midway).
+#[derive(Clone)]
+pub struct Ledger {
+    pub store: Arc<dyn QuotaStore>,
+    pub store_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+    pub settling: TaskTracker,
+}
+
+/// Which reservation, and the ledger it is kept in: all a settlement needs
+/// but the amounts.
 #[derive(Clone)]
 struct Ticket {
     id: ReservationId,
     org: OrgId,
     period: Period,
-    store: Arc<dyn QuotaStore>,
-    store_timeout: Duration,
-    metrics: Arc<Metrics>,
+    ledger: Ledger,
 }
 
 impl Ticket {
     fn admitted(self, applied: Amounts) -> Reservation {
-        self.metrics
+        self.ledger
+            .metrics
             .reservations_open
             .fetch_add(1, Ordering::Relaxed);
         Reservation {
@@ -68,21 +80,15 @@ pub struct PendingReservation {
 }
 
 impl PendingReservation {
-    /// Starts `request` in `store`.
-    pub fn start(
-        store: Arc<dyn QuotaStore>,
-        request: ReserveRequest,
-        store_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> PendingReservation {
+    /// Starts `request` in the ledger's store.
+    pub fn start(ledger: &Ledger, request: ReserveRequest) -> PendingReservation {
         let ticket = Ticket {
             id: request.id,
             org: request.org.clone(),
             period: request.period,
-            store: store.clone(),
-            store_timeout,
-            metrics,
+            ledger: ledger.clone(),
         };
+        let store = ledger.store.clone();
         let call: StoreCall = Box::pin(async move { store.reserve(&request).await });
         PendingReservation {
             call: Some(call),
@@ -97,7 +103,7 @@ impl PendingReservation {
                 "the reservation was already decided".into(),
             ));
         };
-        let decided = tokio::time::timeout(self.ticket.store_timeout, call)
+        let decided = tokio::time::timeout(self.ticket.ledger.store_timeout, call)
             .await
             .map_err(|_| StoreError::Timeout)?;
         self.call = None;
@@ -117,12 +123,13 @@ impl Drop for PendingReservation {
             return;
         };
         let ticket = self.ticket.clone();
-        runtime.spawn(async move {
+        let settling = ticket.ledger.settling.clone();
+        settling.spawn_on(async move {
             if let Ok(Decision::Admit { applied, .. }) = call.await {
                 tracing::debug!(org = %ticket.org, reservation = %ticket.id, "refunding a reservation applied after its request stopped waiting");
                 ticket.admitted(applied).refund();
             }
-        });
+        }, &runtime);
     }
 }
 
@@ -141,7 +148,7 @@ impl Reservation {
 
     /// Replaces the estimated tokens with the `tokens` the provider reported.
     pub fn reconcile(self, tokens: i64) {
-        Metrics::count(&self.ticket.metrics.reconciliations);
+        Metrics::count(&self.ticket.ledger.metrics.reconciliations);
         let estimated = self.applied.get(Dimension::Tokens);
         let correction =
             Amounts::ZERO.with(Dimension::Tokens, tokens.clamp(0, MAX_AMOUNT) - estimated);
@@ -151,7 +158,7 @@ impl Reservation {
     /// Gives back everything the reservation took, in the background.
     pub fn refund(self) {
         if !self.applied.is_zero() {
-            Metrics::count(&self.ticket.metrics.refunds);
+            Metrics::count(&self.ticket.ledger.metrics.refunds);
         }
         let correction = self.applied.negated();
         self.apply(correction);
@@ -163,16 +170,19 @@ impl Reservation {
         if correction.is_zero() {
             return;
         }
-        let ticket = self.ticket.clone();
-        tokio::spawn(async move {
-            let Ticket {
-                id,
-                org,
-                period,
+        let Ticket {
+            id,
+            org,
+            period,
+            ledger,
+        } = self.ticket.clone();
+        ledger.settling.clone().spawn(async move {
+            let Ledger {
                 store,
                 store_timeout,
                 metrics,
-            } = ticket;
+                ..
+            } = ledger;
             let settlement = Settlement {
                 id,
                 org: &org,
@@ -201,6 +211,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.ticket
+            .ledger
             .metrics
             .reservations_open
             .fetch_sub(1, Ordering::Relaxed);

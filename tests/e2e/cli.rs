@@ -62,6 +62,7 @@ fn check_reports_every_problem_with_its_line_and_key_path() {
         r#"[server]
 listen = "nowhere"
 upstream_timeout = "soon"
+workers = 0
 
 [store]
 backend = "redis"
@@ -104,18 +105,19 @@ period_anchor_day = 32
     for expected in [
         format!("{path}:2: server.listen: \"nowhere\" is not an address"),
         format!("{path}:3: server.upstream_timeout: \"soon\" is not a duration"),
-        format!("{path}:5: store.url: backend = \"redis\" needs `url` or a non-empty `cluster`"),
+        format!("{path}:4: server.workers: must be between 1 and 1024 (got 0)"),
+        format!("{path}:6: store.url: backend = \"redis\" needs `url` or a non-empty `cluster`"),
         format!(
-            "{path}:10: upstreams.api.headers.authorization: environment variable TOLLGATE_TEST_UNSET_VARIABLE is not set"
+            "{path}:11: upstreams.api.headers.authorization: environment variable TOLLGATE_TEST_UNSET_VARIABLE is not set"
         ),
-        format!("{path}:15: routes[0].upstream: no upstream is named \"apii\""),
-        format!("{path}:18: routes[1].name: the route name \"a\" is used twice"),
-        format!("{path}:19: routes[1].path: \"no-slash\" must start with '/'"),
-        format!("{path}:21: routes[1].cost.seats: \"many\": use a whole number"),
-        format!("{path}:21: routes[1].cost.tokenz: unknown quota dimension \"tokenz\""),
-        format!("{path}:24: plans.free.tokens: a limit cannot be negative (got -1)"),
-        format!("{path}:27: orgs.org_x.plan: no plan is named \"gold\""),
-        format!("{path}:28: orgs.org_x.period_anchor_day: 32 is not a day of the month"),
+        format!("{path}:16: routes[0].upstream: no upstream is named \"apii\""),
+        format!("{path}:19: routes[1].name: the route name \"a\" is used twice"),
+        format!("{path}:20: routes[1].path: \"no-slash\" must start with '/'"),
+        format!("{path}:22: routes[1].cost.seats: \"many\": use a whole number"),
+        format!("{path}:22: routes[1].cost.tokenz: unknown quota dimension \"tokenz\""),
+        format!("{path}:25: plans.free.tokens: a limit cannot be negative (got -1)"),
+        format!("{path}:28: orgs.org_x.plan: no plan is named \"gold\""),
+        format!("{path}:29: orgs.org_x.period_anchor_day: 32 is not a day of the month"),
     ] {
         assert!(
             stderr.contains(&expected),

@@ -9,7 +9,9 @@ use futures_util::future::join_all;
 use tollgate::quota::Dimension;
 
 use crate::support::redis::RedisServer;
-use crate::support::{Gateway, Upstream, client, config_with, envelope, eventually, fixed_clock};
+use crate::support::{
+    Gateway, Upstream, client, config_with, envelope, eventually, fixed_clock, within,
+};
 
 /// The shared test config on Redis, with a route costing 10 tokens, an org
 /// allowed 1,000 tokens, and the store's `timeout` and `on_error` as given.
@@ -340,4 +342,33 @@ async fn a_reservation_the_store_confirms_after_its_timeout_is_refunded() {
         redis.command::<i64>(&["GET", "tollgate:{org_late}:2026-11-01:tokens"]) == 10
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let mut gateway = start(&redis, &upstream, "deny").await;
+    let failing = tokio::spawn(
+        client()
+            .post(gateway.url("/ten"))
+            .header("x-org-id", "org_pair")
+            .header("x-test-hold", "1")
+            .header("x-test-status", "503")
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+    assert_eq!(gateway.used("org_pair", Dimension::Tokens).await, 10);
+
+    let stopped = tokio::spawn(gateway.shut_down());
+    eventually("the listener is closed", async || {
+        tokio::net::TcpStream::connect(gateway.addr).await.is_err()
+    })
+    .await;
+    upstream.release();
+    assert_eq!(failing.await.unwrap().unwrap().status(), 503);
+    within(Duration::from_secs(10), stopped).await.unwrap();
+
+    // Read at once: the gateway is gone, so the refund came before it went.
+    assert_eq!(gateway.used("org_pair", Dimension::Tokens).await, 0);
 }

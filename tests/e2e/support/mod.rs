@@ -181,7 +181,7 @@ impl Gateway {
         let config = Config::parse(config, "test.toml", &env)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let app = Arc::new(App::with_clock(config, clock).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = app.clone();
@@ -190,7 +190,8 @@ impl Gateway {
                 .serve(listener, async {
                     let _ = stopped.await;
                 })
-                .await;
+                .await
+                .unwrap();
         });
         Gateway {
             addr,
