@@ -18,9 +18,11 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("BENCH_DURATION", "10s")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WARMUP = os.environ.get("BENCH_WARMUP", "3s")
 CONNECTIONS = 64
 
@@ -225,21 +227,38 @@ def main():
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
         wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7").split(",")} | {2}
+        # Every case runs once per round, rounds one after another, and each
+        # figure reported is the median over the rounds: on a shared machine
+        # the same case moves by 20% from one minute to the next, and a ratio
+        # taken within one round cancels most of that drift.
+        runs = {}
+        for round_number in range(1, ROUNDS + 1):
+            for title, server, path, script in cases:
+                if int(title.split(".")[0]) not in wanted:
+                    continue
+                result = wrk(base(server) + path, scripts[script], [pids[server]], [redis.pid])
+                runs.setdefault(title, []).append(result)
+                print(f"round {round_number}: {title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms, "
+                      f"{result['cpu_us']:.1f} µs CPU/request (+{result['redis_us']:.1f} redis)", file=sys.stderr)
+        nginx_runs = runs["2. nginx proxy_pass (peer)"]
         results = []
-        for title, server, path, script in cases:
-            if int(title.split(".")[0]) not in wanted:
-                continue
-            result = wrk(base(server) + path, scripts[script], [pids[server]], [redis.pid])
-            results.append((title, result))
-            print(f"{title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms, "
-                  f"{result['cpu_us']:.1f} µs CPU/request (+{result['redis_us']:.1f} redis)", file=sys.stderr)
+        for title, samples in runs.items():
+            ratios = [r["rps"] / n["rps"] for r, n in zip(samples, nginx_runs)]
+            results.append((title, {key: median([r[key] for r in samples]) for key in samples[0]}
+                            | {"ratio": median(ratios), "ratio_low": min(ratios), "ratio_high": max(ratios)}))
 
         latency = []
         if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0":
-            for title, url in [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
-                               ("5. tollgate redis", base("redis_gw") + "/run")]:
-                for rate in (5000, 10000):
-                    latency.append((title, rate, oha(url, rate)))
+            targets = [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
+                       ("5. tollgate redis", base("redis_gw") + "/run")]
+            for rate in (5000, 10000):
+                samples = {title: [] for title, _ in targets}
+                for _ in range(ROUNDS):
+                    for title, url in targets:
+                        samples[title].append(oha(url, rate))
+                for title, _ in targets:
+                    latency.append((title, rate, {key: median([r[key] for r in samples[title]])
+                                                  for key in samples[title][0]}))
         rss = {name: peak_rss_mb(proc.pid) for name, proc in gateways.items()}
     finally:
         for proc in reversed(procs):
@@ -250,25 +269,30 @@ def main():
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    nginx_rps = next(r["rps"] for title, r in results if title.startswith("2."))
     lines = [
         "# tollgate load benchmark",
         "",
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; {os.cpu_count()} cores, {cpu_model()}; "
-        f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case; "
-        "all processes on one machine, over loopback, sharing its cores.",
+        f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case, "
+        f"{ROUNDS} rounds; every figure is the median over the rounds (× nginx: the median of the ratios within "
+        "each round, with their range). All processes on one machine, over loopback, sharing its cores. "
+        "CPU µs/req: the proxy's (tollgate's or nginx's) user + system time over the measured run, per request.",
         "",
-        "| case | requests/s | × nginx | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| case | requests/s | × nginx | range | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for title, r in results:
-        lines.append(f"| {title} | {r['rps']:.0f} | {r['rps'] / nginx_rps:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} "
-                     f"| {r['cpu_us']:.1f} | {r['redis_us']:.1f} |")
+        lines.append(f"| {title} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['ratio_low']:.2f}–{r['ratio_high']:.2f} "
+                     f"| {r['p99_ms']:.2f} | {r['non2xx']:.0f} | {r['cpu_us']:.1f} | {r['redis_us']:.1f} |")
     if latency:
-        lines += ["", "Open loop (oha, latency-corrected), fixed rates:", "",
-                  "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"Open loop (oha, latency-corrected, {CONNECTIONS} connections), fixed rates, median of "
+                  f"{ROUNDS} rounds; added p99: over the upstream's at the same rate:", "",
+                  "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | added p99 (ms) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        direct = {rate: r["p99"] for title, rate, r in latency if title.startswith("1.")}
         for title, rate, r in latency:
-            lines.append(f"| {title} | {rate} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} |")
+            lines.append(f"| {title} | {rate} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} "
+                         f"| {r['p99'] - direct[rate]:.3f} |")
     lines += ["", "Peak RSS of tollgate over the run: " +
               ", ".join(f"{'memory store' if k == 'memory' else 'redis store'} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)

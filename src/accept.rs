@@ -214,7 +214,7 @@ impl Worker {
                 }
             };
             let service =
-                TowerToHyperService::new(AddExtension::new(service.clone(), ClientAddr(peer)));
+                TowerToHyperService::new(AddExtension::new(service.clone(), ClientAddr::new(peer)));
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();

@@ -31,7 +31,8 @@ impl Period {
 
     /// The period's name in store keys: its first day, `2026-11-05`.
     pub fn key(&self) -> String {
-        self.start.format("%Y-%m-%d").to_string()
+        let day = self.start.date_naive();
+        format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
     }
 }
 

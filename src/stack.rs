@@ -32,8 +32,25 @@ use crate::{Body, BoxError, incoming_body};
 pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
 /// The client's address, added to each request by the accept step.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Clone, Debug)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    /// The address's IP as an `X-Forwarded-For` entry, rendered once per
+    /// connection rather than once per request.
+    pub forwarded_for: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> ClientAddr {
+        // An IP's text is always a valid header value.
+        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientAddr {
+            addr,
+            forwarded_for,
+        }
+    }
+}
 
 /// Response header naming the quota a shadow-mode request went past.
 pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shadow-exceeded");
@@ -98,14 +115,13 @@ impl Gateway {
 
     async fn handle(self, mut request: Request<Body>) -> Result<Response<Body>, GatewayError> {
         let steps = &*self.steps;
-        let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+        let client = request.extensions_mut().remove::<ClientAddr>();
         let route = steps
             .router
             .find(request.method(), request.uri().path())
-            .ok_or(GatewayError::NoRoute)?
-            .clone();
+            .ok_or(GatewayError::NoRoute)?;
 
-        let Some(cost) = route.cost else {
+        let Some(cost) = &route.cost else {
             steps.identifier.strip_gateway_keys(request.headers_mut());
             return steps
                 .forwarder
@@ -114,7 +130,7 @@ impl Gateway {
         };
 
         let org = steps.identifier.identify(request.headers_mut())?;
-        let admitted = steps.meter.admit(&route, &cost, org, request).await?;
+        let admitted = steps.meter.admit(route, cost, org, request).await?;
         let forwarded = steps
             .forwarder
             .forward(route.upstream, admitted.request, client)

@@ -78,11 +78,11 @@ if exceeded == 0 or ARGV[1] ~= '1' then
     if cost < 0 then
       cost = math.max(cost, -math.max(current[i], 0))
     end
-    if cost ~= 0 then
-      redis.call('INCRBY', KEYS[i + 1], cost)
-      if ARGV[3 * i + 3] == '0' then
-        redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
-      end
+    -- A counter gets its expiry when it is created (it counts up from 0),
+    -- not on every reservation.
+    if cost ~= 0 and redis.call('INCRBY', KEYS[i + 1], cost) == cost
+        and ARGV[3 * i + 3] == '0' then
+      redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
     end
     reply[3 + i] = cost
   end
@@ -111,11 +111,9 @@ for i = 1, #KEYS - 1 do
     local current = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
     correction = math.max(correction, -math.max(current, 0))
   end
-  if correction ~= 0 then
-    redis.call('INCRBY', KEYS[i + 1], correction)
-    if ARGV[2 * i + 2] == '0' then
-      redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
-    end
+  if correction ~= 0 and redis.call('INCRBY', KEYS[i + 1], correction) == correction
+      and ARGV[2 * i + 2] == '0' then
+    redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
   end
 end
 return 1

@@ -5,7 +5,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tollgate::quota::Dimension;
 
-use crate::support::{Gateway, KEY_ACME, Upstream, client, config, eventually, within};
+use crate::support::{
+    Gateway, KEY_ACME, Upstream, client, config, config_with, eventually, within,
+};
 
 #[tokio::test]
 async fn the_gateway_key_is_stripped_and_forwarding_headers_are_set() {
@@ -89,7 +91,11 @@ async fn upstream_headers_replace_what_the_client_sent() {
 #[tokio::test]
 async fn an_unmetered_hundred_megabyte_upload_streams_through_a_one_megabyte_limit() {
     let upstream = Upstream::start().await;
-    let gateway = Gateway::start(&config(), &upstream).await;
+    // The upstream answers only once it has read all 100 MiB, which on a
+    // busy test machine can take longer than the usual 500ms.
+    let config =
+        config_with(|c| c.replace("upstream_timeout = \"500ms\"", "upstream_timeout = \"30s\""));
+    let gateway = Gateway::start(&config, &upstream).await;
     const CHUNK: usize = 256 * 1024;
     const CHUNKS: usize = 400; // 100 MiB
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
