@@ -39,8 +39,14 @@ fn count(usage: &Value, key: &str) -> Option<i64> {
 
 /// The tokens a whole JSON response body reports.
 pub fn tokens_in_json(body: &[u8]) -> Option<i64> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    value.get("usage").and_then(tokens_in_usage)
+    /// Only `usage` is built; the rest of the answer (the long part) is
+    /// checked and skipped without allocating.
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Value>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    answer.usage.as_ref().and_then(tokens_in_usage)
 }
 
 /// What the events of one stream have reported so far.

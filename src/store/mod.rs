@@ -39,11 +39,16 @@ impl ReservationId {
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
         ReservationId((u128::from(*PROCESS) << 64) | u128::from(count))
     }
+
+    /// The id as 32 lowercase hex digits, as in store keys and logs.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0.to_be_bytes())
+    }
 }
 
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(&self.hex())
     }
 }
 
@@ -103,4 +108,16 @@ pub trait QuotaStore: Send + Sync + 'static {
         dimension: Dimension,
         value: i64,
     ) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_id_reads_as_32_hex_digits() {
+        let id = ReservationId((0xabc << 64) | 0x12);
+        assert_eq!(id.hex(), format!("{:032x}", id.0));
+        assert_eq!(id.to_string(), "0000000000000abc0000000000000012");
+    }
 }

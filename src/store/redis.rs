@@ -40,8 +40,11 @@ use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
 /// be read during the whole next one.
 pub const PERIOD_KEY_GRACE: chrono::TimeDelta = chrono::TimeDelta::days(35);
 
-/// How long a settlement marker is kept: far longer than any retry.
-const SETTLED_MARKER_SECONDS: u64 = 24 * 60 * 60;
+/// How long a settlement marker is kept at least. A settlement is retried
+/// within seconds (a few attempts, each bounded by the store timeout), so
+/// this is far longer than any retry, yet short enough that one marker per
+/// reconciled request does not pile up in Redis' memory.
+const SETTLED_MARKER_SECONDS: u64 = 10 * 60;
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -142,6 +145,8 @@ pub struct RedisStore {
     /// Seconds a reservation's reply is remembered so that a resent call is
     /// not applied twice; 0 where the connection never resends.
     remember_reply_seconds: u64,
+    /// Seconds a settlement marker is kept.
+    settled_marker_seconds: u64,
 }
 
 impl RedisStore {
@@ -199,15 +204,33 @@ impl RedisStore {
             connection,
             prefix: prefix.to_string(),
             remember_reply_seconds,
+            settled_marker_seconds: SETTLED_MARKER_SECONDS.max(response_timeout.as_secs() * 10),
         })
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
         if dimension.is_gauge() {
-            format!("{}:{{{org}}}:{dimension}", self.prefix)
+            self.org_key(org, &[dimension.as_str()])
         } else {
-            format!("{}:{{{org}}}:{}:{dimension}", self.prefix, period.key())
+            self.org_key(org, &[&period.key(), dimension.as_str()])
         }
+    }
+
+    /// `{prefix}:{org}:` and `parts` joined by colons. Built by hand: keys
+    /// are made on every call, and `format!` cost more than the call's
+    /// other work.
+    fn org_key(&self, org: &OrgId, parts: &[&str]) -> String {
+        let length = parts.iter().map(|p| p.len() + 1).sum::<usize>();
+        let mut key = String::with_capacity(self.prefix.len() + org.as_str().len() + 3 + length);
+        key.push_str(&self.prefix);
+        key.push_str(":{");
+        key.push_str(org.as_str());
+        key.push('}');
+        for part in parts {
+            key.push(':');
+            key.push_str(part);
+        }
+        key
     }
 
     async fn invoke<T: redis::FromRedisValue>(
@@ -255,10 +278,7 @@ impl QuotaStore for RedisStore {
         let dimensions: Vec<(Dimension, i64)> = request.cost.iter().collect();
         let mut invocation = RESERVE.prepare_invoke();
         invocation
-            .key(format!(
-                "{}:{{{}}}:reserved:{}",
-                self.prefix, request.org, request.id
-            ))
+            .key(self.org_key(&request.org, &["reserved", &request.id.hex()]))
             .arg(if request.mode == Mode::Enforce {
                 "1"
             } else {
@@ -315,11 +335,8 @@ impl QuotaStore for RedisStore {
     async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError> {
         let mut invocation = SETTLE.prepare_invoke();
         invocation
-            .key(format!(
-                "{}:{{{}}}:settled:{}",
-                self.prefix, settlement.org, settlement.id
-            ))
-            .arg(SETTLED_MARKER_SECONDS)
+            .key(self.org_key(settlement.org, &["settled", &settlement.id.hex()]))
+            .arg(self.settled_marker_seconds)
             .arg(expire_at(&settlement.period));
         for (dimension, correction) in settlement.correction.iter() {
             invocation.key(self.counter_key(settlement.org, &settlement.period, dimension));
