@@ -458,6 +458,68 @@ async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_p
 }
 
 #[tokio::test]
+async fn reservations_arriving_together_share_script_calls_and_stay_exact() {
+    let server = RedisServer::start().await;
+    let store: Arc<dyn QuotaStore> = Arc::new(
+        RedisStore::new(
+            &RedisTarget::Single(server.url()),
+            "tollgate",
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+    );
+    let org = org("org_batched");
+    let limits = Limits::UNLIMITED.with(TOKENS, 1000);
+
+    let decisions = join_all((0..200).map(|_| {
+        enforce(
+            &*store,
+            &org,
+            november(),
+            limits,
+            Amounts::ZERO.with(TOKENS, 10),
+        )
+    }))
+    .await;
+
+    let admitted = decisions
+        .iter()
+        .filter(|d| matches!(d, Decision::Admit { .. }))
+        .count();
+    assert_eq!(admitted, 100);
+    for denied in decisions.iter().filter_map(|d| match d {
+        Decision::Deny(exceeded) => Some(exceeded),
+        Decision::Admit { .. } => None,
+    }) {
+        assert_eq!(
+            (denied.current, denied.limit, denied.requested),
+            (1000, 1000, 10)
+        );
+    }
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        1000
+    );
+    let stats: String = server.command(&["INFO", "commandstats"]);
+    let script_calls: u64 = stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        (1..=20).contains(&script_calls),
+        "200 reservations took {script_calls} script calls"
+    );
+}
+
+#[tokio::test]
 async fn a_reservation_the_cluster_client_resends_is_applied_once() {
     let cluster = RedisCluster::start().await;
     let store = RedisStore::new(
