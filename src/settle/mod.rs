@@ -185,7 +185,7 @@ impl Reservation {
             } = ledger;
             let settlement = Settlement {
                 id,
-                org: &org,
+                org,
                 period,
                 correction,
             };
@@ -203,7 +203,7 @@ impl Reservation {
                     tokio::time::sleep(store_timeout).await;
                 }
             }
-            tracing::warn!(org = %org, reservation = %id, "gave up settling a reservation; it stands");
+            tracing::warn!(org = %settlement.org, reservation = %id, "gave up settling a reservation; it stands");
         });
     }
 }

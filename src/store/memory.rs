@@ -102,16 +102,16 @@ impl QuotaStore for MemoryStore {
         Ok(decision)
     }
 
-    async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError> {
+    async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
         let mut state = self.state()?;
         if state
             .settled
             .insert(settlement.id, Instant::now())
             .is_none()
         {
-            let current = state.read(settlement.org, &settlement.period);
+            let current = state.read(&settlement.org, &settlement.period);
             let correction = crate::quota::clamp_releases(&current, &settlement.correction);
-            state.add(settlement.org, &settlement.period, &correction);
+            state.add(&settlement.org, &settlement.period, &correction);
         }
         Ok(())
     }

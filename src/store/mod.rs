@@ -73,9 +73,9 @@ pub struct ReserveRequest {
 
 /// Correct reservation `id` by `correction` (negative refunds).
 #[derive(Clone, Debug)]
-pub struct Settlement<'a> {
+pub struct Settlement {
     pub id: ReservationId,
-    pub org: &'a OrgId,
+    pub org: OrgId,
     pub period: Period,
     pub correction: Amounts,
 }
@@ -95,7 +95,7 @@ pub trait QuotaStore: Send + Sync + 'static {
 
     /// Applies a settlement's correction, once: repeating a settlement with
     /// the same id changes nothing.
-    async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError>;
+    async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError>;
 
     /// The org's counters in `period` (seats: the current gauge).
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError>;

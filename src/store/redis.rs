@@ -21,6 +21,7 @@
 //!
 //! [`quota::decide`]: crate::quota::decide
 
+use std::future::Future;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -119,25 +120,35 @@ return replies
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
--- KEYS[1]: the reservation's settlement marker. KEYS[i + 1]: one counter.
--- ARGV[1]: marker lifetime in seconds. ARGV[2]: unix time period counters expire at.
--- ARGV[2i + 1], ARGV[2i + 2]: KEYS[i + 1]'s correction, '1' if a gauge.
--- Reply: 1 if applied, 0 if this reservation was already settled.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return 0
-end
-for i = 1, #KEYS - 1 do
-  local correction = tonumber(ARGV[2 * i + 1])
-  if correction < 0 then
-    local current = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
-    correction = math.max(correction, -math.max(current, 0))
+-- Settlements one after another, each applied at most once per reservation.
+-- KEYS: per settlement, its reservation's settlement marker, then its counters.
+-- ARGV[1]: marker lifetime in seconds. Then per settlement: the unix time its
+-- period counters expire at; its number of counters n; and n times the
+-- counter's correction, '1' if a gauge.
+-- Reply, per settlement: 1 if applied, 0 if that reservation was settled before.
+local replies, key, arg = {}, 1, 2
+while arg <= #ARGV do
+  local expire_at, counters = ARGV[arg], tonumber(ARGV[arg + 1])
+  if redis.call('SET', KEYS[key], '1', 'NX', 'EX', ARGV[1]) then
+    for i = 1, counters do
+      local correction = tonumber(ARGV[arg + 2 * i])
+      if correction < 0 then
+        local current = tonumber(redis.call('GET', KEYS[key + i]) or '0')
+        correction = math.max(correction, -math.max(current, 0))
+      end
+      if correction ~= 0 and redis.call('INCRBY', KEYS[key + i], correction) == correction
+          and ARGV[arg + 2 * i + 1] == '0' then
+        redis.call('EXPIREAT', KEYS[key + i], expire_at)
+      end
+    end
+    replies[#replies + 1] = 1
+  else
+    replies[#replies + 1] = 0
   end
-  if correction ~= 0 and redis.call('INCRBY', KEYS[i + 1], correction) == correction
-      and ARGV[2 * i + 2] == '0' then
-    redis.call('EXPIREAT', KEYS[i + 1], ARGV[2])
-  end
+  key = key + 1 + counters
+  arg = arg + 2 + 2 * counters
 end
-return 1
+return replies
 ",
     )
 });
@@ -159,26 +170,28 @@ enum Connection {
 
 pub struct RedisStore {
     redis: Redis,
-    /// On a single server: where reservations queue for the task that sends
-    /// them, so that those arriving together travel as one script call.
-    /// Under load that cuts the calls Redis runs, and the round trips, to a
-    /// fraction; an idle gateway's reservation goes at once, alone.
+    /// On a single server: where reservations and settlements queue for the
+    /// tasks that send them, so that those arriving together travel as one
+    /// script call. Under load that cuts the calls Redis runs, and the round
+    /// trips, to a fraction; on an idle gateway each goes at once, alone.
     /// `None` on a cluster, whose orgs live on different nodes.
-    queue: Option<mpsc::UnboundedSender<Queued>>,
+    queues: Option<Queues>,
 }
 
-/// The most reservations sent in one script call.
+struct Queues {
+    reservations: mpsc::UnboundedSender<Queued<ReserveRequest, Decision>>,
+    settlements: mpsc::UnboundedSender<Queued<Settlement, ()>>,
+}
+
+/// The most reservations (or settlements) sent in one script call.
 const MAX_BATCH: usize = 64;
 
-/// Script calls with reservations that may be on their way at once; more
-/// reservations wait for one of them to return, and then go together.
+/// Script calls of one kind that may be on their way at once; more calls
+/// wait for one of them to return, and then go together.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
-/// A reservation waiting to be sent, and where its decision goes.
-type Queued = (
-    ReserveRequest,
-    oneshot::Sender<Result<Decision, StoreError>>,
-);
+/// A call waiting to be sent, and where its outcome goes.
+type Queued<C, O> = (C, oneshot::Sender<Result<O, StoreError>>);
 
 /// The connection and the key layout: everything a call to Redis needs.
 #[derive(Clone)]
@@ -249,21 +262,34 @@ impl RedisStore {
             remember_reply_seconds,
             settled_marker_seconds: SETTLED_MARKER_SECONDS.max(response_timeout.as_secs() * 10),
         };
-        let queue = match (target, tokio::runtime::Handle::try_current()) {
+        let queues = match (target, tokio::runtime::Handle::try_current()) {
             (RedisTarget::Single(_), Ok(runtime)) => {
-                let (queue, queued) = mpsc::unbounded_channel();
-                runtime.spawn(send_batches(redis.clone(), queued));
-                Some(queue)
+                let (reservations, queued) = mpsc::unbounded_channel();
+                runtime.spawn(send_batches(redis.clone(), queued, Redis::reserve_all));
+                let (settlements, queued) = mpsc::unbounded_channel();
+                runtime.spawn(send_batches(redis.clone(), queued, Redis::settle_all));
+                Some(Queues {
+                    reservations,
+                    settlements,
+                })
             }
             _ => None,
         };
-        Ok(RedisStore { redis, queue })
+        Ok(RedisStore { redis, queues })
     }
 }
 
-/// Sends queued reservations, as many together as have queued up, with at
-/// most [`MAX_BATCHES_IN_FLIGHT`] calls under way. Ends with the store.
-async fn send_batches(redis: Redis, mut queued: mpsc::UnboundedReceiver<Queued>) {
+/// Sends queued calls with `send`, as many together as have queued up,
+/// with at most [`MAX_BATCHES_IN_FLIGHT`] under way. Ends with the store.
+async fn send_batches<C, O, Sent>(
+    redis: Redis,
+    mut queued: mpsc::UnboundedReceiver<Queued<C, O>>,
+    send: fn(Redis, Vec<C>) -> Sent,
+) where
+    C: Send + 'static,
+    O: Send + 'static,
+    Sent: Future<Output = Result<Vec<O>, StoreError>> + Send + 'static,
+{
     let mut in_flight = JoinSet::new();
     loop {
         tokio::select! {
@@ -276,20 +302,29 @@ async fn send_batches(redis: Redis, mut queued: mpsc::UnboundedReceiver<Queued>)
                         Err(_) => break,
                     }
                 }
-                let redis = redis.clone();
+                let (calls, outcomes): (Vec<C>, Vec<_>) = batch.into_iter().unzip();
+                let sent = send(redis.clone(), calls);
                 in_flight.spawn(async move {
-                    let requests: Vec<&ReserveRequest> = batch.iter().map(|(r, _)| r).collect();
-                    let decisions = redis.reserve_all(&requests).await;
-                    for (index, (_, decided)) in batch.into_iter().enumerate() {
-                        let decision = match &decisions {
-                            Ok(decisions) => decisions.get(index).copied().ok_or_else(|| {
-                                StoreError::Backend("no reply for a reservation".into())
-                            }),
-                            Err(error) => Err(StoreError::Backend(error.to_string())),
-                        };
-                        // A request that stops waiting still awaits this in the
-                        // background, to refund it (settle::PendingReservation).
-                        let _ = decided.send(decision);
+                    match sent.await {
+                        Ok(results) if results.len() == outcomes.len() => {
+                            for (outcome, result) in outcomes.into_iter().zip(results) {
+                                // A request that stops waiting still awaits this in
+                                // the background (settle::PendingReservation).
+                                let _ = outcome.send(Ok(result));
+                            }
+                        }
+                        Ok(_) => {
+                            for outcome in outcomes {
+                                let _ = outcome.send(Err(StoreError::Backend(
+                                    "a reply for each call was expected".into(),
+                                )));
+                            }
+                        }
+                        Err(error) => {
+                            for outcome in outcomes {
+                                let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
+                            }
+                        }
                     }
                 });
             }
@@ -299,14 +334,33 @@ async fn send_batches(redis: Redis, mut queued: mpsc::UnboundedReceiver<Queued>)
     while in_flight.join_next().await.is_some() {}
 }
 
+/// Queues `call` for its batch sender and waits for its outcome.
+async fn queue<C, O>(
+    queue: &mpsc::UnboundedSender<Queued<C, O>>,
+    call: C,
+) -> Result<O, StoreError> {
+    let (sender, outcome) = oneshot::channel();
+    let gone = || StoreError::Backend("the store's call queue is gone".into());
+    queue.send((call, sender)).map_err(|_| gone())?;
+    outcome.await.map_err(|_| gone())?
+}
+
+/// The only outcome of a batch of one.
+fn only<O>(outcomes: Vec<O>) -> Result<O, StoreError> {
+    outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Backend("the store sent no reply".into()))
+}
+
 impl Redis {
     /// Runs `requests` through one reserve script call, in order; a
     /// decision for each.
-    async fn reserve_all(&self, requests: &[&ReserveRequest]) -> Result<Vec<Decision>, StoreError> {
+    async fn reserve_all(self, requests: Vec<ReserveRequest>) -> Result<Vec<Decision>, StoreError> {
         let mut invocation = RESERVE.prepare_invoke();
         invocation.arg(self.remember_reply_seconds);
         let mut costs = Vec::with_capacity(requests.len());
-        for request in requests {
+        for request in &requests {
             let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
             invocation
                 .key(self.org_key(&request.org, &["reserved", &request.id.hex()]))
@@ -370,6 +424,28 @@ impl Redis {
             return Err(unexpected());
         }
         Ok(decisions)
+    }
+
+    /// Applies `settlements` through one settle script call, in order.
+    async fn settle_all(self, settlements: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
+        let mut invocation = SETTLE.prepare_invoke();
+        invocation.arg(self.settled_marker_seconds);
+        for settlement in &settlements {
+            let corrections: Vec<(Dimension, i64)> = settlement.correction.iter().collect();
+            invocation
+                .key(self.org_key(&settlement.org, &["settled", &settlement.id.hex()]))
+                .arg(expire_at(&settlement.period))
+                .arg(corrections.len());
+            for (dimension, correction) in corrections {
+                invocation
+                    .key(self.counter_key(&settlement.org, &settlement.period, dimension))
+                    .arg(correction)
+                    .arg(gauge_flag(dimension));
+            }
+        }
+        // Each is 1 if applied, 0 if settled before: either way, settled.
+        let applied: Vec<i64> = self.invoke(&invocation).await?;
+        Ok(vec![(); applied.len()])
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
@@ -439,37 +515,27 @@ fn gauge_flag(dimension: Dimension) -> &'static str {
 #[async_trait]
 impl QuotaStore for RedisStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
-        let Some(queue) = &self.queue else {
-            let decisions = self.redis.reserve_all(&[request]).await?;
-            return decisions
-                .into_iter()
-                .next()
-                .ok_or_else(|| StoreError::Backend("no reply for a reservation".into()));
-        };
-        let (decided, decision) = oneshot::channel();
-        let gone = || StoreError::Backend("the reservation queue is gone".into());
-        queue.send((request.clone(), decided)).map_err(|_| gone())?;
-        decision.await.map_err(|_| gone())?
+        match &self.queues {
+            Some(queues) => queue(&queues.reservations, request.clone()).await,
+            None => only(
+                self.redis
+                    .clone()
+                    .reserve_all(vec![request.clone()])
+                    .await?,
+            ),
+        }
     }
 
-    async fn settle(&self, settlement: &Settlement<'_>) -> Result<(), StoreError> {
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation
-            .key(
+    async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
+        match &self.queues {
+            Some(queues) => queue(&queues.settlements, settlement.clone()).await,
+            None => only(
                 self.redis
-                    .org_key(settlement.org, &["settled", &settlement.id.hex()]),
-            )
-            .arg(self.redis.settled_marker_seconds)
-            .arg(expire_at(&settlement.period));
-        for (dimension, correction) in settlement.correction.iter() {
-            invocation.key(
-                self.redis
-                    .counter_key(settlement.org, &settlement.period, dimension),
-            );
-            invocation.arg(correction).arg(gauge_flag(dimension));
+                    .clone()
+                    .settle_all(vec![settlement.clone()])
+                    .await?,
+            ),
         }
-        let _applied: i64 = self.redis.invoke(&invocation).await?;
-        Ok(())
     }
 
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {

@@ -205,7 +205,7 @@ async fn a_settlement_applies_once(store: &dyn QuotaStore) {
     .await;
     let settlement = Settlement {
         id,
-        org: &org,
+        org: org.clone(),
         period: november(),
         correction: Amounts::ZERO.with(TOKENS, -40),
     };
@@ -227,7 +227,7 @@ async fn a_settlement_applies_once(store: &dyn QuotaStore) {
     store
         .settle(&Settlement {
             id: other,
-            org: &org,
+            org: org.clone(),
             period: november(),
             correction,
         })
@@ -458,7 +458,7 @@ async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_p
 }
 
 #[tokio::test]
-async fn reservations_arriving_together_share_script_calls_and_stay_exact() {
+async fn reservations_and_settlements_arriving_together_share_script_calls_and_stay_exact() {
     let server = RedisServer::start().await;
     let store: Arc<dyn QuotaStore> = Arc::new(
         RedisStore::new(
@@ -470,52 +470,83 @@ async fn reservations_arriving_together_share_script_calls_and_stay_exact() {
     );
     let org = org("org_batched");
     let limits = Limits::UNLIMITED.with(TOKENS, 1000);
+    let script_calls = || {
+        let stats: String = server.command(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .filter(|line| {
+                line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:")
+            })
+            .filter_map(|line| {
+                line.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum::<u64>()
+    };
 
-    let decisions = join_all((0..200).map(|_| {
-        enforce(
+    let reserved = join_all((0..200).map(|_| {
+        reserve(
             &*store,
             &org,
             november(),
             limits,
             Amounts::ZERO.with(TOKENS, 10),
+            Mode::Enforce,
         )
     }))
     .await;
 
-    let admitted = decisions
+    let admitted: Vec<ReservationId> = reserved
         .iter()
-        .filter(|d| matches!(d, Decision::Admit { .. }))
-        .count();
-    assert_eq!(admitted, 100);
-    for denied in decisions.iter().filter_map(|d| match d {
-        Decision::Deny(exceeded) => Some(exceeded),
-        Decision::Admit { .. } => None,
-    }) {
-        assert_eq!(
-            (denied.current, denied.limit, denied.requested),
-            (1000, 1000, 10)
-        );
+        .filter(|(_, d)| matches!(d, Decision::Admit { .. }))
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(admitted.len(), 100);
+    for (_, decision) in &reserved {
+        if let Decision::Deny(denied) = decision {
+            assert_eq!(
+                (denied.current, denied.limit, denied.requested),
+                (1000, 1000, 10)
+            );
+        }
     }
     assert_eq!(
         store.usage(&org, november()).await.unwrap().get(TOKENS),
         1000
     );
-    let stats: String = server.command(&["INFO", "commandstats"]);
-    let script_calls: u64 = stats
-        .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let reserve_calls = script_calls();
     assert!(
-        (1..=20).contains(&script_calls),
-        "200 reservations took {script_calls} script calls"
+        (1..=20).contains(&reserve_calls),
+        "200 reservations took {reserve_calls} script calls"
+    );
+
+    // Each admitted reservation is reconciled one token up, the first twice
+    // over in the same burst: it still counts once.
+    let settlements = admitted.iter().chain(&admitted[..1]).map(|&id| Settlement {
+        id,
+        org: org.clone(),
+        period: november(),
+        correction: Amounts::ZERO.with(TOKENS, 1),
+    });
+    let settled = join_all(settlements.map(|s| {
+        let store = store.clone();
+        async move { store.settle(&s).await }
+    }))
+    .await;
+
+    assert!(settled.iter().all(Result::is_ok));
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        1100
+    );
+    let settle_calls = script_calls() - reserve_calls;
+    assert!(
+        (1..=20).contains(&settle_calls),
+        "101 settlements took {settle_calls} script calls"
     );
 }
 
