@@ -8,8 +8,7 @@
 //! and responses APIs and of the Anthropic messages API are understood; the
 //! estimate is what is reserved and charged.
 
-use serde_json::{Map, Value};
-
+use super::json::{Json, Object};
 use crate::quota::MAX_AMOUNT;
 
 /// What a request body is expected to cost in tokens.
@@ -35,9 +34,9 @@ impl Estimate {
 pub struct EstimateError(String);
 
 /// The request body as a JSON object, or why it is not one.
-pub fn parse(body: &[u8]) -> Result<Map<String, Value>, EstimateError> {
+pub fn parse(body: &[u8]) -> Result<Object<'_>, EstimateError> {
     match serde_json::from_slice(body) {
-        Ok(Value::Object(request)) => Ok(request),
+        Ok(Json::Object(request)) => Ok(request),
         Ok(_) => Err(EstimateError(
             "the request body must be a JSON object".into(),
         )),
@@ -49,14 +48,14 @@ pub fn parse(body: &[u8]) -> Result<Map<String, Value>, EstimateError> {
 
 /// Estimates `request`, sent to `path`, with `default_max_tokens` as the
 /// completion bound when it names none.
-pub fn estimate(path: &str, request: &Map<String, Value>, default_max_tokens: i64) -> Estimate {
+pub fn estimate(path: &str, request: &Object<'_>, default_max_tokens: i64) -> Estimate {
     let mut prompt_tokens = 0i64;
     for key in ["system", "instructions", "prompt", "input"] {
         if let Some(value) = request.get(key) {
             prompt_tokens += pieces_tokens(value);
         }
     }
-    if let Some(Value::Array(messages)) = request.get("messages") {
+    if let Some(Json::Array(messages)) = request.get("messages") {
         for message in messages {
             prompt_tokens += message_tokens(message);
         }
@@ -69,11 +68,11 @@ pub fn estimate(path: &str, request: &Map<String, Value>, default_max_tokens: i6
 
     let named_bound = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
-        .find_map(|key| request.get(*key).and_then(Value::as_i64))
+        .find_map(|key| request.get(key).and_then(Json::as_i64))
         .map(|bound| bound.max(0));
     let choices = ["n", "best_of"]
         .iter()
-        .filter_map(|key| request.get(*key).and_then(Value::as_i64))
+        .filter_map(|key| request.get(key).and_then(Json::as_i64))
         .max()
         .unwrap_or(1)
         .max(1);
@@ -104,23 +103,24 @@ pub enum StreamUsage {
 
 /// Asks an OpenAI chat completions or completions stream to report its
 /// usage, which it only does when `stream_options.include_usage` is set.
-pub fn request_stream_usage(path: &str, request: &mut Map<String, Value>) -> StreamUsage {
+pub fn request_stream_usage(path: &str, request: &mut Object<'_>) -> StreamUsage {
     let openai = path.ends_with("/chat/completions") || path.ends_with("/completions");
-    if !openai || request.get("stream") != Some(&Value::Bool(true)) {
+    if !openai || request.get("stream") != Some(&Json::Bool(true)) {
         return StreamUsage::NotNeeded;
     }
-    let options = request
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !options.is_object() {
-        *options = Value::Object(Map::new());
+    let options = request.entry_or_insert("stream_options", Json::Object(Object::default()));
+    if !matches!(options, Json::Object(_)) {
+        *options = Json::Object(Object::default());
     }
-    match options.get("include_usage") {
-        Some(Value::Bool(true)) => StreamUsage::ClientAsked,
-        _ => {
-            options["include_usage"] = Value::Bool(true);
-            StreamUsage::Added
-        }
+    let Json::Object(options) = options else {
+        return StreamUsage::NotNeeded;
+    };
+    let include_usage = options.entry_or_insert("include_usage", Json::Null);
+    if *include_usage == Json::Bool(true) {
+        StreamUsage::ClientAsked
+    } else {
+        *include_usage = Json::Bool(true);
+        StreamUsage::Added
     }
 }
 
@@ -130,30 +130,30 @@ fn text_tokens(chars: usize) -> i64 {
 
 /// A prompt-like value: one string is one piece; a list is one piece per
 /// entry (a list of token ids counts one token per id).
-fn pieces_tokens(value: &Value) -> i64 {
+fn pieces_tokens(value: &Json<'_>) -> i64 {
     match value {
-        Value::String(text) => text_tokens(text.chars().count()),
-        Value::Number(_) => 1,
-        Value::Array(items) => items.iter().map(pieces_tokens).sum(),
-        Value::Object(_) => message_tokens(value),
+        Json::String(text) => text_tokens(text.chars().count()),
+        Json::Number(_) => 1,
+        Json::Array(items) => items.iter().map(pieces_tokens).sum(),
+        Json::Object(_) => message_tokens(value),
         _ => 0,
     }
 }
 
 /// One message (or responses-API input item) as one piece: its text
 /// content and any tool calls it carries.
-fn message_tokens(message: &Value) -> i64 {
+fn message_tokens(message: &Json<'_>) -> i64 {
     let mut chars = 0;
     if let Some(content) = message.get("content") {
         chars += content_chars(content);
     }
-    if let Some(text) = message.get("text").and_then(Value::as_str) {
+    if let Some(text) = message.get("text").and_then(Json::as_str) {
         chars += text.chars().count();
     }
     for key in ["tool_calls", "function_call", "arguments", "output"] {
         if let Some(value) = message.get(key) {
             chars += match value {
-                Value::String(text) => text.chars().count(),
+                Json::String(text) => text.chars().count(),
                 other => json_chars(other),
             };
         }
@@ -164,14 +164,14 @@ fn message_tokens(message: &Value) -> i64 {
 /// Characters of text in message content: a string, or parts whose `text`
 /// counts (images and other media do not), with tool inputs and nested tool
 /// results counted by their JSON.
-fn content_chars(content: &Value) -> usize {
+fn content_chars(content: &Json<'_>) -> usize {
     match content {
-        Value::String(text) => text.chars().count(),
-        Value::Array(parts) => parts.iter().map(content_chars).sum(),
-        Value::Object(part) => {
+        Json::String(text) => text.chars().count(),
+        Json::Array(parts) => parts.iter().map(content_chars).sum(),
+        Json::Object(part) => {
             let text = part
                 .get("text")
-                .and_then(Value::as_str)
+                .and_then(Json::as_str)
                 .map_or(0, |t| t.chars().count());
             let nested = part.get("content").map_or(0, content_chars);
             let input = part.get("input").map_or(0, json_chars);
@@ -181,8 +181,21 @@ fn content_chars(content: &Value) -> usize {
     }
 }
 
-fn json_chars(value: &Value) -> usize {
-    serde_json::to_string(value).map_or(0, |s| s.chars().count())
+/// Characters of `value` written as compact JSON, counted as it is written.
+fn json_chars(value: &Json<'_>) -> usize {
+    struct CharCount(usize);
+    impl std::io::Write for CharCount {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            // Every UTF-8 character has one byte that is not a continuation.
+            self.0 += bytes.iter().filter(|&&b| (b & 0xC0) != 0x80).count();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = CharCount(0);
+    serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
 #[cfg(test)]
@@ -231,13 +244,21 @@ mod tests {
     fn tool_definitions_count_as_their_json() {
         let tools = r#"[{"type":"function","function":{"name":"f"}}]"#;
         let body = format!(r#"{{"messages":[],"tools":{tools},"max_tokens":0}}"#);
-        let expected = serde_json::to_string(&serde_json::from_str::<Value>(tools).unwrap())
-            .unwrap()
-            .len();
+        let expected =
+            serde_json::to_string(&serde_json::from_str::<serde_json::Value>(tools).unwrap())
+                .unwrap()
+                .len();
         assert_eq!(
             tokens("/v1/chat/completions", &body).prompt_tokens,
             expected.div_ceil(4) as i64
         );
+    }
+
+    #[test]
+    fn tool_definitions_count_characters_not_bytes() {
+        // Written compactly: 14 characters in 18 bytes, so 4 tokens, not 5.
+        let body = r#"{"tools": [ {"d": "éééé"} ],"max_tokens":0}"#;
+        assert_eq!(tokens("/v1/chat/completions", body).prompt_tokens, 4);
     }
 
     #[test]
@@ -343,7 +364,12 @@ mod tests {
             request_stream_usage("/v1/chat/completions", &mut request),
             StreamUsage::Added
         );
-        assert_eq!(request["stream_options"]["include_usage"], true);
+        assert_eq!(
+            request
+                .get("stream_options")
+                .and_then(|options| options.get("include_usage")),
+            Some(&Json::Bool(true))
+        );
         assert_eq!(
             request_stream_usage("/v1/chat/completions", &mut request),
             StreamUsage::ClientAsked

@@ -6,6 +6,7 @@
 //! reservation covers every dimension of it.
 
 pub mod estimate;
+pub mod json;
 
 use std::sync::Arc;
 use std::time::Duration;
