@@ -1,12 +1,15 @@
 //! The production store: counters in Redis (or a Redis Cluster), shared by
 //! every gateway instance.
 //!
-//! A reservation is one Lua script, one round trip: it reads every counter
-//! the cost names, applies [`quota::decide`]'s rule, and increments all or
-//! none. A settlement is another script that first sets a marker for the
-//! reservation id (`SET NX`), so a settlement retried after a timeout changes
-//! nothing the second time. Scripts go by `EVALSHA` and are reloaded when
-//! Redis answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//! A reservation runs in a Lua script, in one round trip: it reads every
+//! counter the cost names, applies [`quota::decide`]'s rule, and increments
+//! all or none. A settlement runs in another script that first sets a marker
+//! for the reservation id (`SET NX`), so a settlement retried after a timeout
+//! changes nothing the second time. On a single server, reservations (and
+//! settlements) that queue up while earlier ones are on their way go
+//! together in one script call, each still applied all or none, in order.
+//! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
+//! (after a restart or `SCRIPT FLUSH`).
 //!
 //! Keys carry the org as a hash tag, so one org's keys share a cluster slot
 //! and a script can touch all of them:
@@ -60,7 +63,18 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- counter's cost, limit (-1: none), '1' if a gauge.
 -- Reply, per reservation: admitted (1 or 0), the index of its first exceeded
 -- counter or 0, that counter's value, then the amount applied to each counter.
+--
+-- Each counter is read once and written once, however many reservations of
+-- the call touch it (a busy org's usually all do): the script runs alone, so
+-- keeping the running values here is the same as incrementing each time.
 local remember = ARGV[1]
+local values, written = {}, {}
+local function value(key)
+  if values[key] == nil then
+    values[key] = tonumber(redis.call('GET', key) or '0')
+  end
+  return values[key]
+end
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
   local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
@@ -73,15 +87,15 @@ while arg <= #ARGV do
     end
   end
   if not reply then
-    local current, exceeded = {}, 0
+    local exceeded, exceeded_value = 0, 0
     for i = 1, counters do
       local cost, limit = tonumber(ARGV[arg + 3 * i]), tonumber(ARGV[arg + 3 * i + 1])
-      current[i] = tonumber(redis.call('GET', KEYS[key + i]) or '0')
-      if exceeded == 0 and cost > 0 and limit >= 0 and current[i] + cost > limit then
-        exceeded = i
+      local current = value(KEYS[key + i])
+      if exceeded == 0 and cost > 0 and limit >= 0 and current + cost > limit then
+        exceeded, exceeded_value = i, current
       end
     end
-    reply = {0, exceeded, exceeded > 0 and current[exceeded] or 0}
+    reply = {0, exceeded, exceeded_value}
     local admitted = exceeded == 0 or not enforce
     if admitted then
       reply[1] = 1
@@ -89,15 +103,16 @@ while arg <= #ARGV do
     for i = 1, counters do
       local cost = 0
       if admitted then
+        local counter = KEYS[key + i]
+        local current = values[counter]
         cost = tonumber(ARGV[arg + 3 * i])
         if cost < 0 then
-          cost = math.max(cost, -math.max(current[i], 0))
+          cost = math.max(cost, -math.max(current, 0))
         end
-        -- A counter gets its expiry when it is created (it counts up from
-        -- 0), not on every reservation.
-        if cost ~= 0 and redis.call('INCRBY', KEYS[key + i], cost) == cost
-            and ARGV[arg + 3 * i + 2] == '0' then
-          redis.call('EXPIREAT', KEYS[key + i], expire_at)
+        if cost ~= 0 then
+          values[counter] = current + cost
+          -- A gauge keeps no expiry; a period counter expires with its period.
+          written[counter] = ARGV[arg + 3 * i + 2] == '1' and 'gauge' or expire_at
         end
       end
       reply[3 + i] = cost
@@ -106,11 +121,19 @@ while arg <= #ARGV do
       redis.call('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
     end
   end
-  for _, value in ipairs(reply) do
-    replies[#replies + 1] = value
+  for _, part in ipairs(reply) do
+    replies[#replies + 1] = part
   end
   key = key + 1 + counters
   arg = arg + 3 + 3 * counters
+end
+for counter, expiry in pairs(written) do
+  local text = string.format('%d', values[counter])
+  if expiry == 'gauge' then
+    redis.call('SET', counter, text, 'KEEPTTL')
+  else
+    redis.call('SET', counter, text, 'EXAT', expiry)
+  end
 end
 return replies
 ",
@@ -126,19 +149,24 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 -- period counters expire at; its number of counters n; and n times the
 -- counter's correction, '1' if a gauge.
 -- Reply, per settlement: 1 if applied, 0 if that reservation was settled before.
+-- As in the reserve script, each counter is read once and written once.
+local values, written = {}, {}
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
   local expire_at, counters = ARGV[arg], tonumber(ARGV[arg + 1])
   if redis.call('SET', KEYS[key], '1', 'NX', 'EX', ARGV[1]) then
     for i = 1, counters do
+      local counter = KEYS[key + i]
+      if values[counter] == nil then
+        values[counter] = tonumber(redis.call('GET', counter) or '0')
+      end
       local correction = tonumber(ARGV[arg + 2 * i])
       if correction < 0 then
-        local current = tonumber(redis.call('GET', KEYS[key + i]) or '0')
-        correction = math.max(correction, -math.max(current, 0))
+        correction = math.max(correction, -math.max(values[counter], 0))
       end
-      if correction ~= 0 and redis.call('INCRBY', KEYS[key + i], correction) == correction
-          and ARGV[arg + 2 * i + 1] == '0' then
-        redis.call('EXPIREAT', KEYS[key + i], expire_at)
+      if correction ~= 0 then
+        values[counter] = values[counter] + correction
+        written[counter] = ARGV[arg + 2 * i + 1] == '1' and 'gauge' or expire_at
       end
     end
     replies[#replies + 1] = 1
@@ -147,6 +175,14 @@ while arg <= #ARGV do
   end
   key = key + 1 + counters
   arg = arg + 2 + 2 * counters
+end
+for counter, expiry in pairs(written) do
+  local text = string.format('%d', values[counter])
+  if expiry == 'gauge' then
+    redis.call('SET', counter, text, 'KEEPTTL')
+  else
+    redis.call('SET', counter, text, 'EXAT', expiry)
+  end
 end
 return replies
 ",
