@@ -131,6 +131,7 @@ def chat_body():
 def wrk(url, script, proxy, redis):
     subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{WARMUP}", "-s", script, url], capture_output=True, check=True)
     before = cpu_seconds(proxy), cpu_seconds(redis)
+    ticks = machine_ticks()
     out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", "-s", script, url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -140,7 +141,8 @@ def wrk(url, script, proxy, redis):
     total = int(re.search(r"(\d+) requests in", out).group(1))
     proxy_cpu, redis_cpu = cpu_seconds(proxy) - before[0], cpu_seconds(redis) - before[1]
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": int(non2xx.group(1)) if non2xx else 0,
-            "requests": total, "cpu_us": proxy_cpu * 1e6 / total, "redis_us": redis_cpu * 1e6 / total}
+            "requests": total, "cpu_us": proxy_cpu * 1e6 / total, "redis_us": redis_cpu * 1e6 / total,
+            "steal": steal_percent(ticks)}
 
 
 def oha(url, rate, org=True):
@@ -148,11 +150,29 @@ def oha(url, rate, org=True):
             "--no-tui", "--output-format", "json", "-m", "POST", url]
     if org:
         args[1:1] = ["-H", "x-org-id: org_bench"]
+    # A warm-up at the same rate first: connections opened, pools filled.
+    warmup = args[:]
+    warmup[warmup.index(DURATION)] = WARMUP
+    subprocess.run(warmup, capture_output=True, check=True)
+    ticks = machine_ticks()
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     report = json.loads(out)
     pct = report["latencyPercentiles"]
     return {"p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000, "p999": pct["p99.9"] * 1000,
-            "rps": report["summary"]["requestsPerSec"]}
+            "rps": report["summary"]["requestsPerSec"], "steal": steal_percent(ticks)}
+
+
+def machine_ticks():
+    """(steal, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(n) for n in f.readline().split()[1:9]]
+    return fields[7], sum(fields)
+
+
+def steal_percent(before):
+    """The share of CPU time the hypervisor took from this machine since `before`."""
+    steal, total = machine_ticks()
+    return 100.0 * (steal - before[0]) / max(total - before[1], 1)
 
 
 def cpu_seconds(pids):
@@ -276,23 +296,25 @@ def main():
         f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case, "
         f"{ROUNDS} rounds; every figure is the median over the rounds (× nginx: the median of the ratios within "
         "each round, with their range). All processes on one machine, over loopback, sharing its cores. "
-        "CPU µs/req: the proxy's (tollgate's or nginx's) user + system time over the measured run, per request.",
+        "CPU µs/req: the proxy's (tollgate's or nginx's) user + system time over the measured run, per request. "
+        "Steal: the share of the machine's CPU time its hypervisor took during the run.",
         "",
-        "| case | requests/s | × nginx | range | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | requests/s | × nginx | range | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req | steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for title, r in results:
         lines.append(f"| {title} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['ratio_low']:.2f}–{r['ratio_high']:.2f} "
-                     f"| {r['p99_ms']:.2f} | {r['non2xx']:.0f} | {r['cpu_us']:.1f} | {r['redis_us']:.1f} |")
+                     f"| {r['p99_ms']:.2f} | {r['non2xx']:.0f} | {r['cpu_us']:.1f} | {r['redis_us']:.1f} "
+                     f"| {r['steal']:.0f} |")
     if latency:
         lines += ["", f"Open loop (oha, latency-corrected, {CONNECTIONS} connections), fixed rates, median of "
                   f"{ROUNDS} rounds; added p99: over the upstream's at the same rate:", "",
-                  "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | added p99 (ms) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| case | rate/s | achieved/s | p50 (ms) | p99 (ms) | p99.9 (ms) | added p99 (ms) | steal % |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         direct = {rate: r["p99"] for title, rate, r in latency if title.startswith("1.")}
         for title, rate, r in latency:
             lines.append(f"| {title} | {rate} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} "
-                         f"| {r['p99'] - direct[rate]:.3f} |")
+                         f"| {r['p99'] - direct[rate]:.3f} | {r['steal']:.0f} |")
     lines += ["", "Peak RSS of tollgate over the run: " +
               ", ".join(f"{'memory store' if k == 'memory' else 'redis store'} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)
