@@ -52,8 +52,60 @@ pub const PERIOD_KEY_GRACE: chrono::TimeDelta = chrono::TimeDelta::days(35);
 /// reconciled request does not pile up in Redis' memory.
 const SETTLED_MARKER_SECONDS: u64 = 10 * 60;
 
+/// What both scripts share. Each counter is read once and written once per
+/// call, however many of the call's items touch it (a busy org's usually
+/// all do): a script runs alone, so keeping running values here is the same
+/// as incrementing each time. Every write waits for `flush` at the end, so a
+/// script that fails midway has changed nothing, and retrying it is safe.
+macro_rules! lua_ledger {
+    () => {
+        r"
+local values, written, later = {}, {}, {}
+-- A counter's value so far in this call.
+local function value(counter)
+  if values[counter] == nil then
+    values[counter] = tonumber(redis.call('GET', counter) or '0')
+  end
+  return values[counter]
+end
+-- Adds `amount` to a counter; a release never takes it below zero. A gauge
+-- ('1') keeps no expiry; a period counter expires at `expire_at`. Returns
+-- the amount added.
+local function add(counter, amount, gauge, expire_at)
+  local current = value(counter)
+  if amount < 0 then
+    amount = math.max(amount, -math.max(current, 0))
+  end
+  if amount ~= 0 then
+    values[counter] = current + amount
+    written[counter] = gauge == '1' and 'gauge' or expire_at
+  end
+  return amount
+end
+-- A write other than a counter's, made with the counters at the end.
+local function set_later(...)
+  later[#later + 1] = {...}
+end
+local function flush()
+  for counter, expiry in pairs(written) do
+    local text = string.format('%d', values[counter])
+    if expiry == 'gauge' then
+      redis.call('SET', counter, text, 'KEEPTTL')
+    else
+      redis.call('SET', counter, text, 'EXAT', expiry)
+    end
+  end
+  for _, call in ipairs(later) do
+    redis.call('SET', unpack(call))
+  end
+end
+"
+    };
+}
+
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        lua_ledger!(),
         r"
 -- Reservations one after another, each checked and applied all or none.
 -- KEYS: per reservation, its marker, then its counters.
@@ -63,18 +115,7 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- counter's cost, limit (-1: none), '1' if a gauge.
 -- Reply, per reservation: admitted (1 or 0), the index of its first exceeded
 -- counter or 0, that counter's value, then the amount applied to each counter.
---
--- Each counter is read once and written once, however many reservations of
--- the call touch it (a busy org's usually all do): the script runs alone, so
--- keeping the running values here is the same as incrementing each time.
 local remember = ARGV[1]
-local values, written = {}, {}
-local function value(key)
-  if values[key] == nil then
-    values[key] = tonumber(redis.call('GET', key) or '0')
-  end
-  return values[key]
-end
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
   local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
@@ -101,24 +142,12 @@ while arg <= #ARGV do
       reply[1] = 1
     end
     for i = 1, counters do
-      local cost = 0
-      if admitted then
-        local counter = KEYS[key + i]
-        local current = values[counter]
-        cost = tonumber(ARGV[arg + 3 * i])
-        if cost < 0 then
-          cost = math.max(cost, -math.max(current, 0))
-        end
-        if cost ~= 0 then
-          values[counter] = current + cost
-          -- A gauge keeps no expiry; a period counter expires with its period.
-          written[counter] = ARGV[arg + 3 * i + 2] == '1' and 'gauge' or expire_at
-        end
-      end
-      reply[3 + i] = cost
+      reply[3 + i] = admitted
+        and add(KEYS[key + i], tonumber(ARGV[arg + 3 * i]), ARGV[arg + 3 * i + 2], expire_at)
+        or 0
     end
     if remember ~= '0' then
-      redis.call('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
+      set_later(KEYS[key], cjson.encode(reply), 'EX', remember)
     end
   end
   for _, part in ipairs(reply) do
@@ -127,21 +156,15 @@ while arg <= #ARGV do
   key = key + 1 + counters
   arg = arg + 3 + 3 * counters
 end
-for counter, expiry in pairs(written) do
-  local text = string.format('%d', values[counter])
-  if expiry == 'gauge' then
-    redis.call('SET', counter, text, 'KEEPTTL')
-  else
-    redis.call('SET', counter, text, 'EXAT', expiry)
-  end
-end
+flush()
 return replies
 ",
-    )
+    ))
 });
 
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        lua_ledger!(),
         r"
 -- Settlements one after another, each applied at most once per reservation.
 -- KEYS: per settlement, its reservation's settlement marker, then its counters.
@@ -149,25 +172,16 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 -- period counters expire at; its number of counters n; and n times the
 -- counter's correction, '1' if a gauge.
 -- Reply, per settlement: 1 if applied, 0 if that reservation was settled before.
--- As in the reserve script, each counter is read once and written once.
-local values, written = {}, {}
+local marked = {}
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
   local expire_at, counters = ARGV[arg], tonumber(ARGV[arg + 1])
-  if redis.call('SET', KEYS[key], '1', 'NX', 'EX', ARGV[1]) then
+  local marker = KEYS[key]
+  if not marked[marker] and redis.call('EXISTS', marker) == 0 then
+    marked[marker] = true
+    set_later(marker, '1', 'EX', ARGV[1])
     for i = 1, counters do
-      local counter = KEYS[key + i]
-      if values[counter] == nil then
-        values[counter] = tonumber(redis.call('GET', counter) or '0')
-      end
-      local correction = tonumber(ARGV[arg + 2 * i])
-      if correction < 0 then
-        correction = math.max(correction, -math.max(values[counter], 0))
-      end
-      if correction ~= 0 then
-        values[counter] = values[counter] + correction
-        written[counter] = ARGV[arg + 2 * i + 1] == '1' and 'gauge' or expire_at
-      end
+      add(KEYS[key + i], tonumber(ARGV[arg + 2 * i]), ARGV[arg + 2 * i + 1], expire_at)
     end
     replies[#replies + 1] = 1
   else
@@ -176,17 +190,10 @@ while arg <= #ARGV do
   key = key + 1 + counters
   arg = arg + 2 + 2 * counters
 end
-for counter, expiry in pairs(written) do
-  local text = string.format('%d', values[counter])
-  if expiry == 'gauge' then
-    redis.call('SET', counter, text, 'KEEPTTL')
-  else
-    redis.call('SET', counter, text, 'EXAT', expiry)
-  end
-end
+flush()
 return replies
 ",
-    )
+    ))
 });
 
 /// Where the store connects.

@@ -551,6 +551,53 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 }
 
 #[tokio::test]
+async fn a_settlement_call_that_fails_midway_leaves_nothing_and_its_retry_applies() {
+    let server = RedisServer::start().await;
+    let store = Arc::new(
+        RedisStore::new(
+            &RedisTarget::Single(server.url()),
+            "tollgate",
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+    );
+    let (good, bad) = (org("org_good"), org("org_bad"));
+    let (id, _) = reserve(
+        &*store,
+        &good,
+        november(),
+        Limits::UNLIMITED,
+        Amounts::ZERO.with(TOKENS, 100),
+        Mode::Enforce,
+    )
+    .await;
+    let _: () = server.command(&[
+        "SET",
+        "tollgate:{org_bad}:2026-11-01:tokens",
+        "not a number",
+    ]);
+    let settlement = |org: &OrgId, id| Settlement {
+        id,
+        org: org.clone(),
+        period: november(),
+        correction: Amounts::ZERO.with(TOKENS, 1),
+    };
+    let (first, second) = (
+        settlement(&good, id),
+        settlement(&bad, ReservationId::next()),
+    );
+
+    // Together they go as one call, which the bad counter makes fail.
+    let _ = join_all([store.settle(&first), store.settle(&second)]).await;
+    store.settle(&first).await.unwrap();
+
+    assert_eq!(
+        store.usage(&good, november()).await.unwrap().get(TOKENS),
+        101
+    );
+}
+
+#[tokio::test]
 async fn a_reservation_the_cluster_client_resends_is_applied_once() {
     let cluster = RedisCluster::start().await;
     let store = RedisStore::new(
