@@ -118,7 +118,8 @@ wrk.body = [[{body}]]
 
 
 def chat_body():
-    turn = "Summarise the quarterly revenue figures for the EMEA region and flag anomalies. " * 6
+    # 4 KB (4,091 bytes), the same body as benches/hot_paths.rs estimates.
+    turn = "Summarise the quarterly revenue figures for the EMEA region and flag anomalies. " * 14
     body = {"model": "gpt-4o", "max_tokens": 512, "messages": [
         {"role": "system", "content": "You are a careful financial analyst. " * 10},
         {"role": "user", "content": turn}, {"role": "assistant", "content": turn},
@@ -129,11 +130,11 @@ def chat_body():
 
 
 def wrk(url, script, proxy, redis):
-    subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{WARMUP}", "-s", script, url], capture_output=True, check=True)
+    command = lambda duration: ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{duration}", "--latency", "-s", script, url]
+    subprocess.run(command(WARMUP), capture_output=True, check=True)
     before = cpu_seconds(proxy), cpu_seconds(redis)
     ticks = machine_ticks()
-    out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", "-s", script, url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command(DURATION), capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
@@ -145,17 +146,13 @@ def wrk(url, script, proxy, redis):
             "steal": steal_percent(ticks)}
 
 
-def oha(url, rate, org=True):
-    args = ["oha", "-z", DURATION, "-q", str(rate), "-c", str(CONNECTIONS), "--latency-correction",
-            "--no-tui", "--output-format", "json", "-m", "POST", url]
-    if org:
-        args[1:1] = ["-H", "x-org-id: org_bench"]
+def oha(url, rate):
+    command = lambda duration: ["oha", "-z", duration, "-q", str(rate), "-c", str(CONNECTIONS), "--latency-correction",
+                                "--no-tui", "--output-format", "json", "-m", "POST", "-H", "x-org-id: org_bench", url]
     # A warm-up at the same rate first: connections opened, pools filled.
-    warmup = args[:]
-    warmup[warmup.index(DURATION)] = WARMUP
-    subprocess.run(warmup, capture_output=True, check=True)
+    subprocess.run(command(WARMUP), capture_output=True, check=True)
     ticks = machine_ticks()
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command(DURATION), capture_output=True, text=True, check=True).stdout
     report = json.loads(out)
     pct = report["latencyPercentiles"]
     return {"p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000, "p999": pct["p99.9"] * 1000,
@@ -288,6 +285,7 @@ def main():
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
     lines = [
         "# tollgate load benchmark",
@@ -296,7 +294,8 @@ def main():
         f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case, "
         f"{ROUNDS} rounds; every figure is the median over the rounds (× nginx: the median of the ratios within "
         "each round, with their range). All processes on one machine, over loopback, sharing its cores. "
-        "CPU µs/req: the proxy's (tollgate's or nginx's) user + system time over the measured run, per request. "
+        "CPU µs/req: the proxy's (tollgate's or nginx's; in case 1 the upstream's own) user + system time over the "
+        "measured run, per request. "
         "Steal: the share of the machine's CPU time its hypervisor took during the run.",
         "",
         "| case | requests/s | × nginx | range | p99 (ms) | non-2xx | proxy CPU µs/req | redis CPU µs/req | steal % |",

@@ -96,14 +96,6 @@ impl App {
         )))
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn store(&self) -> &Arc<dyn QuotaStore> {
-        &self.store
-    }
-
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

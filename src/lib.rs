@@ -2,19 +2,22 @@
 //!
 //! A request meets these modules in this order:
 //!
-//! 1. [`accept`]: listener, HTTP/1.1 and HTTP/2, header timeout, graceful
-//!    shutdown.
-//! 2. [`stack`]: the tower layers around the gateway, and the gateway service
-//!    that runs the steps below in order.
-//! 3. [`route`]: method + path to a configured route (404 when none).
-//! 4. [`identify`]: the org that pays: gateway API key, verified JWT or
+//! 1. [`accept`]: the listener, whose connections are dealt to worker
+//!    threads (one single-threaded runtime each); HTTP/1.1 and HTTP/2,
+//!    header timeout, graceful shutdown.
+//!
+//!    Around the steps below, [`stack`]: the tower layers, and the gateway
+//!    service that runs the steps in order.
+//! 2. [`route`]: method + path to a configured route (404 when none).
+//! 3. [`identify`]: the org that pays: gateway API key, verified JWT or
 //!    trusted header (401).
-//! 5. [`meter`]: buffer the body (413, 408), price it ([`meter::estimate`] for
-//!    LLM bodies, 400), reserve it in the [`store`] by the pure [`quota`]
-//!    decision for the org's [`period`] (402, or 503 when the store fails).
-//! 6. [`forward`]: the upstream request over HTTP or HTTPS, and its streamed
+//! 4. [`meter`]: buffer the body (413, 408), price it ([`meter::estimate`] for
+//!    LLM bodies, read through [`meter::json`]; 400), reserve it in the
+//!    [`store`] by the pure [`quota`] decision for the org's [`period`] (402,
+//!    or 503 when the store fails).
+//! 5. [`forward`]: the upstream request over HTTP or HTTPS, and its streamed
 //!    response (502, 504; a silent body is cut).
-//! 7. [`settle`]: refund a reservation whose upstream call failed, or
+//! 6. [`settle`]: refund a reservation whose upstream call failed, or
 //!    reconcile an estimate with the usage the response reports
 //!    ([`settle::tap`], [`settle::usage`]).
 //!

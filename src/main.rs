@@ -48,8 +48,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
-    // This thread only waits for signals; the gateway's workers run
-    // runtimes of their own (see `tollgate::accept`).
+    // This thread accepts connections and waits for signals; the gateway's
+    // workers run runtimes of their own (see `tollgate::accept`).
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -18,7 +18,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::map_request_body::MapRequestBodyLayer;
 use tower_http::map_response_body::MapResponseBodyLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::error::GatewayError;
 use crate::forward::Forwarder;
@@ -31,12 +32,11 @@ use crate::{Body, BoxError, incoming_body};
 /// The whole gateway as one cloneable HTTP service.
 pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
-/// The client's address, added to each request by the accept step.
+/// The client's address, added to each request by the accept step: its IP
+/// as an `X-Forwarded-For` entry, rendered once per connection rather than
+/// once per request.
 #[derive(Clone, Debug)]
 pub struct ClientAddr {
-    pub addr: SocketAddr,
-    /// The address's IP as an `X-Forwarded-For` entry, rendered once per
-    /// connection rather than once per request.
     pub forwarded_for: HeaderValue,
 }
 
@@ -45,10 +45,7 @@ impl ClientAddr {
         // An IP's text is always a valid header value.
         let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientAddr {
-            addr,
-            forwarded_for,
-        }
+        ClientAddr { forwarded_for }
     }
 }
 
@@ -70,8 +67,11 @@ pub fn build(gateway: Gateway) -> HttpService {
             HeaderName::from_static("x-api-key"),
         ]))
         // Tracing sits outside everything that can fail, so every answer,
-        // including a caught panic, is logged with its status and latency.
-        .layer(TraceLayer::new_for_http())
+        // including a caught panic, is traced with its status and latency.
+        // Failures (5xx) are traced at debug like the rest: the steps that
+        // fail log them once per cause, and a store outage must not turn
+        // into an error line per request.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         // A panic becomes the gateway's 500 envelope rather than a dropped
         // connection (and a reservation it held stands, as for a client gone).
         .layer(CatchPanicLayer::custom(|_panic| {

@@ -18,7 +18,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::org::{OrgDirectory, OrgId};
-use crate::quota::{Amounts, Mode};
+use crate::quota::Amounts;
 use crate::store::RedisTarget;
 
 /// The validated configuration the gateway runs on.
@@ -418,22 +418,6 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
     }
     out.push_str(rest);
     Ok(out)
-}
-
-impl Mode {
-    fn word(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Shadow => "shadow",
-            Mode::Off => "off",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.word())
-    }
 }
 
 #[cfg(test)]

@@ -307,7 +307,7 @@ pub(super) fn validate(
     if identity.is_empty() && raw.routes.iter().any(|r| r.cost.is_some()) {
         c.problem(
             &root.key("identity").key("sources"),
-            "metered routes need an identity source: configure [identity.api_key] or [identity.header]",
+            "metered routes need an identity source: configure [identity.api_key], [identity.jwt] or [identity.header]",
         );
     }
     let orgs = validate_orgs(&mut c, &raw, mode);

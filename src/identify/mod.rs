@@ -60,8 +60,8 @@ impl Identifier {
         }
         let org = found.ok_or(GatewayError::Unauthenticated)?;
         for source in &self.sources {
-            if let (IdentitySource::Header(name), Ok(value)) =
-                (source, HeaderValue::from_str(org.as_str()))
+            if let IdentitySource::Header(name) = source
+                && let Ok(value) = HeaderValue::from_str(org.as_str())
             {
                 headers.insert(name.clone(), value);
             }

@@ -4,16 +4,7 @@ use futures_util::future::join_all;
 use serde_json::json;
 use tollgate::quota::Dimension;
 
-use crate::support::{Gateway, KEY_ACME, Upstream, client, config, config_with, envelope};
-
-async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response {
-    client()
-        .post(gateway.url(path))
-        .header("x-org-id", org)
-        .send()
-        .await
-        .unwrap()
-}
+use crate::support::{Gateway, KEY_ACME, Upstream, client, config, config_with, envelope, post};
 
 #[tokio::test]
 async fn the_eleventh_playbook_run_on_free_is_refused_with_the_documented_402() {

@@ -10,7 +10,7 @@ use tollgate::quota::Dimension;
 
 use crate::support::redis::RedisServer;
 use crate::support::{
-    Gateway, Upstream, client, config_with, envelope, eventually, fixed_clock, within,
+    Gateway, Upstream, client, config_with, envelope, eventually, fixed_clock, post, within,
 };
 
 /// The shared test config on Redis, with a route costing 10 tokens, an org
@@ -50,15 +50,6 @@ async fn start_with_timeout(
         fixed_clock(),
     )
     .await
-}
-
-async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response {
-    client()
-        .post(gateway.url(path))
-        .header("x-org-id", org)
-        .send()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -258,6 +258,16 @@ pub async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// A bodiless POST to `path` on `gateway`, paid for by `org` (trusted header).
+pub async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response {
+    client()
+        .post(gateway.url(path))
+        .header("x-org-id", org)
+        .send()
+        .await
+        .unwrap()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
