@@ -15,8 +15,9 @@
 //!    LLM bodies, read through [`meter::json`]; 400), reserve it in the
 //!    [`store`] by the pure [`quota`] decision for the org's [`period`] (402,
 //!    or 503 when the store fails).
-//! 5. [`forward`]: the upstream request over HTTP or HTTPS, and its streamed
-//!    response (502, 504; a silent body is cut).
+//! 5. [`forward`]: the upstream request over HTTP (each worker's own
+//!    connection pool) or HTTPS, and its streamed response (502, 504; a
+//!    silent body is cut).
 //! 6. [`settle`]: refund a reservation whose upstream call failed, or
 //!    reconcile an estimate with the usage the response reports
 //!    ([`settle::tap`], [`settle::usage`]).

@@ -255,3 +255,105 @@ async fn the_catch_all_route_also_serves_the_root_path() {
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.seen()[0].path, "/");
 }
+
+/// A bare HTTP/1.1 upstream that counts the connections it accepts and
+/// answers every request `ok`; with `close_after_answer` it closes each
+/// connection after its first answer, as a keep-alive timeout would, without
+/// announcing it.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingUpstream {
+    async fn start(close_after_answer: bool) -> CountingUpstream {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut received = Vec::new();
+                    let mut chunk = [0; 4096];
+                    loop {
+                        let Ok(read) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        received.extend_from_slice(&chunk[..read]);
+                        // Bodiless requests: each ends with its blank line.
+                        while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                            received.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() || close_after_answer {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream { addr, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// [`config`] with this upstream serving `/counted/…`.
+    fn config(&self) -> String {
+        config_with(|c| {
+            c.replace(
+                "[[routes]]\nname = \"everything-else\"",
+                &format!(
+                    "[upstreams.counted]\nurl = \"http://{}\"\n\n[[routes]]\nname = \"counted\"\npath = \"/counted/{{*rest}}\"\nupstream = \"counted\"\n\n[[routes]]\nname = \"everything-else\"",
+                    self.addr
+                ),
+            )
+        })
+    }
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_upstream_connection() {
+    let counted = CountingUpstream::start(false).await;
+    let gateway = Gateway::start(&counted.config(), &Upstream::start().await).await;
+    let client = client();
+
+    for n in 0..5 {
+        let response = client
+            .get(gateway.url(&format!("/counted/{n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+
+    assert_eq!(counted.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_request_after_the_upstream_closed_its_idle_connection_goes_on_a_new_one() {
+    let counted = CountingUpstream::start(true).await;
+    let gateway = Gateway::start(&counted.config(), &Upstream::start().await).await;
+    let client = client();
+
+    for n in 0..3 {
+        let response = client
+            .get(gateway.url(&format!("/counted/{n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {n}");
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+
+    assert_eq!(counted.connections(), 3);
+}

@@ -1,8 +1,9 @@
 //! Step 5: the request to the upstream, and its response back.
 //!
-//! Each upstream has a pooled keep-alive client: plain HTTP/1.1, or HTTPS
-//! through rustls (webpki roots plus the upstream's `ca_file`) with HTTP/2
-//! where ALPN offers it. The forwarded request loses its hop-by-hop headers
+//! Each upstream has pooled keep-alive connections: plain HTTP/1.1 from
+//! this worker's own [`pool`], or hyper-util's client for HTTPS through
+//! rustls (webpki roots plus the upstream's `ca_file`), with HTTP/2 where
+//! ALPN offers it. The forwarded request loses its hop-by-hop headers
 //! and gains `X-Forwarded-For/-Proto/-Host`. An upstream with configured
 //! `headers` (a provider key) gets those in place of every credential the
 //! client sent; one without keeps the client's, for the backend's own auth.
@@ -27,6 +28,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+mod pool;
+
+use self::pool::{Http1Pool, Lease};
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::stack::ClientAddr;
@@ -57,10 +61,16 @@ const CLIENT_CREDENTIALS: [HeaderName; 4] = [
     HeaderName::from_static("api-key"),
 ];
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// How a worker reaches one upstream.
+enum Connections {
+    /// A plain-HTTP upstream.
+    Http1(Http1Pool),
+    /// An HTTPS upstream.
+    Tls(Box<Client<HttpsConnector<HttpConnector>, Body>>),
+}
 
 pub struct Forwarder {
-    upstreams: Vec<(Upstream, UpstreamClient)>,
+    upstreams: Vec<(Upstream, Connections)>,
     timeout: Duration,
     idle_timeout: Duration,
 }
@@ -75,9 +85,14 @@ impl Forwarder {
     ) -> Result<Forwarder, rustls::Error> {
         let upstreams = upstreams
             .into_iter()
-            .map(|upstream| Ok((client_for(&upstream, timeout)?, upstream)))
-            .map(|pair: Result<_, rustls::Error>| pair.map(|(client, upstream)| (upstream, client)))
-            .collect::<Result<_, _>>()?;
+            .map(|upstream| {
+                let connections = match Http1Pool::for_origin(&upstream.origin) {
+                    Some(pool) => Connections::Http1(pool),
+                    None => Connections::Tls(Box::new(tls_client_for(&upstream, timeout)?)),
+                };
+                Ok((upstream, connections))
+            })
+            .collect::<Result<_, rustls::Error>>()?;
         Ok(Forwarder {
             upstreams,
             timeout,
@@ -93,23 +108,43 @@ impl Forwarder {
         mut request: Request<Body>,
         client: Option<ClientAddr>,
     ) -> Result<Response<Body>, GatewayError> {
-        let (upstream, upstream_client) =
-            self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+        let (upstream, connections) = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
         let authority = request
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-        *request.uri_mut() = upstream_uri(upstream, request.uri())?;
+        let path = upstream_path(upstream, request.uri())?;
+        *request.uri_mut() = match connections {
+            // HTTP/1.1 to an origin server takes the path alone.
+            Connections::Http1(_) => Uri::from(path),
+            Connections::Tls(_) => {
+                let mut parts = upstream.origin.clone().into_parts();
+                parts.path_and_query = Some(path);
+                Uri::from_parts(parts).map_err(|_| GatewayError::Internal)?
+            }
+        };
         // The client's HTTP version is its own; the upstream connection's is
         // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
         *request.version_mut() = Version::HTTP_11;
         prepare_headers(request.headers_mut(), authority, upstream, client.as_ref());
 
-        let sent = tokio::time::timeout(self.timeout, upstream_client.request(request)).await;
-        let mut response = match sent {
-            Ok(Ok(response)) => response,
+        let sent = tokio::time::timeout(self.timeout, async {
+            match connections {
+                Connections::Http1(pool) => pool
+                    .send(request)
+                    .await
+                    .map(|(response, lease)| (response, Some(lease))),
+                Connections::Tls(client) => match client.request(request).await {
+                    Ok(response) => Ok((response, None)),
+                    Err(error) => Err(BoxError::from(error)),
+                },
+            }
+        })
+        .await;
+        let (mut response, lease) = match sent {
+            Ok(Ok(sent)) => sent,
             Ok(Err(error)) => {
-                tracing::warn!(upstream = %upstream.name, error = %error_chain(&error), "upstream request failed");
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(&*error), "upstream request failed");
                 return Err(GatewayError::UpstreamUnreachable);
             }
             Err(_) => {
@@ -119,30 +154,45 @@ impl Forwarder {
         };
         remove_hop_by_hop(response.headers_mut());
         let idle = self.idle_timeout;
-        Ok(response.map(|body| Body::new(IdleTimeout::new(body, idle))))
+        Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
     }
 }
 
-/// An upstream body that fails once it has sent nothing for `idle`: a
-/// stream may run for as long as it keeps moving, but not hang forever.
+/// An upstream response body. It fails once it has sent nothing for
+/// `idle`: a stream may run for as long as it keeps moving, but not hang
+/// forever. At its end, its connection goes back to the pool.
 ///
 /// The timer is armed only when the body has to wait, so a body that is
 /// ready whenever it is polled (most small answers) never touches it.
-struct IdleTimeout {
+struct UpstreamBody {
     inner: Incoming,
     idle: Duration,
     /// Allocated on the first wait, then re-armed for each later one.
     deadline: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// The pooled connection the body arrives on, until the body ends.
+    lease: Option<Lease>,
 }
 
-impl IdleTimeout {
-    fn new(inner: Incoming, idle: Duration) -> IdleTimeout {
-        IdleTimeout {
+impl UpstreamBody {
+    fn new(inner: Incoming, idle: Duration, lease: Option<Lease>) -> UpstreamBody {
+        let mut body = UpstreamBody {
             inner,
             idle,
             deadline: None,
             armed: false,
+            lease,
+        };
+        // An empty body may never be polled.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
         }
     }
 }
@@ -151,7 +201,7 @@ impl IdleTimeout {
 #[error("the upstream sent nothing for {0:?}")]
 struct UpstreamIdle(Duration);
 
-impl HttpBody for IdleTimeout {
+impl HttpBody for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -162,6 +212,15 @@ impl HttpBody for IdleTimeout {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.armed = false;
+            // The server stops polling once a body says it is at its end.
+            let ended = match &frame {
+                None => true,
+                Some(Ok(_)) => this.inner.is_end_stream(),
+                Some(Err(_)) => false,
+            };
+            if ended {
+                this.release();
+            }
             return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
         }
         let until = tokio::time::Instant::now() + this.idle;
@@ -190,7 +249,10 @@ impl HttpBody for IdleTimeout {
     }
 }
 
-fn client_for(upstream: &Upstream, timeout: Duration) -> Result<UpstreamClient, rustls::Error> {
+fn tls_client_for(
+    upstream: &Upstream,
+    timeout: Duration,
+) -> Result<Client<HttpsConnector<HttpConnector>, Body>, rustls::Error> {
     let mut http = HttpConnector::new();
     // Small request/response exchanges must not wait on Nagle's algorithm.
     http.set_nodelay(true);
@@ -208,7 +270,7 @@ fn client_for(upstream: &Upstream, timeout: Duration) -> Result<UpstreamClient, 
     .with_no_client_auth();
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
+        .https_only()
         .enable_all_versions()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
@@ -216,20 +278,19 @@ fn client_for(upstream: &Upstream, timeout: Duration) -> Result<UpstreamClient, 
         .build(connector))
 }
 
-fn upstream_uri(upstream: &Upstream, original: &Uri) -> Result<Uri, GatewayError> {
-    let path_and_query = original.path_and_query().map_or("/", PathAndQuery::as_str);
-    let mut parts = upstream.origin.clone().into_parts();
-    parts.path_and_query = Some(if upstream.path_prefix.is_empty() {
-        original
-            .path_and_query()
+/// The path and query the upstream is asked for: the client's, after the
+/// upstream's prefix.
+fn upstream_path(upstream: &Upstream, original: &Uri) -> Result<PathAndQuery, GatewayError> {
+    let path_and_query = original.path_and_query();
+    if upstream.path_prefix.is_empty() {
+        return Ok(path_and_query
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"))
-    } else {
-        format!("{}{path_and_query}", upstream.path_prefix)
-            .parse()
-            .map_err(|_| GatewayError::Internal)?
-    });
-    Uri::from_parts(parts).map_err(|_| GatewayError::Internal)
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
+    }
+    let rest = path_and_query.map_or("/", PathAndQuery::as_str);
+    format!("{}{rest}", upstream.path_prefix)
+        .parse()
+        .map_err(|_| GatewayError::Internal)
 }
 
 fn prepare_headers(
@@ -335,12 +396,12 @@ mod tests {
     fn the_request_path_and_query_follow_the_upstream_prefix() {
         let original: Uri = "/v1/chat/completions?x=1".parse().unwrap();
         assert_eq!(
-            upstream_uri(&upstream("http://10.0.0.1:3001"), &original).unwrap(),
-            "http://10.0.0.1:3001/v1/chat/completions?x=1"
+            upstream_path(&upstream("http://10.0.0.1:3001"), &original).unwrap(),
+            "/v1/chat/completions?x=1"
         );
         assert_eq!(
-            upstream_uri(&upstream("http://h/base/"), &original).unwrap(),
-            "http://h/base/v1/chat/completions?x=1"
+            upstream_path(&upstream("http://h/base/"), &original).unwrap(),
+            "/base/v1/chat/completions?x=1"
         );
     }
 
