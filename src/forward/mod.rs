@@ -41,7 +41,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -54,7 +54,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Credentials a client may send, none of which reaches an upstream that has
 /// credentials of its own configured.
-const CLIENT_CREDENTIALS: [HeaderName; 4] = [
+static CLIENT_CREDENTIALS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::COOKIE,
     HeaderName::from_static("x-api-key"),

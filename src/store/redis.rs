@@ -108,19 +108,27 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
         lua_ledger!(),
         r"
 -- Reservations one after another, each checked and applied all or none.
--- KEYS: per reservation, its marker, then its counters.
 -- ARGV[1]: seconds to remember each reservation's reply, '0' for not at all.
+-- KEYS: per reservation, its marker (only if remembered), then its counters.
 -- Then per reservation: '1' to enforce or '0' for shadow mode; the unix time
 -- its period counters expire at; its number of counters n; and n times the
 -- counter's cost, limit (-1: none), '1' if a gauge.
--- Reply, per reservation: admitted (1 or 0), the index of its first exceeded
--- counter or 0, that counter's value, then the amount applied to each counter.
+-- Reply: one string, a part per reservation, separated by ';'. The usual
+-- outcome, admitted with nothing exceeded and every cost applied as asked,
+-- is '1'. Any other is integers separated by spaces: admitted (1 or 0), the
+-- index of its first exceeded counter or 0, that counter's value, then the
+-- amount applied to each counter. (Formatting numbers is most of what a
+-- reservation costs Redis, and reading an array of integers is most of what
+-- the reply costs the gateway.)
 local remember = ARGV[1]
+local markers = remember ~= '0' and 1 or 0
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
   local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
+  -- Counter i is KEYS[first + i].
+  local first = key + markers - 1
   local reply = nil
-  if remember ~= '0' then
+  if markers == 1 then
     -- A client that resends a call it got no reply to gets the first reply.
     local earlier = redis.call('GET', KEYS[key])
     if earlier then
@@ -131,7 +139,7 @@ while arg <= #ARGV do
     local exceeded, exceeded_value = 0, 0
     for i = 1, counters do
       local cost, limit = tonumber(ARGV[arg + 3 * i]), tonumber(ARGV[arg + 3 * i + 1])
-      local current = value(KEYS[key + i])
+      local current = value(KEYS[first + i])
       if exceeded == 0 and cost > 0 and limit >= 0 and current + cost > limit then
         exceeded, exceeded_value = i, current
       end
@@ -143,21 +151,31 @@ while arg <= #ARGV do
     end
     for i = 1, counters do
       reply[3 + i] = admitted
-        and add(KEYS[key + i], tonumber(ARGV[arg + 3 * i]), ARGV[arg + 3 * i + 2], expire_at)
+        and add(KEYS[first + i], tonumber(ARGV[arg + 3 * i]), ARGV[arg + 3 * i + 2], expire_at)
         or 0
     end
-    if remember ~= '0' then
+    if markers == 1 then
       set_later(KEYS[key], cjson.encode(reply), 'EX', remember)
     end
   end
-  for _, part in ipairs(reply) do
-    replies[#replies + 1] = part
+  local usual = reply[1] == 1 and reply[2] == 0
+  for i = 1, counters do
+    usual = usual and reply[3 + i] == tonumber(ARGV[arg + 3 * i])
   end
-  key = key + 1 + counters
+  if usual then
+    replies[#replies + 1] = '1'
+  else
+    local parts = {}
+    for i, part in ipairs(reply) do
+      parts[i] = string.format('%d', part)
+    end
+    replies[#replies + 1] = table.concat(parts, ' ')
+  end
+  key = key + markers + counters
   arg = arg + 3 + 3 * counters
 end
 flush()
-return replies
+return table.concat(replies, ';')
 ",
     ))
 });
@@ -171,7 +189,8 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 -- ARGV[1]: marker lifetime in seconds. Then per settlement: the unix time its
 -- period counters expire at; its number of counters n; and n times the
 -- counter's correction, '1' if a gauge.
--- Reply, per settlement: 1 if applied, 0 if that reservation was settled before.
+-- Reply, one string with a character per settlement: 1 if applied, 0 if
+-- that reservation was settled before.
 local marked = {}
 local replies, key, arg = {}, 1, 2
 while arg <= #ARGV do
@@ -183,15 +202,15 @@ while arg <= #ARGV do
     for i = 1, counters do
       add(KEYS[key + i], tonumber(ARGV[arg + 2 * i]), ARGV[arg + 2 * i + 1], expire_at)
     end
-    replies[#replies + 1] = 1
+    replies[#replies + 1] = '1'
   else
-    replies[#replies + 1] = 0
+    replies[#replies + 1] = '0'
   end
   key = key + 1 + counters
   arg = arg + 2 + 2 * counters
 end
 flush()
-return replies
+return table.concat(replies)
 ",
     ))
 });
@@ -230,8 +249,10 @@ struct Queues {
 const MAX_BATCH: usize = 64;
 
 /// Script calls of one kind that may be on their way at once; more calls
-/// wait for one of them to return, and then go together.
-const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// wait for one of them to return, and then go together. One: on the load
+/// benchmark a second call in flight halved the batches, and cost more in
+/// Redis' CPU (on the same machine) than it saved in waiting.
+const MAX_BATCHES_IN_FLIGHT: usize = 1;
 
 /// A call waiting to be sent, and where its outcome goes.
 type Queued<C, O> = (C, oneshot::Sender<Result<O, StoreError>>);
@@ -405,8 +426,10 @@ impl Redis {
         let mut costs = Vec::with_capacity(requests.len());
         for request in &requests {
             let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
+            if self.remember_reply_seconds > 0 {
+                invocation.key(self.org_key(&request.org, &["reserved", &request.id.hex()]));
+            }
             invocation
-                .key(self.org_key(&request.org, &["reserved", &request.id.hex()]))
                 .arg(if request.mode == Mode::Enforce {
                     "1"
                 } else {
@@ -423,20 +446,35 @@ impl Redis {
             }
             costs.push(cost);
         }
-        let reply: Vec<i64> = self.invoke(&invocation).await?;
-
+        let text: String = self.invoke(&invocation).await?;
         let unexpected = || {
             StoreError::Backend(format!(
-                "unexpected reply from the reserve script: {reply:?}"
+                "unexpected reply from the reserve script: {text:?}"
             ))
         };
-        let mut rest = reply.as_slice();
+        let mut parts = text.split(';');
         let mut decisions = Vec::with_capacity(requests.len());
         for (request, cost) in requests.iter().zip(&costs) {
-            let (&[admitted, exceeded_at, current], after) =
-                rest.split_first_chunk::<3>().ok_or_else(unexpected)?;
-            let (applied, after) = after.split_at_checked(cost.len()).ok_or_else(unexpected)?;
-            rest = after;
+            let part = parts.next().ok_or_else(unexpected)?;
+            if part == "1" {
+                decisions.push(Decision::Admit {
+                    applied: request.cost,
+                    over: None,
+                });
+                continue;
+            }
+            let reply = part
+                .split(' ')
+                .map(str::parse)
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(|_| unexpected())?;
+            let Some((&[admitted, exceeded_at, current], applied)) = reply.split_first_chunk::<3>()
+            else {
+                return Err(unexpected());
+            };
+            if applied.len() != cost.len() {
+                return Err(unexpected());
+            }
             let exceeded = match usize::try_from(exceeded_at).map_err(|_| unexpected())? {
                 0 => None,
                 position => {
@@ -463,7 +501,7 @@ impl Redis {
                 }
             });
         }
-        if !rest.is_empty() {
+        if parts.next().is_some() {
             return Err(unexpected());
         }
         Ok(decisions)
@@ -486,8 +524,9 @@ impl Redis {
                     .arg(gauge_flag(dimension));
             }
         }
-        // Each is 1 if applied, 0 if settled before: either way, settled.
-        let applied: Vec<i64> = self.invoke(&invocation).await?;
+        // A character per settlement, 1 if applied, 0 if settled before:
+        // either way, settled.
+        let applied: String = self.invoke(&invocation).await?;
         Ok(vec![(); applied.len()])
     }
 
