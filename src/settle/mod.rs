@@ -183,12 +183,7 @@ impl Reservation {
                 metrics,
                 ..
             } = ledger;
-            let settlement = Settlement {
-                id,
-                org,
-                period,
-                correction,
-            };
+            let settlement = Settlement::new(id, org, period, correction);
             // The store applies a settlement once per id, so retrying one whose
             // answer was lost cannot count it twice.
             for attempt in 1..=SETTLE_ATTEMPTS {

@@ -18,6 +18,7 @@ use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
@@ -72,12 +73,33 @@ pub struct ReserveRequest {
 }
 
 /// Correct reservation `id` by `correction` (negative refunds).
+///
+/// Made once and retried as it is: a store may file the record that it was
+/// applied under `made_at`, and every retry finds it there.
 #[derive(Clone, Debug)]
 pub struct Settlement {
     pub id: ReservationId,
     pub org: OrgId,
     pub period: Period,
     pub correction: Amounts,
+    /// When the settlement was made, in seconds since the Unix epoch.
+    pub made_at: u64,
+}
+
+impl Settlement {
+    /// A settlement made now.
+    pub fn new(id: ReservationId, org: OrgId, period: Period, correction: Amounts) -> Settlement {
+        let made_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        Settlement {
+            id,
+            org,
+            period,
+            correction,
+            made_at,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

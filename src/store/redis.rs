@@ -3,9 +3,9 @@
 //!
 //! A reservation runs in a Lua script, in one round trip: it reads every
 //! counter the cost names, applies [`quota::decide`]'s rule, and increments
-//! all or none. A settlement runs in another script that first sets a marker
-//! for the reservation id (`SET NX`), so a settlement retried after a timeout
-//! changes nothing the second time. On a single server, reservations (and
+//! all or none. A settlement runs in another script that applies it only if
+//! its reservation id is not yet marked settled, and marks it, so a
+//! settlement retried after a timeout changes nothing the second time. On a single server, reservations (and
 //! settlements) that queue up while earlier ones are on their way go
 //! together in one script call, each still applied all or none, in order.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
@@ -17,7 +17,10 @@
 //! - `{prefix}:{org}:{period start}:{dimension}` for period counters, expiring
 //!   [`PERIOD_KEY_GRACE`] after the period ends;
 //! - `{prefix}:{org}:{dimension}` for gauges (seats), never expiring;
-//! - `{prefix}:{org}:settled:{reservation id}` for settlement markers;
+//! - `{prefix}:{org}:settled:{unix time}` for settlement markers: a hash
+//!   whose fields are the ids of the reservations settled in the
+//!   [`SETTLED_BUCKET_SECONDS`] from that time on, expiring at least
+//!   [`SETTLED_MARKER_SECONDS`] after them;
 //! - `{prefix}:{org}:reserved:{reservation id}` on a cluster only: the reply
 //!   to a reservation, kept a few seconds, since the cluster client resends a
 //!   call whose connection failed and the script must not run twice.
@@ -52,6 +55,13 @@ pub const PERIOD_KEY_GRACE: chrono::TimeDelta = chrono::TimeDelta::days(35);
 /// reconciled request does not pile up in Redis' memory.
 const SETTLED_MARKER_SECONDS: u64 = 10 * 60;
 
+/// Settlement markers are kept by the time the settlement was made, one
+/// hash per org per this many seconds: a field costs Redis less to write,
+/// keep and expire than a key of its own, and a batch of settlements is
+/// checked with one `HMGET` and marked with one `HSET`. Short, so that no
+/// hash grows so large that freeing it at its expiry stalls Redis.
+const SETTLED_BUCKET_SECONDS: u64 = 10;
+
 /// What both scripts share. Each counter is read once and written once per
 /// call, however many of the call's items touch it (a busy org's usually
 /// all do): a script runs alone, so keeping running values here is the same
@@ -82,8 +92,8 @@ local function add(counter, amount, gauge, expire_at)
   end
   return amount
 end
--- A write other than a counter's, made with the counters at the end.
-local function set_later(...)
+-- A write other than a counter's (a whole command), made at the end.
+local function write_later(...)
   later[#later + 1] = {...}
 end
 local function flush()
@@ -95,8 +105,8 @@ local function flush()
       redis.call('SET', counter, text, 'EXAT', expiry)
     end
   end
-  for _, call in ipairs(later) do
-    redis.call('SET', unpack(call))
+  for _, command in ipairs(later) do
+    redis.call(unpack(command))
   end
 end
 "
@@ -155,7 +165,7 @@ while arg <= #ARGV do
         or 0
     end
     if markers == 1 then
-      set_later(KEYS[key], cjson.encode(reply), 'EX', remember)
+      write_later('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
     end
   end
   local usual = reply[1] == 1 and reply[2] == 0
@@ -185,29 +195,60 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
         lua_ledger!(),
         r"
 -- Settlements one after another, each applied at most once per reservation.
--- KEYS: per settlement, its reservation's settlement marker, then its counters.
--- ARGV[1]: marker lifetime in seconds. Then per settlement: the unix time its
--- period counters expire at; its number of counters n; and n times the
--- counter's correction, '1' if a gauge.
+-- KEYS: per settlement, the hash its reservation's settlement marker goes
+-- in, then its counters.
+-- ARGV, per settlement: its reservation id; the unix time its marker hash
+-- expires at; the unix time its period counters expire at; its number of
+-- counters n; and n times the counter's correction, '1' if a gauge.
 -- Reply, one string with a character per settlement: 1 if applied, 0 if
 -- that reservation was settled before.
-local marked = {}
-local replies, key, arg = {}, 1, 2
-while arg <= #ARGV do
-  local expire_at, counters = ARGV[arg], tonumber(ARGV[arg + 1])
-  local marker = KEYS[key]
-  if not marked[marker] and redis.call('EXISTS', marker) == 0 then
-    marked[marker] = true
-    set_later(marker, '1', 'EX', ARGV[1])
-    for i = 1, counters do
-      add(KEYS[key + i], tonumber(ARGV[arg + 2 * i]), ARGV[arg + 2 * i + 1], expire_at)
-    end
-    replies[#replies + 1] = '1'
-  else
-    replies[#replies + 1] = '0'
+local function each(visit)
+  local key, arg = 1, 1
+  while arg <= #ARGV do
+    local counters = tonumber(ARGV[arg + 3])
+    visit(key, arg, counters)
+    key = key + 1 + counters
+    arg = arg + 4 + 2 * counters
   end
-  key = key + 1 + counters
-  arg = arg + 2 + 2 * counters
+end
+-- Which of the ids are marked already: one HMGET per marker hash.
+local asked = {}
+each(function(key, arg)
+  local ids = asked[KEYS[key]] or {}
+  ids[#ids + 1] = ARGV[arg]
+  asked[KEYS[key]] = ids
+end)
+local settled = {}
+for hash, ids in pairs(asked) do
+  local found = redis.call('HMGET', hash, unpack(ids))
+  for i, id in ipairs(ids) do
+    if found[i] then
+      settled[hash .. ' ' .. id] = true
+    end
+  end
+end
+-- Then each settlement, in order.
+local marks, expiries, replies = {}, {}, {}
+each(function(key, arg, counters)
+  local hash, id = KEYS[key], ARGV[arg]
+  local marker = hash .. ' ' .. id
+  if settled[marker] then
+    replies[#replies + 1] = '0'
+    return
+  end
+  settled[marker] = true
+  local fields = marks[hash] or {}
+  fields[#fields + 1] = id
+  fields[#fields + 1] = '1'
+  marks[hash], expiries[hash] = fields, ARGV[arg + 1]
+  for i = 1, counters do
+    add(KEYS[key + i], tonumber(ARGV[arg + 2 + 2 * i]), ARGV[arg + 3 + 2 * i], ARGV[arg + 2])
+  end
+  replies[#replies + 1] = '1'
+end)
+for hash, fields in pairs(marks) do
+  write_later('HSET', hash, unpack(fields))
+  write_later('EXPIREAT', hash, expiries[hash])
 end
 flush()
 return table.concat(replies)
@@ -510,11 +551,13 @@ impl Redis {
     /// Applies `settlements` through one settle script call, in order.
     async fn settle_all(self, settlements: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
         let mut invocation = SETTLE.prepare_invoke();
-        invocation.arg(self.settled_marker_seconds);
         for settlement in &settlements {
             let corrections: Vec<(Dimension, i64)> = settlement.correction.iter().collect();
+            let bucket = settlement.made_at - settlement.made_at % SETTLED_BUCKET_SECONDS;
             invocation
-                .key(self.org_key(&settlement.org, &["settled", &settlement.id.hex()]))
+                .key(self.org_key(&settlement.org, &["settled", &bucket.to_string()]))
+                .arg(settlement.id.hex())
+                .arg(bucket + SETTLED_BUCKET_SECONDS + self.settled_marker_seconds)
                 .arg(expire_at(&settlement.period))
                 .arg(corrections.len());
             for (dimension, correction) in corrections {

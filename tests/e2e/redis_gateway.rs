@@ -292,12 +292,14 @@ async fn a_refund_on_the_redis_store_gives_the_tokens_back() {
 
     assert_eq!(response.status(), 503);
     gateway.settles_at("org_refund", Dimension::Tokens, 0).await;
-    let markers: Vec<String> = redis.command(&["KEYS", "tollgate:{org_refund}:settled:*"]);
-    assert_eq!(
-        markers.len(),
-        1,
-        "one settlement marker per settled reservation"
-    );
+    // One marker, in the hash of the ten seconds the settlement was made
+    // in, which expires ten minutes after them.
+    let hashes: Vec<String> = redis.command(&["KEYS", "tollgate:{org_refund}:settled:*"]);
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let markers: i64 = redis.command(&["HLEN", &hashes[0]]);
+    assert_eq!(markers, 1, "one settlement marker per settled reservation");
+    let ttl: i64 = redis.command(&["TTL", &hashes[0]]);
+    assert!((590..=610).contains(&ttl), "the markers expire in {ttl} s");
 }
 
 #[tokio::test]

@@ -203,12 +203,7 @@ async fn a_settlement_applies_once(store: &dyn QuotaStore) {
         Mode::Enforce,
     )
     .await;
-    let settlement = Settlement {
-        id,
-        org: org.clone(),
-        period: november(),
-        correction: Amounts::ZERO.with(TOKENS, -40),
-    };
+    let settlement = Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, -40));
 
     store.settle(&settlement).await.unwrap();
     store.settle(&settlement).await.unwrap();
@@ -225,12 +220,7 @@ async fn a_settlement_applies_once(store: &dyn QuotaStore) {
     .await;
     let correction = Amounts::ZERO.with(TOKENS, 5);
     store
-        .settle(&Settlement {
-            id: other,
-            org: org.clone(),
-            period: november(),
-            correction,
-        })
+        .settle(&Settlement::new(other, org.clone(), november(), correction))
         .await
         .unwrap();
     assert_eq!(
@@ -526,13 +516,12 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 
     // Each admitted reservation is reconciled one token up, the first twice
     // over in the same burst: it still counts once.
-    let settlements = admitted.iter().chain(&admitted[..1]).map(|&id| Settlement {
-        id,
-        org: org.clone(),
-        period: november(),
-        correction: Amounts::ZERO.with(TOKENS, 1),
-    });
-    let settled = join_all(settlements.map(|s| {
+    let mut settlements: Vec<Settlement> = admitted
+        .iter()
+        .map(|&id| Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1)))
+        .collect();
+    settlements.push(settlements[0].clone());
+    let settled = join_all(settlements.into_iter().map(|s| {
         let store = store.clone();
         async move { store.settle(&s).await }
     }))
@@ -576,11 +565,8 @@ async fn a_settlement_call_that_fails_midway_leaves_nothing_and_its_retry_applie
         "tollgate:{org_bad}:2026-11-01:tokens",
         "not a number",
     ]);
-    let settlement = |org: &OrgId, id| Settlement {
-        id,
-        org: org.clone(),
-        period: november(),
-        correction: Amounts::ZERO.with(TOKENS, 1),
+    let settlement = |org: &OrgId, id| {
+        Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1))
     };
     let (first, second) = (
         settlement(&good, id),
