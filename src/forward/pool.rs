@@ -71,7 +71,8 @@ impl Http1Pool {
 
     /// Sends `request` (its URI in origin form) on an idle connection, or a
     /// new one. A request that an idle connection turned away unsent (the
-    /// upstream had closed it) goes again on a new connection.
+    /// upstream had closed it) goes again, on another idle connection or a
+    /// new one; a request that was sent is never sent twice.
     pub async fn send(
         &self,
         mut request: Request<Body>,

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -79,56 +80,57 @@ impl<'a> Object<'a> {
     }
 }
 
-impl<'de> Deserialize<'de> for Json<'de> {
+impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(JsonVisitor)
+        deserializer.deserialize_any(JsonVisitor(PhantomData))
     }
 }
 
-struct JsonVisitor;
+/// Builds a [`Json`] that borrows from input living at least as long.
+struct JsonVisitor<'a>(PhantomData<Json<'a>>);
 
-impl<'de> Visitor<'de> for JsonVisitor {
-    type Value = Json<'de>;
+impl<'de: 'a, 'a> Visitor<'de> for JsonVisitor<'a> {
+    type Value = Json<'a>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+    fn visit_unit<E>(self) -> Result<Json<'a>, E> {
         Ok(Json::Null)
     }
 
-    fn visit_bool<E>(self, value: bool) -> Result<Json<'de>, E> {
+    fn visit_bool<E>(self, value: bool) -> Result<Json<'a>, E> {
         Ok(Json::Bool(value))
     }
 
-    fn visit_i64<E>(self, value: i64) -> Result<Json<'de>, E> {
+    fn visit_i64<E>(self, value: i64) -> Result<Json<'a>, E> {
         Ok(Json::Number(value.into()))
     }
 
-    fn visit_u64<E>(self, value: u64) -> Result<Json<'de>, E> {
+    fn visit_u64<E>(self, value: u64) -> Result<Json<'a>, E> {
         Ok(Json::Number(value.into()))
     }
 
-    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Json<'de>, E> {
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Json<'a>, E> {
         Number::from_f64(value)
             .map(Json::Number)
             .ok_or_else(|| E::custom("a number JSON cannot hold"))
     }
 
-    fn visit_borrowed_str<E>(self, value: &'de str) -> Result<Json<'de>, E> {
+    fn visit_borrowed_str<E>(self, value: &'de str) -> Result<Json<'a>, E> {
         Ok(Json::String(Cow::Borrowed(value)))
     }
 
-    fn visit_str<E>(self, value: &str) -> Result<Json<'de>, E> {
+    fn visit_str<E>(self, value: &str) -> Result<Json<'a>, E> {
         Ok(Json::String(Cow::Owned(value.to_owned())))
     }
 
-    fn visit_string<E>(self, value: String) -> Result<Json<'de>, E> {
+    fn visit_string<E>(self, value: String) -> Result<Json<'a>, E> {
         Ok(Json::String(Cow::Owned(value)))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'a>, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
         while let Some(item) = seq.next_element()? {
             items.push(item);
@@ -136,9 +138,9 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Array(items))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'a>, A::Error> {
         let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0));
-        while let Some(key) = map.next_key::<Json<'de>>()? {
+        while let Some(key) = map.next_key::<Json<'a>>()? {
             let Json::String(key) = key else {
                 return Err(A::Error::custom("an object key must be a string"));
             };

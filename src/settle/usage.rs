@@ -10,6 +10,8 @@
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
+use crate::meter::json::Json;
+
 /// The largest event held back while it arrives; a stream with a larger one
 /// is passed on unread.
 const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -17,7 +19,20 @@ const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Tokens in one `usage` object: its `total_tokens`, else the sum of the
 /// parts it names.
 pub fn tokens_in_usage(usage: &Value) -> Option<i64> {
-    if let Some(total) = count(usage, "total_tokens") {
+    tokens_reported(|key| usage.get(key).and_then(Value::as_i64))
+}
+
+/// A token count as the provider reported it; a negative one counts as zero.
+fn count(usage: &Value, key: &str) -> Option<i64> {
+    usage.get(key).and_then(Value::as_i64).map(|n| n.max(0))
+}
+
+/// [`tokens_in_usage`] for a usage object whose integer members `count`
+/// gives by name.
+fn tokens_reported(count: impl Fn(&str) -> Option<i64>) -> Option<i64> {
+    // A negative count, as the provider reported it, counts as zero.
+    let counted = |key: &str| count(key).map(|n| n.max(0));
+    if let Some(total) = counted("total_tokens") {
         return Some(total);
     }
     let parts = [
@@ -28,25 +43,22 @@ pub fn tokens_in_usage(usage: &Value) -> Option<i64> {
         "prompt_tokens",
         "completion_tokens",
     ];
-    let named: Vec<i64> = parts.iter().filter_map(|p| count(usage, p)).collect();
+    let named: Vec<i64> = parts.iter().filter_map(|p| counted(p)).collect();
     (!named.is_empty()).then(|| named.into_iter().fold(0, i64::saturating_add))
-}
-
-/// A token count as the provider reported it; a negative one counts as zero.
-fn count(usage: &Value, key: &str) -> Option<i64> {
-    usage.get(key).and_then(Value::as_i64).map(|n| n.max(0))
 }
 
 /// The tokens a whole JSON response body reports.
 pub fn tokens_in_json(body: &[u8]) -> Option<i64> {
-    /// Only `usage` is built; the rest of the answer (the long part) is
-    /// checked and skipped without allocating.
+    /// Only `usage` is built, borrowing from the body; the rest of the
+    /// answer (the long part) is checked and skipped without allocating.
     #[derive(serde::Deserialize)]
-    struct Answer {
-        usage: Option<Value>,
+    struct Answer<'a> {
+        #[serde(borrow)]
+        usage: Option<Json<'a>>,
     }
-    let answer: Answer = serde_json::from_slice(body).ok()?;
-    answer.usage.as_ref().and_then(tokens_in_usage)
+    let answer: Answer<'_> = serde_json::from_slice(body).ok()?;
+    let usage = answer.usage?;
+    tokens_reported(|key| usage.get(key).and_then(Json::as_i64))
 }
 
 /// What the events of one stream have reported so far.
