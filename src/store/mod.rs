@@ -115,8 +115,10 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// Checks and applies `request.cost` atomically: all of it or none.
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError>;
 
-    /// Applies a settlement's correction, once: repeating a settlement with
-    /// the same id changes nothing.
+    /// Applies a settlement's correction, once: repeating the same
+    /// settlement (a clone of it, as a retry sends) changes nothing, and
+    /// neither does a second settlement of the same reservation made in
+    /// the same moment. Each reservation is settled by one `Settlement`.
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError>;
 
     /// The org's counters in `period` (seats: the current gauge).

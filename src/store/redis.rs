@@ -18,9 +18,9 @@
 //!   [`PERIOD_KEY_GRACE`] after the period ends;
 //! - `{prefix}:{org}:{dimension}` for gauges (seats), never expiring;
 //! - `{prefix}:{org}:settled:{unix time}` for settlement markers: a hash
-//!   whose fields are the ids of the reservations settled in the
-//!   [`SETTLED_BUCKET_SECONDS`] from that time on, expiring at least
-//!   [`SETTLED_MARKER_SECONDS`] after them;
+//!   whose fields are the ids of the reservations whose settlements were
+//!   made in the [`SETTLED_BUCKET_SECONDS`] from that time on, kept
+//!   [`SETTLED_MARKER_SECONDS`] (or longer) after its last write;
 //! - `{prefix}:{org}:reserved:{reservation id}` on a cluster only: the reply
 //!   to a reservation, kept a few seconds, since the cluster client resends a
 //!   call whose connection failed and the script must not run twice.
@@ -118,8 +118,8 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
         lua_ledger!(),
         r"
 -- Reservations one after another, each checked and applied all or none.
--- ARGV[1]: seconds to remember each reservation's reply, '0' for not at all.
 -- KEYS: per reservation, its marker (only if remembered), then its counters.
+-- ARGV[1]: seconds to remember each reservation's reply, '0' for not at all.
 -- Then per reservation: '1' to enforce or '0' for shadow mode; the unix time
 -- its period counters expire at; its number of counters n; and n times the
 -- counter's cost, limit (-1: none), '1' if a gauge.
@@ -197,18 +197,20 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 -- Settlements one after another, each applied at most once per reservation.
 -- KEYS: per settlement, the hash its reservation's settlement marker goes
 -- in, then its counters.
--- ARGV, per settlement: its reservation id; the unix time its marker hash
--- expires at; the unix time its period counters expire at; its number of
--- counters n; and n times the counter's correction, '1' if a gauge.
+-- ARGV[1]: seconds a marker hash is kept after its last write (relative,
+-- so that no clock but Redis' own decides when markers go). Then per
+-- settlement: its reservation id; the unix time its period counters expire
+-- at; its number of counters n; and n times the counter's correction, '1'
+-- if a gauge.
 -- Reply, one string with a character per settlement: 1 if applied, 0 if
 -- that reservation was settled before.
 local function each(visit)
-  local key, arg = 1, 1
+  local key, arg = 1, 2
   while arg <= #ARGV do
-    local counters = tonumber(ARGV[arg + 3])
+    local counters = tonumber(ARGV[arg + 2])
     visit(key, arg, counters)
     key = key + 1 + counters
-    arg = arg + 4 + 2 * counters
+    arg = arg + 3 + 2 * counters
   end
 end
 -- Which of the ids are marked already: one HMGET per marker hash.
@@ -228,7 +230,7 @@ for hash, ids in pairs(asked) do
   end
 end
 -- Then each settlement, in order.
-local marks, expiries, replies = {}, {}, {}
+local marks, replies = {}, {}
 each(function(key, arg, counters)
   local hash, id = KEYS[key], ARGV[arg]
   local marker = hash .. ' ' .. id
@@ -240,15 +242,15 @@ each(function(key, arg, counters)
   local fields = marks[hash] or {}
   fields[#fields + 1] = id
   fields[#fields + 1] = '1'
-  marks[hash], expiries[hash] = fields, ARGV[arg + 1]
+  marks[hash] = fields
   for i = 1, counters do
-    add(KEYS[key + i], tonumber(ARGV[arg + 2 + 2 * i]), ARGV[arg + 3 + 2 * i], ARGV[arg + 2])
+    add(KEYS[key + i], tonumber(ARGV[arg + 1 + 2 * i]), ARGV[arg + 2 + 2 * i], ARGV[arg + 1])
   end
   replies[#replies + 1] = '1'
 end)
 for hash, fields in pairs(marks) do
   write_later('HSET', hash, unpack(fields))
-  write_later('EXPIREAT', hash, expiries[hash])
+  write_later('EXPIRE', hash, ARGV[1])
 end
 flush()
 return table.concat(replies)
@@ -551,13 +553,13 @@ impl Redis {
     /// Applies `settlements` through one settle script call, in order.
     async fn settle_all(self, settlements: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
         let mut invocation = SETTLE.prepare_invoke();
+        invocation.arg(self.settled_marker_seconds);
         for settlement in &settlements {
             let corrections: Vec<(Dimension, i64)> = settlement.correction.iter().collect();
             let bucket = settlement.made_at - settlement.made_at % SETTLED_BUCKET_SECONDS;
             invocation
                 .key(self.org_key(&settlement.org, &["settled", &bucket.to_string()]))
                 .arg(settlement.id.hex())
-                .arg(bucket + SETTLED_BUCKET_SECONDS + self.settled_marker_seconds)
                 .arg(expire_at(&settlement.period))
                 .arg(corrections.len());
             for (dimension, correction) in corrections {

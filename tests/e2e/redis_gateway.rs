@@ -293,7 +293,7 @@ async fn a_refund_on_the_redis_store_gives_the_tokens_back() {
     assert_eq!(response.status(), 503);
     gateway.settles_at("org_refund", Dimension::Tokens, 0).await;
     // One marker, in the hash of the ten seconds the settlement was made
-    // in, which expires ten minutes after them.
+    // in, kept ten minutes after its last write.
     let hashes: Vec<String> = redis.command(&["KEYS", "tollgate:{org_refund}:settled:*"]);
     assert_eq!(hashes.len(), 1, "{hashes:?}");
     let markers: i64 = redis.command(&["HLEN", &hashes[0]]);

@@ -36,12 +36,7 @@ impl Backend {
 
     pub async fn redis() -> Backend {
         let server = RedisServer::start().await;
-        let store = RedisStore::new(
-            &RedisTarget::Single(server.url()),
-            "tollgate",
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let store = single_server_store(&server);
         Backend {
             store: Arc::new(store),
             _servers: Box::new(server),
@@ -97,6 +92,21 @@ async fn reserve(
         mode,
     };
     (id, store.reserve(&request).await.unwrap())
+}
+
+/// Reserves `tokens` for `org` in November, with no limit; its id.
+async fn reserve_tokens(store: &dyn QuotaStore, org: &OrgId, tokens: i64) -> ReservationId {
+    let cost = Amounts::ZERO.with(TOKENS, tokens);
+    reserve(
+        store,
+        org,
+        november(),
+        Limits::UNLIMITED,
+        cost,
+        Mode::Enforce,
+    )
+    .await
+    .0
 }
 
 async fn enforce(
@@ -194,30 +204,14 @@ async fn exact_admission_under_five_hundred_concurrent_reserves(store: Arc<dyn Q
 
 async fn a_settlement_applies_once(store: &dyn QuotaStore) {
     let org = org("org_settle");
-    let (id, _) = reserve(
-        store,
-        &org,
-        november(),
-        Limits::UNLIMITED,
-        Amounts::ZERO.with(TOKENS, 100),
-        Mode::Enforce,
-    )
-    .await;
+    let id = reserve_tokens(store, &org, 100).await;
     let settlement = Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, -40));
 
     store.settle(&settlement).await.unwrap();
     store.settle(&settlement).await.unwrap();
 
     assert_eq!(store.usage(&org, november()).await.unwrap().get(TOKENS), 60);
-    let (other, _) = reserve(
-        store,
-        &org,
-        november(),
-        Limits::UNLIMITED,
-        Amounts::ZERO.with(TOKENS, 10),
-        Mode::Enforce,
-    )
-    .await;
+    let other = reserve_tokens(store, &org, 10).await;
     let correction = Amounts::ZERO.with(TOKENS, 5);
     store
         .settle(&Settlement::new(other, org.clone(), november(), correction))
@@ -414,15 +408,20 @@ conformance!(memory);
 conformance!(redis);
 conformance!(redis_cluster);
 
-#[tokio::test]
-async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_period() {
-    let server = RedisServer::start().await;
-    let store = RedisStore::new(
+/// A store on `server` with the `tollgate` prefix and a 2 s timeout.
+fn single_server_store(server: &RedisServer) -> RedisStore {
+    RedisStore::new(
         &RedisTarget::Single(server.url()),
         "tollgate",
         Duration::from_secs(2),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_period() {
+    let server = RedisServer::start().await;
+    let store = single_server_store(&server);
     let org = org("org_42");
     let cost = Amounts::ZERO.with(TOKENS, 7).with(SEATS, 1);
     enforce(&store, &org, november(), Limits::UNLIMITED, cost).await;
@@ -450,14 +449,7 @@ async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_p
 #[tokio::test]
 async fn reservations_and_settlements_arriving_together_share_script_calls_and_stay_exact() {
     let server = RedisServer::start().await;
-    let store: Arc<dyn QuotaStore> = Arc::new(
-        RedisStore::new(
-            &RedisTarget::Single(server.url()),
-            "tollgate",
-            Duration::from_secs(2),
-        )
-        .unwrap(),
-    );
+    let store: Arc<dyn QuotaStore> = Arc::new(single_server_store(&server));
     let org = org("org_batched");
     let limits = Limits::UNLIMITED.with(TOKENS, 1000);
     let script_calls = || {
@@ -542,24 +534,9 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 #[tokio::test]
 async fn a_settlement_call_that_fails_midway_leaves_nothing_and_its_retry_applies() {
     let server = RedisServer::start().await;
-    let store = Arc::new(
-        RedisStore::new(
-            &RedisTarget::Single(server.url()),
-            "tollgate",
-            Duration::from_secs(2),
-        )
-        .unwrap(),
-    );
+    let store = Arc::new(single_server_store(&server));
     let (good, bad) = (org("org_good"), org("org_bad"));
-    let (id, _) = reserve(
-        &*store,
-        &good,
-        november(),
-        Limits::UNLIMITED,
-        Amounts::ZERO.with(TOKENS, 100),
-        Mode::Enforce,
-    )
-    .await;
+    let id = reserve_tokens(&*store, &good, 100).await;
     let _: () = server.command(&[
         "SET",
         "tollgate:{org_bad}:2026-11-01:tokens",
@@ -581,6 +558,27 @@ async fn a_settlement_call_that_fails_midway_leaves_nothing_and_its_retry_applie
         store.usage(&good, november()).await.unwrap().get(TOKENS),
         101
     );
+}
+
+#[tokio::test]
+async fn a_settlement_made_by_a_clock_far_behind_redis_still_applies_once() {
+    let server = RedisServer::start().await;
+    let store = single_server_store(&server);
+    let org = org("org_skewed");
+    let id = reserve_tokens(&store, &org, 100).await;
+    // Made, by the gateway's clock, a day before Redis' now.
+    let mut settlement =
+        Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, -40));
+    settlement.made_at -= 24 * 60 * 60;
+
+    store.settle(&settlement).await.unwrap();
+    store.settle(&settlement).await.unwrap();
+
+    assert_eq!(store.usage(&org, november()).await.unwrap().get(TOKENS), 60);
+    let hashes: Vec<String> = server.command(&["KEYS", "tollgate:{org_skewed}:settled:*"]);
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
+    let ttl: i64 = server.command(&["TTL", &hashes[0]]);
+    assert!((590..=600).contains(&ttl), "the marker is kept {ttl} s");
 }
 
 #[tokio::test]
