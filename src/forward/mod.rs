@@ -86,10 +86,11 @@ impl Forwarder {
         let upstreams = upstreams
             .into_iter()
             .map(|upstream| {
-                let connections = match Http1Pool::for_origin(&upstream.origin) {
-                    Some(pool) => Connections::Http1(pool),
-                    None => Connections::Tls(Box::new(tls_client_for(&upstream, timeout)?)),
-                };
+                let connections =
+                    match Http1Pool::for_origin(&upstream.origin, tcp_connector(timeout)) {
+                        Some(pool) => Connections::Http1(pool),
+                        None => Connections::Tls(Box::new(tls_client_for(&upstream, timeout)?)),
+                    };
                 Ok((upstream, connections))
             })
             .collect::<Result<_, rustls::Error>>()?;
@@ -249,14 +250,21 @@ impl HttpBody for UpstreamBody {
     }
 }
 
+/// Resolves an upstream's host and connects to it, trying its addresses in
+/// turn (IPv6 and IPv4 raced) within `timeout`.
+fn tcp_connector(timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    // Small request/response exchanges must not wait on Nagle's algorithm.
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(timeout));
+    connector
+}
+
 fn tls_client_for(
     upstream: &Upstream,
     timeout: Duration,
 ) -> Result<Client<HttpsConnector<HttpConnector>, Body>, rustls::Error> {
-    let mut http = HttpConnector::new();
-    // Small request/response exchanges must not wait on Nagle's algorithm.
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(timeout));
+    let mut http = tcp_connector(timeout);
     http.enforce_http(false);
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

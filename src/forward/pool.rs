@@ -20,9 +20,9 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 use crate::{Body, BoxError};
 
@@ -30,8 +30,8 @@ use crate::{Body, BoxError};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Http1Pool {
-    /// `host:port`, as connections are opened to it.
-    address: String,
+    origin: Uri,
+    connector: HttpConnector,
     /// The `Host` header of every request, rendered once.
     host: HeaderValue,
     idle: Arc<Mutex<VecDeque<Idle>>>,
@@ -51,8 +51,9 @@ pub struct Lease {
 }
 
 impl Http1Pool {
-    /// A pool for `origin`, an `http://` URI; `None` for any other scheme.
-    pub fn for_origin(origin: &Uri) -> Option<Http1Pool> {
+    /// A pool for `origin`, an `http://` URI, whose connections `connector`
+    /// makes; `None` for any other scheme.
+    pub fn for_origin(origin: &Uri, connector: HttpConnector) -> Option<Http1Pool> {
         if origin.scheme_str() != Some("http") {
             return None;
         }
@@ -63,7 +64,8 @@ impl Http1Pool {
             _ => host.to_string(),
         };
         Some(Http1Pool {
-            address: format!("{host}:{}", port.unwrap_or(80)),
+            origin: origin.clone(),
+            connector,
             host: HeaderValue::try_from(host_header).ok()?,
             idle: Arc::default(),
         })
@@ -132,10 +134,8 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
-        let stream = TcpStream::connect(&self.address).await?;
-        // Small request/response exchanges must not wait on Nagle's algorithm.
-        stream.set_nodelay(true)?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        let stream = self.connector.clone().oneshot(self.origin.clone()).await?;
+        let (sender, connection) = http1::handshake(stream).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection ended with an error");

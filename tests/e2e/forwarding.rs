@@ -357,3 +357,24 @@ async fn a_request_after_the_upstream_closed_its_idle_connection_goes_on_a_new_o
 
     assert_eq!(counted.connections(), 3);
 }
+
+#[tokio::test]
+async fn an_upstream_named_by_host_name_is_reached_on_the_address_that_answers() {
+    // `localhost` may resolve to ::1 first; the stand-in listens on 127.0.0.1 only.
+    let counted = CountingUpstream::start(false).await;
+    let config = counted.config().replace(
+        &format!("http://{}", counted.addr),
+        &format!("http://localhost:{}", counted.addr.port()),
+    );
+    let gateway = Gateway::start(&config, &Upstream::start().await).await;
+
+    let response = client()
+        .get(gateway.url("/counted/x"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(counted.connections(), 1);
+}
