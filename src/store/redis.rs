@@ -386,6 +386,25 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// One call: through its batch queue on a single server, alone (by
+    /// `send`) on a cluster.
+    async fn call<C: Clone, O, Sent>(
+        &self,
+        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, O>>,
+        call: &C,
+        send: fn(Redis, Vec<C>) -> Sent,
+    ) -> Result<O, StoreError>
+    where
+        Sent: Future<Output = Result<Vec<O>, StoreError>>,
+    {
+        match &self.queues {
+            Some(queues) => queue(queue_of(queues), call.clone()).await,
+            None => only(send(self.redis.clone(), vec![call.clone()]).await?),
+        }
+    }
+}
+
 /// Sends queued calls with `send`, as many together as have queued up,
 /// with at most [`MAX_BATCHES_IN_FLIGHT`] under way. Ends with the store.
 async fn send_batches<C, O, Sent>(
@@ -642,27 +661,13 @@ fn gauge_flag(dimension: Dimension) -> &'static str {
 #[async_trait]
 impl QuotaStore for RedisStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
-        match &self.queues {
-            Some(queues) => queue(&queues.reservations, request.clone()).await,
-            None => only(
-                self.redis
-                    .clone()
-                    .reserve_all(vec![request.clone()])
-                    .await?,
-            ),
-        }
+        self.call(|queues| &queues.reservations, request, Redis::reserve_all)
+            .await
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
-        match &self.queues {
-            Some(queues) => queue(&queues.settlements, settlement.clone()).await,
-            None => only(
-                self.redis
-                    .clone()
-                    .settle_all(vec![settlement.clone()])
-                    .await?,
-            ),
-        }
+        self.call(|queues| &queues.settlements, settlement, Redis::settle_all)
+            .await
     }
 
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {
