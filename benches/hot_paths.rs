@@ -19,7 +19,8 @@ use tollgate::route::Router;
 use tollgate::settle::usage::SseScanner;
 
 /// A chat completions body of 4 KB (4,091 bytes): a system prompt, a few
-/// turns, a tool. The same body as the load benchmark's (benches/harness.py).
+/// turns, a tool. The same content and size as the load benchmark's body
+/// (benches/harness.py).
 fn chat_body() -> Vec<u8> {
     let turn = "Summarise the quarterly revenue figures for the EMEA region and flag anomalies. "
         .repeat(14);

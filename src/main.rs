@@ -9,8 +9,8 @@ use tracing_subscriber::EnvFilter;
 
 use tollgate::{App, Config, demo};
 
-// Each request allocates and frees a few dozen small buffers across two
-// threads; mimalloc's per-thread free lists serve that pattern well.
+// Each request allocates and frees a few dozen small, short-lived buffers;
+// mimalloc's per-thread heaps serve that pattern well.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -282,7 +282,7 @@ fn tls_client_for(
         .enable_all_versions()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(pool::IDLE_TIMEOUT)
         .build(connector))
 }
 

@@ -27,7 +27,7 @@ use tower::ServiceExt;
 use crate::{Body, BoxError};
 
 /// How long a connection may sit unused before it is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Http1Pool {
     origin: Uri,

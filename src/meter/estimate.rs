@@ -389,8 +389,8 @@ mod tests {
             StreamUsage::NotNeeded
         );
         assert!(
-            !anthropic.contains_key("stream_options")
-                && !not_streaming.contains_key("stream_options")
+            anthropic.get("stream_options").is_none()
+                && not_streaming.get("stream_options").is_none()
         );
     }
 }

@@ -63,10 +63,6 @@ impl<'a> Object<'a> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    pub fn contains_key(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-
     /// The member `key`, added as `value` first if the object has none.
     pub fn entry_or_insert(&mut self, key: &'a str, value: Json<'a>) -> &mut Json<'a> {
         let index = match self.0.iter().rposition(|(k, _)| k == key) {

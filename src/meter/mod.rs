@@ -78,17 +78,17 @@ impl Meter {
         let mut reading = None;
         let (mut request, mut body) = (request, body);
         if cost.estimate_tokens {
-            let path = request.uri().path().to_string();
+            let path = request.uri().path();
             let mut json =
                 estimate::parse(&body).map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
-            let estimate = estimate::estimate(&path, &json, route.default_max_tokens);
+            let estimate = estimate::estimate(path, &json, route.default_max_tokens);
             amounts.set(
                 Dimension::Tokens,
                 amounts
                     .get(Dimension::Tokens)
                     .saturating_add(estimate.total()),
             );
-            let stream_usage = estimate::request_stream_usage(&path, &mut json);
+            let stream_usage = estimate::request_stream_usage(path, &mut json);
             if stream_usage == StreamUsage::Added {
                 let rewritten = serde_json::to_vec(&json)
                     .map_err(|e| GatewayError::InvalidBody(e.to_string()))?;

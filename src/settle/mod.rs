@@ -1,7 +1,7 @@
 //! Step 6: correcting a reservation once the upstream has answered.
 //!
 //! A [`Reservation`] is settled exactly once: each way of settling consumes
-//! it, and the store ignores a repeated settlement of the same id. What the
+//! it, and the store ignores a retry of the same settlement. What the
 //! gateway saw decides the correction:
 //!
 //! - the upstream failed (no answer, timeout, non-2xx): refund all of it;
@@ -184,8 +184,8 @@ impl Reservation {
                 ..
             } = ledger;
             let settlement = Settlement::new(id, org, period, correction);
-            // The store applies a settlement once per id, so retrying one whose
-            // answer was lost cannot count it twice.
+            // The store applies one settlement once, however often it is sent,
+            // so retrying one whose answer was lost cannot count it twice.
             for attempt in 1..=SETTLE_ATTEMPTS {
                 let error =
                     match tokio::time::timeout(store_timeout, store.settle(&settlement)).await {

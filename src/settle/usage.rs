@@ -43,8 +43,10 @@ fn tokens_reported(count: impl Fn(&str) -> Option<i64>) -> Option<i64> {
         "prompt_tokens",
         "completion_tokens",
     ];
-    let named: Vec<i64> = parts.iter().filter_map(|p| counted(p)).collect();
-    (!named.is_empty()).then(|| named.into_iter().fold(0, i64::saturating_add))
+    parts
+        .iter()
+        .filter_map(|p| counted(p))
+        .reduce(i64::saturating_add)
 }
 
 /// The tokens a whole JSON response body reports.
@@ -136,7 +138,9 @@ impl Tally {
 /// gateway itself asked an OpenAI stream for usage, the client did not, so
 /// the stream is rewritten event by event into the one the provider would
 /// have sent: the usage-only chunk is dropped and the `"usage": null` that
-/// every other chunk then carries is removed.
+/// every other chunk then carries is removed. (Usually as text, from a
+/// compact chunk's tail; a chunk that has to be re-serialized instead keeps
+/// its content, with its keys in sorted order.)
 #[derive(Debug, Default)]
 pub struct SseScanner {
     hide_requested_usage: bool,

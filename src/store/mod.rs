@@ -49,7 +49,7 @@ impl ReservationId {
 
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.hex())
+        write!(f, "{:032x}", self.0)
     }
 }
 

@@ -38,7 +38,6 @@ use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
 use super::{QuotaStore, ReserveRequest, Settlement, StoreError};
 use crate::org::OrgId;
@@ -291,12 +290,6 @@ struct Queues {
 /// The most reservations (or settlements) sent in one script call.
 const MAX_BATCH: usize = 64;
 
-/// Script calls of one kind that may be on their way at once; more calls
-/// wait for one of them to return, and then go together. One: on the load
-/// benchmark a second call in flight halved the batches, and cost more in
-/// Redis' CPU (on the same machine) than it saved in waiting.
-const MAX_BATCHES_IN_FLIGHT: usize = 1;
-
 /// A call waiting to be sent, and where its outcome goes.
 type Queued<C, O> = (C, oneshot::Sender<Result<O, StoreError>>);
 
@@ -406,7 +399,10 @@ impl RedisStore {
 }
 
 /// Sends queued calls with `send`, as many together as have queued up,
-/// with at most [`MAX_BATCHES_IN_FLIGHT`] under way. Ends with the store.
+/// one script call at a time: the calls that queue while one is under way
+/// go together in the next. (On the load benchmark a second call in flight
+/// halved the batches, and cost more in Redis' CPU, on the same machine,
+/// than it saved in waiting.) Ends with the store.
 async fn send_batches<C, O, Sent>(
     redis: Redis,
     mut queued: mpsc::UnboundedReceiver<Queued<C, O>>,
@@ -416,48 +412,37 @@ async fn send_batches<C, O, Sent>(
     O: Send + 'static,
     Sent: Future<Output = Result<Vec<O>, StoreError>> + Send + 'static,
 {
-    let mut in_flight = JoinSet::new();
-    loop {
-        tokio::select! {
-            next = queued.recv(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
-                let Some(first) = next else { break };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queued.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let (calls, outcomes): (Vec<C>, Vec<_>) = batch.into_iter().unzip();
-                let sent = send(redis.clone(), calls);
-                in_flight.spawn(async move {
-                    match sent.await {
-                        Ok(results) if results.len() == outcomes.len() => {
-                            for (outcome, result) in outcomes.into_iter().zip(results) {
-                                // A request that stops waiting still awaits this in
-                                // the background (settle::PendingReservation).
-                                let _ = outcome.send(Ok(result));
-                            }
-                        }
-                        Ok(_) => {
-                            for outcome in outcomes {
-                                let _ = outcome.send(Err(StoreError::Backend(
-                                    "a reply for each call was expected".into(),
-                                )));
-                            }
-                        }
-                        Err(error) => {
-                            for outcome in outcomes {
-                                let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
-                            }
-                        }
-                    }
-                });
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queued.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
             }
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+        let (calls, outcomes): (Vec<C>, Vec<_>) = batch.into_iter().unzip();
+        // A request that stops waiting still awaits its outcome in the
+        // background (settle::PendingReservation), so every one is sent.
+        match send(redis.clone(), calls).await {
+            Ok(results) if results.len() == outcomes.len() => {
+                for (outcome, result) in outcomes.into_iter().zip(results) {
+                    let _ = outcome.send(Ok(result));
+                }
+            }
+            Ok(_) => {
+                for outcome in outcomes {
+                    let _ = outcome.send(Err(StoreError::Backend(
+                        "a reply for each call was expected".into(),
+                    )));
+                }
+            }
+            Err(error) => {
+                for outcome in outcomes {
+                    let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
+                }
+            }
         }
     }
-    while in_flight.join_next().await.is_some() {}
 }
 
 /// Queues `call` for its batch sender and waits for its outcome.
