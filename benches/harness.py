@@ -2,7 +2,9 @@
 
 Every server listens on loopback: the stand-in upstream (examples/
 bench_upstream.rs), redis-server, nginx as a plain keep-alive proxy_pass (the
-peer, enforcing nothing), and tollgate on the memory and on the redis store.
+peer, enforcing nothing), the bare hyper proxy (examples/bare_proxy.rs: the
+floor for tollgate's crates), and tollgate on the memory and on the redis
+store.
 Closed-loop throughput comes from wrk (64 connections, a warm-up, then 10 s a
 case); open-loop latency at fixed rates from oha with latency correction.
 """
@@ -206,7 +208,7 @@ def main():
         return proc
 
     try:
-        ports = {name: free_port() for name in ["upstream", "redis", "nginx", "memory", "redis_gw"]}
+        ports = {name: free_port() for name in ["upstream", "redis", "nginx", "bare", "memory", "redis_gw"]}
         upstream = start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
               ports["upstream"], "the stand-in upstream")
         redis = start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -214,6 +216,8 @@ def main():
         with open(f"{work}/nginx.conf", "w") as f:
             f.write(NGINX.format(dir=work, upstream=ports["upstream"], port=ports["nginx"]))
         nginx = start(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], ports["nginx"], "nginx")
+        bare = start([os.path.join(ROOT, "target/release/examples/bare_proxy"), f"127.0.0.1:{ports['bare']}",
+                      f"127.0.0.1:{ports['upstream']}", str(os.cpu_count())], ports["bare"], "the bare hyper proxy")
         gateways = {}
         for name, backend, url in [("memory", "memory", ""),
                                    ("redis_gw", "redis", f'url = "redis://127.0.0.1:{ports["redis"]}"')]:
@@ -230,7 +234,7 @@ def main():
                 f.write(text)
 
         base = lambda name: f"http://127.0.0.1:{ports[name]}"
-        pids = {"upstream": upstream.pid, "nginx": nginx.pid, "memory": gateways["memory"].pid,
+        pids = {"upstream": upstream.pid, "nginx": nginx.pid, "bare": bare.pid, "memory": gateways["memory"].pid,
                 "redis_gw": gateways["redis_gw"].pid}
         cases = [
             ("1. upstream directly (ceiling)", "upstream", "/run", "post"),
@@ -240,10 +244,13 @@ def main():
             ("5. tollgate, fixed cost, redis store", "redis_gw", "/run", "post"),
             ("6. tollgate, estimate 4 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat"),
             ("7. tollgate, 402 path (all denied), redis", "redis_gw", "/run", "broke"),
+            # What hyper and tokio cost with no gateway code at all: the
+            # least case 3 could cost on these crates.
+            ("8. bare hyper proxy (floor of 3)", "bare", "/run", "post"),
         ]
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
-        wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7").split(",")} | {2}
+        wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7,8").split(",")} | {2}
         # Every case runs once per round, rounds one after another, and each
         # figure reported is the median over the rounds: on a shared machine
         # the same case moves by 20% from one minute to the next, and a ratio
@@ -294,7 +301,7 @@ def main():
         f"{platform.system()} {platform.release()}. wrk -t2 -c{CONNECTIONS}, {WARMUP} warm-up, {DURATION} per case, "
         f"{ROUNDS} rounds; every figure is the median over the rounds (× nginx: the median of the ratios within "
         "each round, with their range). All processes on one machine, over loopback, sharing its cores. "
-        "CPU µs/req: the proxy's (tollgate's or nginx's; in case 1 the upstream's own) user + system time over the "
+        "CPU µs/req: the proxy's (tollgate's, nginx's or the bare proxy's; in case 1 the upstream's own) user + system time over the "
         "measured run, per request. "
         "Steal: the share of the machine's CPU time its hypervisor took during the run.",
         "",
