@@ -257,9 +257,10 @@ async fn the_catch_all_route_also_serves_the_root_path() {
 }
 
 /// A bare HTTP/1.1 upstream that counts the connections it accepts and
-/// answers every request `ok`; with `close_after_answer` it closes each
-/// connection after its first answer, as a keep-alive timeout would, without
-/// announcing it.
+/// answers every request `ok` (a HEAD with its headers only, a request for
+/// `/counted/no-content` with a 204, one for `/counted/chunked` with `ok` in
+/// two chunks); with `close_after_answer` it closes each connection after
+/// its first answer, as a keep-alive timeout would, without announcing it.
 struct CountingUpstream {
     addr: std::net::SocketAddr,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -289,8 +290,16 @@ impl CountingUpstream {
                         received.extend_from_slice(&chunk[..read]);
                         // Bodiless requests: each ends with its blank line.
                         while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
-                            received.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            let head: Vec<u8> = received.drain(..end + 4).collect();
+                            let answer: &[u8] = if head.starts_with(b"HEAD ") {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                            } else if head.starts_with(b"GET /counted/no-content ") {
+                                b"HTTP/1.1 204 No Content\r\n\r\n"
+                            } else if head.starts_with(b"GET /counted/chunked ") {
+                                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
                             if stream.write_all(answer).await.is_err() || close_after_answer {
                                 return;
                             }
@@ -340,6 +349,28 @@ async fn requests_one_after_another_share_one_upstream_connection() {
     for n in 0..5 {
         gets_ok(&client, &gateway, n).await;
     }
+
+    assert_eq!(counted.connections(), 1);
+}
+
+#[tokio::test]
+async fn answers_without_a_body_or_in_chunks_give_their_upstream_connection_back() {
+    let counted = CountingUpstream::start(false).await;
+    let gateway = Gateway::start(&counted.config(), &Upstream::start().await).await;
+    let client = client();
+
+    let head = client.head(gateway.url("/counted/0")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "2");
+    assert_eq!(head.text().await.unwrap(), "");
+    let get = |path| client.get(gateway.url(path)).send();
+    let no_content = get("/counted/no-content").await.unwrap();
+    assert_eq!(no_content.status(), 204);
+    assert_eq!(no_content.text().await.unwrap(), "");
+    let chunked = get("/counted/chunked").await.unwrap();
+    assert_eq!(chunked.status(), 200);
+    assert_eq!(chunked.text().await.unwrap(), "ok");
+    gets_ok(&client, &gateway, 1).await;
 
     assert_eq!(counted.connections(), 1);
 }
