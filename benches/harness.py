@@ -6,7 +6,9 @@ peer, enforcing nothing), the bare hyper proxy (examples/bare_proxy.rs: the
 floor for tollgate's crates), and tollgate on the memory and on the redis
 store.
 Closed-loop throughput comes from wrk (64 connections, a warm-up, then 10 s a
-case); open-loop latency at fixed rates from oha with latency correction.
+case); open-loop latency at fixed rates from oha with latency correction;
+instructions per request from valgrind's callgrind, which, unlike time, do
+not move with whatever else the machine's host is running.
 """
 
 import json
@@ -27,6 +29,10 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WARMUP = os.environ.get("BENCH_WARMUP", "3s")
 CONNECTIONS = 64
+# Under callgrind a server runs some fifty times slower: fewer connections,
+# a shorter run.
+COUNTED_CONNECTIONS = 8
+COUNTED_DURATION = "5s"
 
 
 def free_port():
@@ -35,8 +41,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(port, what):
-    deadline = time.monotonic() + 30
+def wait_for(port, what, seconds=30):
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -159,6 +165,28 @@ def oha(url, rate):
     pct = report["latencyPercentiles"]
     return {"p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000, "p999": pct["p99.9"] * 1000,
             "rps": report["summary"]["requestsPerSec"], "steal": steal_percent(ticks)}
+
+
+def instructions_per_request(command, port, what, url, script, out, env=None):
+    """User-space instructions per request of a server run under callgrind,
+    counted over a wrk run after a warm-up."""
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_for(port, what + " under callgrind", seconds=120)
+        load = lambda duration: subprocess.run(
+            ["wrk", "-t1", f"-c{COUNTED_CONNECTIONS}", f"-d{duration}", "-s", script, url],
+            capture_output=True, text=True, check=True).stdout
+        load(WARMUP)
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
+        requests = int(re.search(r"(\d+) requests in", load(COUNTED_DURATION)).group(1))
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
+        with open(f"{out}.1") as dump:
+            total = int(re.search(r"^totals: (\d+)", dump.read(), re.M).group(1))
+    finally:
+        proc.kill()
+        proc.wait()
+    return total / requests
 
 
 def machine_ticks():
@@ -284,6 +312,36 @@ def main():
                     latency.append((title, rate, {key: median([r[key] for r in samples[title]])
                                                   for key in samples[title][0]}))
         rss = {name: peak_rss_mb(proc.pid) for name, proc in gateways.items()}
+
+        counted = []
+        if shutil.which("valgrind") and os.environ.get("BENCH_CALLGRIND", "1") != "0":
+            # One worker each, so that the counts compare like for like.
+            port = free_port()
+            with open(f"{work}/nginx-counted.conf", "w") as f:
+                f.write(NGINX.replace("worker_processes auto;", "worker_processes 1;\nmaster_process off;")
+                        .format(dir=f"{work}/counted", upstream=ports["upstream"], port=port))
+            os.makedirs(f"{work}/counted")
+            servers = {
+                "nginx": (["nginx", "-c", f"{work}/nginx-counted.conf", "-g", "daemon off;"], None),
+                "bare": ([os.path.join(ROOT, "target/release/examples/bare_proxy"), f"127.0.0.1:{port}",
+                          f"127.0.0.1:{ports['upstream']}", "1"], None),
+            }
+            for name, backend, url in [("memory", "memory", ""),
+                                       ("redis_gw", "redis", f'url = "redis://127.0.0.1:{ports["redis"]}"')]:
+                path = f"{work}/{name}-counted.toml"
+                with open(path, "w") as f:
+                    f.write(TOLLGATE.format(port=port, backend=backend, store_url=url, upstream=ports["upstream"])
+                            .replace("[server]", "[server]\nworkers = 1"))
+                servers[name] = ([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
+                                 {**os.environ, "RUST_LOG": "warn"})
+            for title, server, path, script in sorted(cases, key=lambda case: case[1] != "nginx"):
+                if server not in servers or int(title.split(".")[0]) not in wanted:
+                    continue
+                command, env = servers[server]
+                count = instructions_per_request(command, port, title, f"http://127.0.0.1:{port}{path}",
+                                                 scripts[script], f"{work}/callgrind.{len(counted)}", env)
+                counted.append((title, count))
+                print(f"{title}: {count:.0f} instructions/request", file=sys.stderr)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -321,6 +379,14 @@ def main():
         for title, rate, r in latency:
             lines.append(f"| {title} | {rate} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} "
                          f"| {r['p99'] - direct[rate]:.3f} | {r['steal']:.0f} |")
+    if counted:
+        lines += ["", f"Instructions per request (user space, valgrind's callgrind), one worker each, wrk -t1 "
+                  f"-c{COUNTED_CONNECTIONS}, {COUNTED_DURATION} counted after a {WARMUP} warm-up. Unlike the times "
+                  "above, these do not move with whatever else the machine's host runs:", "",
+                  "| case | instructions/request | × nginx |", "|---|---:|---:|"]
+        nginx_count = counted[0][1]
+        for title, count in counted:
+            lines.append(f"| {title} | {count:,.0f} | {count / nginx_count:.2f} |")
     lines += ["", "Peak RSS of tollgate over the run: " +
               ", ".join(f"{'memory store' if k == 'memory' else 'redis store'} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)

@@ -5,9 +5,10 @@
 //! counter the cost names, applies [`quota::decide`]'s rule, and increments
 //! all or none. A settlement runs in another script that applies it only if
 //! its reservation id is not yet marked settled, and marks it, so a
-//! settlement retried after a timeout changes nothing the second time. On a single server, reservations (and
-//! settlements) that queue up while earlier ones are on their way go
-//! together in one script call, each still applied all or none, in order.
+//! settlement retried after a timeout changes nothing the second time. On a
+//! single server, reservations (and settlements) that queue up while
+//! earlier ones are on their way go together in one script call, each still
+//! applied all or none, in order.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
