@@ -127,16 +127,20 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- outcome, admitted with nothing exceeded and every cost applied as asked,
 -- is '1'. Any other is integers separated by spaces: admitted (1 or 0), the
 -- index of its first exceeded counter or 0, that counter's value, then the
--- amount applied to each counter. (Formatting numbers is most of what a
--- reservation costs Redis, and reading an array of integers is most of what
--- the reply costs the gateway.)
+-- amount applied to each counter. (Converting numbers to and from text is
+-- most of what a reservation costs Redis, hence also each cost parsed once
+-- into `costs`; reading an array of integers is most of what the reply
+-- costs the gateway.)
 local remember = ARGV[1]
 local markers = remember ~= '0' and 1 or 0
-local replies, key, arg = {}, 1, 2
+local replies, costs, key, arg = {}, {}, 1, 2
 while arg <= #ARGV do
   local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
   -- Counter i is KEYS[first + i].
   local first = key + markers - 1
+  for i = 1, counters do
+    costs[i] = tonumber(ARGV[arg + 3 * i])
+  end
   local reply = nil
   if markers == 1 then
     -- A client that resends a call it got no reply to gets the first reply.
@@ -148,10 +152,11 @@ while arg <= #ARGV do
   if not reply then
     local exceeded, exceeded_value = 0, 0
     for i = 1, counters do
-      local cost, limit = tonumber(ARGV[arg + 3 * i]), tonumber(ARGV[arg + 3 * i + 1])
-      local current = value(KEYS[first + i])
-      if exceeded == 0 and cost > 0 and limit >= 0 and current + cost > limit then
-        exceeded, exceeded_value = i, current
+      if exceeded == 0 and costs[i] > 0 then
+        local limit, current = tonumber(ARGV[arg + 3 * i + 1]), value(KEYS[first + i])
+        if limit >= 0 and current + costs[i] > limit then
+          exceeded, exceeded_value = i, current
+        end
       end
     end
     reply = {0, exceeded, exceeded_value}
@@ -161,7 +166,7 @@ while arg <= #ARGV do
     end
     for i = 1, counters do
       reply[3 + i] = admitted
-        and add(KEYS[first + i], tonumber(ARGV[arg + 3 * i]), ARGV[arg + 3 * i + 2], expire_at)
+        and add(KEYS[first + i], costs[i], ARGV[arg + 3 * i + 2], expire_at)
         or 0
     end
     if markers == 1 then
@@ -170,7 +175,7 @@ while arg <= #ARGV do
   end
   local usual = reply[1] == 1 and reply[2] == 0
   for i = 1, counters do
-    usual = usual and reply[3 + i] == tonumber(ARGV[arg + 3 * i])
+    usual = usual and reply[3 + i] == costs[i]
   end
   if usual then
     replies[#replies + 1] = '1'
