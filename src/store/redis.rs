@@ -8,7 +8,9 @@
 //! settlement retried after a timeout changes nothing the second time. On a
 //! single server, reservations (and settlements) that queue up while
 //! earlier ones are on their way go together in one script call, each still
-//! applied all or none, in order.
+//! applied all or none, in order; a key holding something tollgate did not
+//! write there (say, a counter set by hand to text) fails only the items
+//! that touch it, never the rest of their call.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
@@ -67,16 +69,31 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 /// all do): a script runs alone, so keeping running values here is the same
 /// as incrementing each time. Every write waits for `flush` at the end, so a
 /// script that fails midway has changed nothing, and retrying it is safe.
+///
+/// A key holding what tollgate did not write there (text that is not a
+/// number, a key of another type) fails only the items that touch it, each
+/// answered `E`: one org's damaged key must not fail another's requests.
 macro_rules! lua_ledger {
     () => {
         r"
 local values, written, later = {}, {}, {}
--- A counter's value so far in this call.
+-- A counter's value so far in this call; false if it holds no number.
 local function value(counter)
   if values[counter] == nil then
-    values[counter] = tonumber(redis.call('GET', counter) or '0')
+    local stored = redis.pcall('GET', counter)
+    values[counter] = not stored and 0 or type(stored) == 'string' and tonumber(stored) or false
   end
   return values[counter]
+end
+-- Whether every counter of an item (KEYS[first + 1 .. first + n]) holds a
+-- number.
+local function intact(first, n)
+  for i = 1, n do
+    if value(KEYS[first + i]) == false then
+      return false
+    end
+  end
+  return true
 end
 -- Adds `amount` to a counter; a release never takes it below zero. A gauge
 -- ('1') keeps no expiry; a period counter expires at `expire_at`. Returns
@@ -125,7 +142,8 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- counter's cost, limit (-1: none), '1' if a gauge.
 -- Reply: one string, a part per reservation, separated by ';'. The usual
 -- outcome, admitted with nothing exceeded and every cost applied as asked,
--- is '1'. Any other is integers separated by spaces: admitted (1 or 0), the
+-- is '1'; 'E' is a reservation not made, as a counter of it holds no
+-- number. Any other is integers separated by spaces: admitted (1 or 0), the
 -- index of its first exceeded counter or 0, that counter's value, then the
 -- amount applied to each counter. (Converting numbers to and from text is
 -- most of what a reservation costs Redis, hence also each cost parsed once
@@ -149,7 +167,9 @@ while arg <= #ARGV do
       reply = cjson.decode(earlier)
     end
   end
-  if not reply then
+  if not reply and not intact(first, counters) then
+    reply = 'E'
+  elseif not reply then
     local exceeded, exceeded_value = 0, 0
     for i = 1, counters do
       if exceeded == 0 and costs[i] > 0 then
@@ -173,11 +193,13 @@ while arg <= #ARGV do
       write_later('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
     end
   end
-  local usual = reply[1] == 1 and reply[2] == 0
+  local usual = reply ~= 'E' and reply[1] == 1 and reply[2] == 0
   for i = 1, counters do
     usual = usual and reply[3 + i] == costs[i]
   end
-  if usual then
+  if reply == 'E' then
+    replies[#replies + 1] = 'E'
+  elseif usual then
     replies[#replies + 1] = '1'
   else
     local parts = {}
@@ -208,7 +230,8 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 -- at; its number of counters n; and n times the counter's correction, '1'
 -- if a gauge.
 -- Reply, one string with a character per settlement: 1 if applied, 0 if
--- that reservation was settled before.
+-- that reservation was settled before, E if not applied because its marker
+-- hash or one of its counters holds what tollgate did not write there.
 local function each(visit)
   local key, arg = 1, 2
   while arg <= #ARGV do
@@ -225,12 +248,16 @@ each(function(key, arg)
   ids[#ids + 1] = ARGV[arg]
   asked[KEYS[key]] = ids
 end)
-local settled = {}
+local settled, damaged = {}, {}
 for hash, ids in pairs(asked) do
-  local found = redis.call('HMGET', hash, unpack(ids))
-  for i, id in ipairs(ids) do
-    if found[i] then
-      settled[hash .. ' ' .. id] = true
+  local found = redis.pcall('HMGET', hash, unpack(ids))
+  if found.err then
+    damaged[hash] = true
+  else
+    for i, id in ipairs(ids) do
+      if found[i] then
+        settled[hash .. ' ' .. id] = true
+      end
     end
   end
 end
@@ -241,6 +268,10 @@ each(function(key, arg, counters)
   local marker = hash .. ' ' .. id
   if settled[marker] then
     replies[#replies + 1] = '0'
+    return
+  end
+  if damaged[hash] or not intact(key, counters) then
+    replies[#replies + 1] = 'E'
     return
   end
   settled[marker] = true
@@ -395,11 +426,11 @@ impl RedisStore {
         send: fn(Redis, Vec<C>) -> Sent,
     ) -> Result<O, StoreError>
     where
-        Sent: Future<Output = Result<Vec<O>, StoreError>>,
+        Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>>,
     {
         match &self.queues {
             Some(queues) => queue(queue_of(queues), call.clone()).await,
-            None => only(send(self.redis.clone(), vec![call.clone()]).await?),
+            None => only(send(self.redis.clone(), vec![call.clone()]).await?)?,
         }
     }
 }
@@ -416,7 +447,7 @@ async fn send_batches<C, O, Sent>(
 ) where
     C: Send + 'static,
     O: Send + 'static,
-    Sent: Future<Output = Result<Vec<O>, StoreError>> + Send + 'static,
+    Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
 {
     while let Some(first) = queued.recv().await {
         let mut batch = vec![first];
@@ -432,7 +463,7 @@ async fn send_batches<C, O, Sent>(
         match send(redis.clone(), calls).await {
             Ok(results) if results.len() == outcomes.len() => {
                 for (outcome, result) in outcomes.into_iter().zip(results) {
-                    let _ = outcome.send(Ok(result));
+                    let _ = outcome.send(result);
                 }
             }
             Ok(_) => {
@@ -472,8 +503,11 @@ fn only<O>(outcomes: Vec<O>) -> Result<O, StoreError> {
 
 impl Redis {
     /// Runs `requests` through one reserve script call, in order; a
-    /// decision for each.
-    async fn reserve_all(self, requests: Vec<ReserveRequest>) -> Result<Vec<Decision>, StoreError> {
+    /// decision for each, or the error that kept it from being made.
+    async fn reserve_all(
+        self,
+        requests: Vec<ReserveRequest>,
+    ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
         let mut invocation = RESERVE.prepare_invoke();
         invocation.arg(self.remember_reply_seconds);
         let mut costs = Vec::with_capacity(requests.len());
@@ -510,10 +544,14 @@ impl Redis {
         for (request, cost) in requests.iter().zip(&costs) {
             let part = parts.next().ok_or_else(unexpected)?;
             if part == "1" {
-                decisions.push(Decision::Admit {
+                decisions.push(Ok(Decision::Admit {
                     applied: request.cost,
                     over: None,
-                });
+                }));
+                continue;
+            }
+            if part == "E" {
+                decisions.push(Err(damaged(&request.org)));
                 continue;
             }
             let reply = part
@@ -541,7 +579,7 @@ impl Redis {
                     })
                 }
             };
-            decisions.push(if admitted == 0 {
+            decisions.push(Ok(if admitted == 0 {
                 Decision::Deny(exceeded.ok_or_else(unexpected)?)
             } else {
                 let mut amounts = Amounts::ZERO;
@@ -552,7 +590,7 @@ impl Redis {
                     applied: amounts,
                     over: exceeded,
                 }
-            });
+            }));
         }
         if parts.next().is_some() {
             return Err(unexpected());
@@ -560,8 +598,12 @@ impl Redis {
         Ok(decisions)
     }
 
-    /// Applies `settlements` through one settle script call, in order.
-    async fn settle_all(self, settlements: Vec<Settlement>) -> Result<Vec<()>, StoreError> {
+    /// Applies `settlements` through one settle script call, in order; for
+    /// each, whether it is settled.
+    async fn settle_all(
+        self,
+        settlements: Vec<Settlement>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let mut invocation = SETTLE.prepare_invoke();
         invocation.arg(self.settled_marker_seconds);
         for settlement in &settlements {
@@ -580,9 +622,21 @@ impl Redis {
             }
         }
         // A character per settlement, 1 if applied, 0 if settled before:
-        // either way, settled.
+        // either way, settled; E if not.
         let applied: String = self.invoke(&invocation).await?;
-        Ok(vec![(); applied.len()])
+        if applied.len() != settlements.len() {
+            return Err(StoreError::Backend(format!(
+                "unexpected reply from the settle script: {applied:?}"
+            )));
+        }
+        Ok(settlements
+            .iter()
+            .zip(applied.chars())
+            .map(|(settlement, outcome)| match outcome {
+                'E' => Err(damaged(&settlement.org)),
+                _ => Ok(()),
+            })
+            .collect())
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
@@ -635,6 +689,14 @@ impl Redis {
         .map_err(backend)?;
         redis::from_redis_value(value).map_err(|e| StoreError::Backend(e.to_string()))
     }
+}
+
+/// The error of a call that touched a key holding what tollgate did not
+/// write there.
+fn damaged(org: &OrgId) -> StoreError {
+    StoreError::Backend(format!(
+        "a quota key of org {org} holds something tollgate did not write there"
+    ))
 }
 
 fn backend(error: RedisError) -> StoreError {

@@ -532,31 +532,90 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 }
 
 #[tokio::test]
-async fn a_settlement_call_that_fails_midway_leaves_nothing_and_its_retry_applies() {
+async fn a_call_refused_at_its_first_write_leaves_nothing_and_its_retry_applies() {
     let server = RedisServer::start().await;
-    let store = Arc::new(single_server_store(&server));
-    let (good, bad) = (org("org_good"), org("org_bad"));
-    let id = reserve_tokens(&*store, &good, 100).await;
-    let _: () = server.command(&[
-        "SET",
-        "tollgate:{org_bad}:2026-11-01:tokens",
-        "not a number",
-    ]);
-    let settlement = |org: &OrgId, id| {
-        Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1))
-    };
-    let (first, second) = (
-        settlement(&good, id),
-        settlement(&bad, ReservationId::next()),
+    let store = single_server_store(&server);
+    let org = org("org_full");
+    let id = reserve_tokens(&store, &org, 100).await;
+    let settlement = Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1));
+
+    // Out of memory, Redis refuses the script's first write, after its reads.
+    let _: () = server.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    assert!(store.settle(&settlement).await.is_err());
+    let _: () = server.command(&["CONFIG", "SET", "maxmemory", "0"]);
+    let settled_before: Vec<String> = server.command(&["KEYS", "tollgate:{org_full}:settled:*"]);
+    store.settle(&settlement).await.unwrap();
+    store.settle(&settlement).await.unwrap();
+
+    assert!(settled_before.is_empty(), "{settled_before:?}");
+    assert_eq!(
+        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        101
     );
+}
 
-    // Together they go as one call, which the bad counter makes fail.
-    let _ = join_all([store.settle(&first), store.settle(&second)]).await;
-    store.settle(&first).await.unwrap();
+#[tokio::test]
+async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
+    let server = RedisServer::start().await;
+    let store = single_server_store(&server);
+    let (good, texted, hashed, marked) = (
+        org("org_good"),
+        org("org_texted"),
+        org("org_hashed"),
+        org("org_marked"),
+    );
+    let ids = [
+        reserve_tokens(&store, &good, 100).await,
+        ReservationId::next(),
+        ReservationId::next(),
+        reserve_tokens(&store, &marked, 100).await,
+    ];
+    let _: () = server.command(&["SET", "tollgate:{org_texted}:2026-11-01:tokens", "lots"]);
+    let _: () = server.command(&["HSET", "tollgate:{org_hashed}:2026-11-01:tokens", "a", "1"]);
+    // Settlements made at 1790000000 keep their markers in this hash.
+    let _: () = server.command(&["SET", "tollgate:{org_marked}:settled:1790000000", "x"]);
+    let reservation = |org: &OrgId| ReserveRequest {
+        id: ReservationId::next(),
+        org: org.clone(),
+        period: november(),
+        limits: Limits::UNLIMITED,
+        cost: Amounts::ZERO.with(TOKENS, 10),
+        mode: Mode::Enforce,
+    };
+    let settlement = |org: &OrgId, id| {
+        let mut settlement =
+            Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1));
+        settlement.made_at = 1_790_000_000;
+        settlement
+    };
+    let orgs = [&good, &texted, &hashed, &marked];
+    let reservations = orgs.map(reservation);
+    let settlements: Vec<Settlement> = orgs
+        .iter()
+        .zip(ids)
+        .map(|(org, id)| settlement(org, id))
+        .collect();
 
+    // Each burst goes as one script call.
+    let reserved = join_all(reservations.iter().map(|r| store.reserve(r))).await;
+    let settled = join_all(settlements.iter().map(|s| store.settle(s))).await;
+
+    assert!(matches!(reserved[0], Ok(Decision::Admit { .. })));
+    assert!(reserved[1].is_err() && reserved[2].is_err());
+    assert!(matches!(reserved[3], Ok(Decision::Admit { .. })));
+    assert!(settled[0].is_ok());
+    assert!(settled[1].is_err() && settled[2].is_err() && settled[3].is_err());
     assert_eq!(
         store.usage(&good, november()).await.unwrap().get(TOKENS),
-        101
+        111
+    );
+    assert_eq!(
+        store.usage(&marked, november()).await.unwrap().get(TOKENS),
+        110
+    );
+    assert_eq!(
+        server.command::<String>(&["GET", "tollgate:{org_texted}:2026-11-01:tokens"]),
+        "lots"
     );
 }
 
