@@ -2,9 +2,15 @@
 //! the load benchmarks (`benches/run`): hyper's HTTP/1.1 server, and per
 //! client connection one upstream connection from hyper's HTTP/1.1 client,
 //! on one single-threaded runtime per worker as tollgate runs. No routing,
-//! no header rewriting, no tower layers, no pool, no timeouts, no metering.
-//! What tollgate costs above this is what its own code costs; what this
-//! costs above nginx is what hyper and tokio cost.
+//! no header rewriting, no tower layers, no pool, no timeouts (not even
+//! for reading a request's head), HTTP/1.1 only (tollgate's server also
+//! detects HTTP/2), no metering. What tollgate costs above this is what its
+//! own code costs; what this costs above nginx is what hyper and tokio cost.
+//!
+//! Its workers all accept from the one listening socket, as nginx's do by
+//! default, where tollgate's acceptor hands connections out round-robin: with
+//! few long-lived connections (a load generator's) one worker may get more
+//! than its share here.
 //!
 //! Usage: bare_proxy LISTEN_ADDR UPSTREAM_ADDR WORKERS
 

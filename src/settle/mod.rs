@@ -194,9 +194,11 @@ impl Reservation {
                         Err(_elapsed) => StoreError::Timeout,
                     };
                 metrics.store_failed("settle", &error);
-                if attempt < SETTLE_ATTEMPTS {
-                    tokio::time::sleep(store_timeout).await;
+                // A damaged key stays so until someone repairs it.
+                if attempt == SETTLE_ATTEMPTS || matches!(error, StoreError::DamagedKey(_)) {
+                    break;
                 }
+                tokio::time::sleep(store_timeout).await;
             }
             tracing::warn!(org = %settlement.org, reservation = %id, "gave up settling a reservation; it stands");
         });

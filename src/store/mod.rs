@@ -108,6 +108,10 @@ pub enum StoreError {
     Timeout,
     #[error("the quota store failed: {0}")]
     Backend(String),
+    /// A key of the org's holds what tollgate did not write there: the
+    /// store works, but not for this org until someone repairs the key.
+    #[error("a quota key of org {0} holds something tollgate did not write there")]
+    DamagedKey(OrgId),
 }
 
 #[async_trait]

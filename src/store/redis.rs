@@ -9,8 +9,9 @@
 //! single server, reservations (and settlements) that queue up while
 //! earlier ones are on their way go together in one script call, each still
 //! applied all or none, in order; a key holding something tollgate did not
-//! write there (say, a counter set by hand to text) fails only the items
-//! that touch it, never the rest of their call.
+//! write there (say, a counter set by hand to `nan`: a counter must hold a
+//! decimal integer within ±2^53) fails only the items that touch it, with
+//! [`StoreError::DamagedKey`], never the rest of their call.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
@@ -77,11 +78,21 @@ macro_rules! lua_ledger {
     () => {
         r"
 local values, written, later = {}, {}, {}
--- A counter's value so far in this call; false if it holds no number.
+-- A counter's value so far in this call; false if it holds anything but
+-- the integer text tollgate writes there. (`tonumber` alone would take
+-- 'nan', 'inf', '1.5', '1e3', '0x10' and ' 7', and the first two would
+-- then be written back as numbers no limit stops.)
 local function value(counter)
   if values[counter] == nil then
     local stored = redis.pcall('GET', counter)
-    values[counter] = not stored and 0 or type(stored) == 'string' and tonumber(stored) or false
+    if not stored then
+      values[counter] = 0
+    elseif type(stored) == 'string' and string.find(stored, '^%-?%d+$')
+      and math.abs(tonumber(stored)) <= 9007199254740992 then
+      values[counter] = tonumber(stored)
+    else
+      values[counter] = false
+    end
   end
   return values[counter]
 end
@@ -142,13 +153,30 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- counter's cost, limit (-1: none), '1' if a gauge.
 -- Reply: one string, a part per reservation, separated by ';'. The usual
 -- outcome, admitted with nothing exceeded and every cost applied as asked,
--- is '1'; 'E' is a reservation not made, as a counter of it holds no
--- number. Any other is integers separated by spaces: admitted (1 or 0), the
+-- is '1'; 'E' is a reservation not made, as its marker or a counter holds
+-- what tollgate did not write there. Any other is integers separated by spaces: admitted (1 or 0), the
 -- index of its first exceeded counter or 0, that counter's value, then the
 -- amount applied to each counter. (Converting numbers to and from text is
 -- most of what a reservation costs Redis, hence also each cost parsed once
 -- into `costs`; reading an array of integers is most of what the reply
 -- costs the gateway.)
+-- The reply a marker remembers, or false if it holds no reply of a
+-- reservation of `counters` counters.
+local function remembered(text, counters)
+  if type(text) ~= 'string' then
+    return false
+  end
+  local decoded, reply = pcall(cjson.decode, text)
+  if not decoded or type(reply) ~= 'table' or #reply ~= 3 + counters then
+    return false
+  end
+  for i = 1, #reply do
+    if type(reply[i]) ~= 'number' then
+      return false
+    end
+  end
+  return reply
+end
 local remember = ARGV[1]
 local markers = remember ~= '0' and 1 or 0
 local replies, costs, key, arg = {}, {}, 1, 2
@@ -162,9 +190,9 @@ while arg <= #ARGV do
   local reply = nil
   if markers == 1 then
     -- A client that resends a call it got no reply to gets the first reply.
-    local earlier = redis.call('GET', KEYS[key])
+    local earlier = redis.pcall('GET', KEYS[key])
     if earlier then
-      reply = cjson.decode(earlier)
+      reply = remembered(earlier, counters) or 'E'
     end
   end
   if not reply and not intact(first, counters) then
@@ -551,7 +579,7 @@ impl Redis {
                 continue;
             }
             if part == "E" {
-                decisions.push(Err(damaged(&request.org)));
+                decisions.push(Err(StoreError::DamagedKey(request.org.clone())));
                 continue;
             }
             let reply = part
@@ -629,14 +657,17 @@ impl Redis {
                 "unexpected reply from the settle script: {applied:?}"
             )));
         }
-        Ok(settlements
+        settlements
             .iter()
             .zip(applied.chars())
             .map(|(settlement, outcome)| match outcome {
-                'E' => Err(damaged(&settlement.org)),
-                _ => Ok(()),
+                '0' | '1' => Ok(Ok(())),
+                'E' => Ok(Err(StoreError::DamagedKey(settlement.org.clone()))),
+                _ => Err(StoreError::Backend(format!(
+                    "unexpected reply from the settle script: {applied:?}"
+                ))),
             })
-            .collect())
+            .collect()
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
@@ -689,14 +720,6 @@ impl Redis {
         .map_err(backend)?;
         redis::from_redis_value(value).map_err(|e| StoreError::Backend(e.to_string()))
     }
-}
-
-/// The error of a call that touched a key holding what tollgate did not
-/// write there.
-fn damaged(org: &OrgId) -> StoreError {
-    StoreError::Backend(format!(
-        "a quota key of org {org} holds something tollgate did not write there"
-    ))
 }
 
 fn backend(error: RedisError) -> StoreError {

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tollgate::quota::Dimension;
 
-use crate::support::redis::RedisServer;
+use crate::support::redis::{RedisServer, counter_key};
 use crate::support::{
-    Gateway, Upstream, client, config_with, envelope, eventually, fixed_clock, post, within,
+    Gateway, Upstream, client, config_with, envelope, eventually, post, system_clock, within,
 };
 
 /// The shared test config on Redis, with a route costing 10 tokens, an org
@@ -47,7 +47,7 @@ async fn start_with_timeout(
         &config,
         upstream,
         &[("REDIS_URL", redis.url())],
-        fixed_clock(),
+        system_clock(),
     )
     .await
 }
@@ -79,7 +79,7 @@ async fn two_gateways_sharing_one_redis_admit_exactly_the_limit() {
     assert_eq!(statuses.iter().filter(|&&s| s == 402).count(), 400);
     assert_eq!(upstream.hits(), 100);
     assert_eq!(
-        redis.command::<i64>(&["GET", "tollgate:{org_pair}:2026-11-01:tokens"]),
+        redis.command::<i64>(&["GET", &counter_key("org_pair", "tokens")]),
         1000
     );
     assert_eq!(first.app.metrics().store_errors.load(Ordering::Relaxed), 0);
@@ -332,16 +332,18 @@ async fn a_reservation_the_store_confirms_after_its_timeout_is_refunded() {
     })
     .await;
     eventually("the counter holds only the first request", async || {
-        redis.command::<i64>(&["GET", "tollgate:{org_late}:2026-11-01:tokens"]) == 10
+        redis.command::<i64>(&["GET", &counter_key("org_late", "tokens")]) == 10
     })
     .await;
 }
 
-#[tokio::test]
-async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
-    let redis = RedisServer::start().await;
-    let upstream = Upstream::start().await;
-    let mut gateway = start(&redis, &upstream, "deny").await;
+/// Sends org_pair's request to `/ten`, which the upstream holds until
+/// released and then fails with a 503 (so it is refunded); returns once the
+/// request has reached the upstream.
+async fn held_failing_request(
+    gateway: &Gateway,
+    upstream: &Upstream,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     let failing = tokio::spawn(
         client()
             .post(gateway.url("/ten"))
@@ -351,6 +353,15 @@ async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
             .send(),
     );
     upstream.wait_for_arrivals(1).await;
+    failing
+}
+
+#[tokio::test]
+async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let mut gateway = start(&redis, &upstream, "deny").await;
+    let failing = held_failing_request(&gateway, &upstream).await;
     assert_eq!(gateway.used("org_pair", Dimension::Tokens).await, 10);
 
     let stopped = tokio::spawn(gateway.shut_down());
@@ -364,4 +375,27 @@ async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
 
     // Read at once: the gateway is gone, so the refund came before it went.
     assert_eq!(gateway.used("org_pair", Dimension::Tokens).await, 0);
+}
+
+#[tokio::test]
+async fn a_refund_against_a_damaged_counter_is_given_up_at_once_and_leaves_the_counter_as_found() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let mut gateway = start(&redis, &upstream, "allow").await;
+    let failing = held_failing_request(&gateway, &upstream).await;
+    // Lua's `tonumber` reads this as a number; written back, it would no
+    // longer stop any limit.
+    let _: () = redis.command(&["SET", &counter_key("org_pair", "tokens"), "nan"]);
+    upstream.release();
+    assert_eq!(failing.await.unwrap().unwrap().status(), 503);
+
+    // Shutdown waits for the settlement, retries included.
+    within(Duration::from_secs(10), gateway.shut_down()).await;
+
+    let store_errors = gateway.app.metrics().store_errors.load(Ordering::Relaxed);
+    assert_eq!(store_errors, 1, "tried once, not retried");
+    assert_eq!(
+        redis.command::<String>(&["GET", &counter_key("org_pair", "tokens")]),
+        "nan"
+    );
 }

@@ -5,16 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use tollgate::org::OrgId;
 use tollgate::period::Period;
 use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, Mode};
 use tollgate::store::{
     MemoryStore, QuotaStore, RedisStore, RedisTarget, ReservationId, ReserveRequest, Settlement,
+    StoreError,
 };
 
-use crate::support::redis::{RedisCluster, RedisServer};
+use crate::support::redis::{RedisCluster, RedisServer, counter_key, next_period, this_period};
 
 const TOKENS: Dimension = Dimension::Tokens;
 const RUNS: Dimension = Dimension::PlaybookRuns;
@@ -45,12 +45,7 @@ impl Backend {
 
     pub async fn redis_cluster() -> Backend {
         let cluster = RedisCluster::start().await;
-        let store = RedisStore::new(
-            &RedisTarget::Cluster(cluster.urls()),
-            "tollgate",
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        let store = cluster_store(&cluster);
         Backend {
             store: Arc::new(store),
             _servers: Box::new(cluster),
@@ -60,18 +55,6 @@ impl Backend {
 
 fn org(id: &str) -> OrgId {
     OrgId::parse(id).unwrap()
-}
-
-fn at(instant: &str) -> DateTime<Utc> {
-    instant.parse().unwrap()
-}
-
-fn november() -> Period {
-    Period::containing(at("2026-11-27T12:00:00Z"), 1)
-}
-
-fn december() -> Period {
-    Period::containing(at("2026-12-01T00:00:00Z"), 1)
 }
 
 async fn reserve(
@@ -100,7 +83,7 @@ async fn reserve_tokens(store: &dyn QuotaStore, org: &OrgId, tokens: i64) -> Res
     reserve(
         store,
         org,
-        november(),
+        this_period(),
         Limits::UNLIMITED,
         cost,
         Mode::Enforce,
@@ -127,7 +110,7 @@ async fn all_or_nothing_over_two_dimensions(store: &dyn QuotaStore) {
     enforce(
         store,
         &org,
-        november(),
+        this_period(),
         limits,
         Amounts::ZERO.with(TOKENS, 95),
     )
@@ -136,7 +119,7 @@ async fn all_or_nothing_over_two_dimensions(store: &dyn QuotaStore) {
     let decision = enforce(
         store,
         &org,
-        november(),
+        this_period(),
         limits,
         Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1),
     )
@@ -152,21 +135,21 @@ async fn all_or_nothing_over_two_dimensions(store: &dyn QuotaStore) {
         })
     );
     assert_eq!(
-        store.usage(&org, november()).await.unwrap(),
+        store.usage(&org, this_period()).await.unwrap(),
         Amounts::ZERO.with(TOKENS, 95),
         "runs moved though tokens were short"
     );
     let fits = enforce(
         store,
         &org,
-        november(),
+        this_period(),
         limits,
         Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1),
     )
     .await;
     assert!(matches!(fits, Decision::Admit { over: None, .. }));
     assert_eq!(
-        store.usage(&org, november()).await.unwrap(),
+        store.usage(&org, this_period()).await.unwrap(),
         Amounts::ZERO.with(TOKENS, 100).with(RUNS, 1)
     );
 }
@@ -180,7 +163,7 @@ async fn exact_admission_under_five_hundred_concurrent_reserves(store: Arc<dyn Q
             enforce(
                 &*store,
                 &org,
-                november(),
+                this_period(),
                 limits,
                 Amounts::ZERO.with(RUNS, 1),
             )
@@ -199,26 +182,42 @@ async fn exact_admission_under_five_hundred_concurrent_reserves(store: Arc<dyn Q
         .filter(|d| matches!(d, Decision::Admit { .. }))
         .count();
     assert_eq!(admitted, 137);
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 137);
+    assert_eq!(
+        store.usage(&org, this_period()).await.unwrap().get(RUNS),
+        137
+    );
 }
 
 async fn a_settlement_applies_once(store: &dyn QuotaStore) {
     let org = org("org_settle");
     let id = reserve_tokens(store, &org, 100).await;
-    let settlement = Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, -40));
+    let settlement = Settlement::new(
+        id,
+        org.clone(),
+        this_period(),
+        Amounts::ZERO.with(TOKENS, -40),
+    );
 
     store.settle(&settlement).await.unwrap();
     store.settle(&settlement).await.unwrap();
 
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(TOKENS), 60);
+    assert_eq!(
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
+        60
+    );
     let other = reserve_tokens(store, &org, 10).await;
     let correction = Amounts::ZERO.with(TOKENS, 5);
     store
-        .settle(&Settlement::new(other, org.clone(), november(), correction))
+        .settle(&Settlement::new(
+            other,
+            org.clone(),
+            this_period(),
+            correction,
+        ))
         .await
         .unwrap();
     assert_eq!(
-        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
         75,
         "another reservation's settlement was ignored"
     );
@@ -231,26 +230,40 @@ async fn a_new_period_starts_from_zero_but_seats_carry_over(store: &dyn QuotaSto
         enforce(
             store,
             &org,
-            november(),
+            this_period(),
             limits,
             Amounts::ZERO.with(RUNS, 1).with(SEATS, 1),
         )
         .await;
     }
     assert!(matches!(
-        enforce(store, &org, november(), limits, Amounts::ZERO.with(RUNS, 1)).await,
+        enforce(
+            store,
+            &org,
+            this_period(),
+            limits,
+            Amounts::ZERO.with(RUNS, 1)
+        )
+        .await,
         Decision::Deny(_)
     ));
 
-    let december_run = enforce(store, &org, december(), limits, Amounts::ZERO.with(RUNS, 1)).await;
+    let december_run = enforce(
+        store,
+        &org,
+        next_period(),
+        limits,
+        Amounts::ZERO.with(RUNS, 1),
+    )
+    .await;
 
     assert!(matches!(december_run, Decision::Admit { over: None, .. }));
     assert_eq!(
-        store.usage(&org, december()).await.unwrap(),
+        store.usage(&org, next_period()).await.unwrap(),
         Amounts::ZERO.with(RUNS, 1).with(SEATS, 2)
     );
     assert_eq!(
-        store.usage(&org, november()).await.unwrap(),
+        store.usage(&org, this_period()).await.unwrap(),
         Amounts::ZERO.with(RUNS, 2).with(SEATS, 2)
     );
 }
@@ -262,12 +275,12 @@ async fn seats_are_a_gauge_that_never_goes_below_zero(store: &dyn QuotaStore) {
     let release = Amounts::ZERO.with(SEATS, -1);
     for _ in 0..3 {
         assert!(matches!(
-            enforce(store, &org, november(), limits, take).await,
+            enforce(store, &org, this_period(), limits, take).await,
             Decision::Admit { .. }
         ));
     }
     assert_eq!(
-        enforce(store, &org, november(), limits, take).await,
+        enforce(store, &org, this_period(), limits, take).await,
         Decision::Deny(Exceeded {
             dimension: SEATS,
             current: 3,
@@ -277,7 +290,7 @@ async fn seats_are_a_gauge_that_never_goes_below_zero(store: &dyn QuotaStore) {
     );
     for _ in 0..3 {
         assert_eq!(
-            enforce(store, &org, november(), limits, release).await,
+            enforce(store, &org, this_period(), limits, release).await,
             Decision::Admit {
                 applied: release,
                 over: None
@@ -285,7 +298,7 @@ async fn seats_are_a_gauge_that_never_goes_below_zero(store: &dyn QuotaStore) {
         );
     }
 
-    let clamped = enforce(store, &org, november(), limits, release).await;
+    let clamped = enforce(store, &org, this_period(), limits, release).await;
 
     assert_eq!(
         clamped,
@@ -294,16 +307,19 @@ async fn seats_are_a_gauge_that_never_goes_below_zero(store: &dyn QuotaStore) {
             over: None
         }
     );
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(SEATS), 0);
+    assert_eq!(
+        store.usage(&org, this_period()).await.unwrap().get(SEATS),
+        0
+    );
 }
 
 async fn shadow_mode_applies_past_the_limit_and_says_so(store: &dyn QuotaStore) {
     let org = org("org_shadow");
     let limits = Limits::UNLIMITED.with(RUNS, 1);
     let one = Amounts::ZERO.with(RUNS, 1);
-    reserve(store, &org, november(), limits, one, Mode::Shadow).await;
+    reserve(store, &org, this_period(), limits, one, Mode::Shadow).await;
 
-    let (_, decision) = reserve(store, &org, november(), limits, one, Mode::Shadow).await;
+    let (_, decision) = reserve(store, &org, this_period(), limits, one, Mode::Shadow).await;
 
     let over = Exceeded {
         dimension: RUNS,
@@ -318,21 +334,24 @@ async fn shadow_mode_applies_past_the_limit_and_says_so(store: &dyn QuotaStore) 
             over: Some(over)
         }
     );
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 2);
+    assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 2);
 }
 
 async fn usage_can_be_set_and_is_then_enforced(store: &dyn QuotaStore) {
     let org = org("org_set");
     store
-        .set_usage(&org, november(), TOKENS, 95_000)
+        .set_usage(&org, this_period(), TOKENS, 95_000)
         .await
         .unwrap();
-    store.set_usage(&org, november(), SEATS, 2).await.unwrap();
+    store
+        .set_usage(&org, this_period(), SEATS, 2)
+        .await
+        .unwrap();
 
     let decision = enforce(
         store,
         &org,
-        november(),
+        this_period(),
         Limits::UNLIMITED.with(TOKENS, 100_000),
         Amounts::ZERO.with(TOKENS, 10_000),
     )
@@ -348,7 +367,7 @@ async fn usage_can_be_set_and_is_then_enforced(store: &dyn QuotaStore) {
         })
     );
     assert_eq!(
-        store.usage(&org, november()).await.unwrap(),
+        store.usage(&org, this_period()).await.unwrap(),
         Amounts::ZERO.with(TOKENS, 95_000).with(SEATS, 2)
     );
 }
@@ -408,14 +427,34 @@ conformance!(memory);
 conformance!(redis);
 conformance!(redis_cluster);
 
-/// A store on `server` with the `tollgate` prefix and a 2 s timeout.
+/// A store on `target` with the `tollgate` prefix and a 2 s timeout.
+fn store_on(target: RedisTarget) -> RedisStore {
+    RedisStore::new(&target, "tollgate", Duration::from_secs(2)).unwrap()
+}
+
 fn single_server_store(server: &RedisServer) -> RedisStore {
-    RedisStore::new(
-        &RedisTarget::Single(server.url()),
-        "tollgate",
-        Duration::from_secs(2),
-    )
-    .unwrap()
+    store_on(RedisTarget::Single(server.url()))
+}
+
+fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+    store_on(RedisTarget::Cluster(cluster.urls()))
+}
+
+/// How many scripts `server` has run.
+fn script_calls(server: &RedisServer) -> u64 {
+    let stats: String = server.command(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 #[tokio::test]
@@ -424,20 +463,20 @@ async fn redis_keys_carry_the_org_as_hash_tag_and_period_keys_expire_after_the_p
     let store = single_server_store(&server);
     let org = org("org_42");
     let cost = Amounts::ZERO.with(TOKENS, 7).with(SEATS, 1);
-    enforce(&store, &org, november(), Limits::UNLIMITED, cost).await;
+    enforce(&store, &org, this_period(), Limits::UNLIMITED, cost).await;
 
     assert_eq!(
-        server.command::<i64>(&["GET", "tollgate:{org_42}:2026-11-01:tokens"]),
+        server.command::<i64>(&["GET", &counter_key("org_42", "tokens")]),
         7
     );
     assert_eq!(
         server.command::<i64>(&["GET", "tollgate:{org_42}:seats"]),
         1
     );
-    let expires_at: i64 = server.command(&["EXPIRETIME", "tollgate:{org_42}:2026-11-01:tokens"]);
+    let expires_at: i64 = server.command(&["EXPIRETIME", &counter_key("org_42", "tokens")]);
     assert_eq!(
         expires_at,
-        (november().end + tollgate::store::PERIOD_KEY_GRACE).timestamp()
+        (this_period().end + tollgate::store::PERIOD_KEY_GRACE).timestamp()
     );
     assert_eq!(
         server.command::<i64>(&["TTL", "tollgate:{org_42}:seats"]),
@@ -452,29 +491,11 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
     let store: Arc<dyn QuotaStore> = Arc::new(single_server_store(&server));
     let org = org("org_batched");
     let limits = Limits::UNLIMITED.with(TOKENS, 1000);
-    let script_calls = || {
-        let stats: String = server.command(&["INFO", "commandstats"]);
-        stats
-            .lines()
-            .filter(|line| {
-                line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:")
-            })
-            .filter_map(|line| {
-                line.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum::<u64>()
-    };
-
     let reserved = join_all((0..200).map(|_| {
         reserve(
             &*store,
             &org,
-            november(),
+            this_period(),
             limits,
             Amounts::ZERO.with(TOKENS, 10),
             Mode::Enforce,
@@ -497,10 +518,10 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
         }
     }
     assert_eq!(
-        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
         1000
     );
-    let reserve_calls = script_calls();
+    let reserve_calls = script_calls(&server);
     assert!(
         (1..=20).contains(&reserve_calls),
         "200 reservations took {reserve_calls} script calls"
@@ -510,7 +531,14 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
     // over in the same burst: it still counts once.
     let mut settlements: Vec<Settlement> = admitted
         .iter()
-        .map(|&id| Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1)))
+        .map(|&id| {
+            Settlement::new(
+                id,
+                org.clone(),
+                this_period(),
+                Amounts::ZERO.with(TOKENS, 1),
+            )
+        })
         .collect();
     settlements.push(settlements[0].clone());
     let settled = join_all(settlements.into_iter().map(|s| {
@@ -521,10 +549,10 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 
     assert!(settled.iter().all(Result::is_ok));
     assert_eq!(
-        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
         1100
     );
-    let settle_calls = script_calls() - reserve_calls;
+    let settle_calls = script_calls(&server) - reserve_calls;
     assert!(
         (1..=20).contains(&settle_calls),
         "101 settlements took {settle_calls} script calls"
@@ -532,12 +560,17 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 }
 
 #[tokio::test]
-async fn a_call_refused_at_its_first_write_leaves_nothing_and_its_retry_applies() {
+async fn a_settlement_redis_refuses_for_memory_is_applied_once_by_its_retry() {
     let server = RedisServer::start().await;
     let store = single_server_store(&server);
     let org = org("org_full");
     let id = reserve_tokens(&store, &org, 100).await;
-    let settlement = Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1));
+    let settlement = Settlement::new(
+        id,
+        org.clone(),
+        this_period(),
+        Amounts::ZERO.with(TOKENS, 1),
+    );
 
     // Out of memory, Redis refuses the script's first write, after its reads.
     let _: () = server.command(&["CONFIG", "SET", "maxmemory", "1"]);
@@ -549,7 +582,7 @@ async fn a_call_refused_at_its_first_write_leaves_nothing_and_its_retry_applies(
 
     assert!(settled_before.is_empty(), "{settled_before:?}");
     assert_eq!(
-        store.usage(&org, november()).await.unwrap().get(TOKENS),
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
         101
     );
 }
@@ -558,65 +591,123 @@ async fn a_call_refused_at_its_first_write_leaves_nothing_and_its_retry_applies(
 async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
     let server = RedisServer::start().await;
     let store = single_server_store(&server);
-    let (good, texted, hashed, marked) = (
-        org("org_good"),
-        org("org_texted"),
-        org("org_hashed"),
-        org("org_marked"),
-    );
-    let ids = [
-        reserve_tokens(&store, &good, 100).await,
-        ReservationId::next(),
-        ReservationId::next(),
-        reserve_tokens(&store, &marked, 100).await,
+    let (good, marked, hashed) = (org("org_good"), org("org_marked"), org("org_hashed"));
+    // Texts that are no counter tollgate wrote, though Lua's `tonumber`
+    // takes all but the first for numbers.
+    let texts = [
+        "lots",
+        "nan",
+        "inf",
+        "1.5",
+        "1e3",
+        "0x10",
+        " 7",
+        "99999999999999999999",
     ];
-    let _: () = server.command(&["SET", "tollgate:{org_texted}:2026-11-01:tokens", "lots"]);
-    let _: () = server.command(&["HSET", "tollgate:{org_hashed}:2026-11-01:tokens", "a", "1"]);
+    let texted: Vec<OrgId> = (0..texts.len())
+        .map(|i| org(&format!("org_texted_{i}")))
+        .collect();
+    for (org, text) in texted.iter().zip(texts) {
+        let _: () = server.command(&["SET", &counter_key(org.as_str(), "tokens"), text]);
+    }
+    let _: () = server.command(&["HSET", &counter_key("org_hashed", "tokens"), "a", "1"]);
     // Settlements made at 1790000000 keep their markers in this hash.
     let _: () = server.command(&["SET", "tollgate:{org_marked}:settled:1790000000", "x"]);
-    let reservation = |org: &OrgId| ReserveRequest {
-        id: ReservationId::next(),
-        org: org.clone(),
-        period: november(),
-        limits: Limits::UNLIMITED,
-        cost: Amounts::ZERO.with(TOKENS, 10),
-        mode: Mode::Enforce,
-    };
-    let settlement = |org: &OrgId, id| {
-        let mut settlement =
-            Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, 1));
-        settlement.made_at = 1_790_000_000;
-        settlement
-    };
-    let orgs = [&good, &texted, &hashed, &marked];
-    let reservations = orgs.map(reservation);
+    let good_id = reserve_tokens(&store, &good, 100).await;
+    let marked_id = reserve_tokens(&store, &marked, 100).await;
+    let damaged: Vec<&OrgId> = texted.iter().chain([&hashed]).collect();
+    let orgs: Vec<&OrgId> = [&good, &marked]
+        .into_iter()
+        .chain(damaged.iter().copied())
+        .collect();
+    let reservations: Vec<ReserveRequest> = orgs
+        .iter()
+        .map(|org| ReserveRequest {
+            id: ReservationId::next(),
+            org: (*org).clone(),
+            period: this_period(),
+            limits: Limits::UNLIMITED,
+            cost: Amounts::ZERO.with(TOKENS, 10),
+            mode: Mode::Enforce,
+        })
+        .collect();
     let settlements: Vec<Settlement> = orgs
         .iter()
-        .zip(ids)
-        .map(|(org, id)| settlement(org, id))
+        .enumerate()
+        .map(|(i, org)| {
+            let id = [good_id, marked_id]
+                .get(i)
+                .copied()
+                .unwrap_or_else(ReservationId::next);
+            let mut settlement = Settlement::new(
+                id,
+                (*org).clone(),
+                this_period(),
+                Amounts::ZERO.with(TOKENS, 1),
+            );
+            settlement.made_at = 1_790_000_000;
+            settlement
+        })
         .collect();
 
-    // Each burst goes as one script call.
+    // Loads the settle script, whose first call is two (`EVALSHA`, `EVAL`).
+    let warm_up = Settlement::new(
+        ReservationId::next(),
+        org("org_warm"),
+        this_period(),
+        Amounts::ZERO,
+    );
+    store.settle(&warm_up).await.unwrap();
+    let calls_before = script_calls(&server);
     let reserved = join_all(reservations.iter().map(|r| store.reserve(r))).await;
+    let reserve_calls = script_calls(&server) - calls_before;
     let settled = join_all(settlements.iter().map(|s| store.settle(s))).await;
+    let settle_calls = script_calls(&server) - calls_before - reserve_calls;
 
-    assert!(matches!(reserved[0], Ok(Decision::Admit { .. })));
-    assert!(reserved[1].is_err() && reserved[2].is_err());
-    assert!(matches!(reserved[3], Ok(Decision::Admit { .. })));
-    assert!(settled[0].is_ok());
-    assert!(settled[1].is_err() && settled[2].is_err() && settled[3].is_err());
     assert_eq!(
-        store.usage(&good, november()).await.unwrap().get(TOKENS),
+        (reserve_calls, settle_calls),
+        (1, 1),
+        "each burst is one script call"
+    );
+    assert!(matches!(reserved[0], Ok(Decision::Admit { .. })));
+    assert!(matches!(reserved[1], Ok(Decision::Admit { .. })));
+    assert!(settled[0].is_ok());
+    assert!(matches!(&settled[1], Err(StoreError::DamagedKey(o)) if *o == marked));
+    for (i, org) in damaged.iter().enumerate() {
+        assert!(
+            matches!(&reserved[2 + i], Err(StoreError::DamagedKey(o)) if o == *org),
+            "{org}: {:?}",
+            reserved[2 + i]
+        );
+        assert!(
+            matches!(&settled[2 + i], Err(StoreError::DamagedKey(o)) if o == *org),
+            "{org}: {:?}",
+            settled[2 + i]
+        );
+        let markers: Vec<String> =
+            server.command(&["KEYS", &format!("tollgate:{{{org}}}:settled:*")]);
+        assert!(markers.is_empty(), "{org}: {markers:?}");
+    }
+    assert_eq!(
+        store.usage(&good, this_period()).await.unwrap().get(TOKENS),
         111
     );
     assert_eq!(
-        store.usage(&marked, november()).await.unwrap().get(TOKENS),
+        store
+            .usage(&marked, this_period())
+            .await
+            .unwrap()
+            .get(TOKENS),
         110
     );
-    assert_eq!(
-        server.command::<String>(&["GET", "tollgate:{org_texted}:2026-11-01:tokens"]),
-        "lots"
-    );
+    for (org, text) in texted.iter().zip(texts) {
+        let stored: String = server.command(&["GET", &counter_key(org.as_str(), "tokens")]);
+        assert_eq!(stored, text, "{org}");
+    }
+    let kind: String = server.command(&["TYPE", &counter_key("org_hashed", "tokens")]);
+    assert_eq!(kind, "hash");
+    let marker: String = server.command(&["GET", "tollgate:{org_marked}:settled:1790000000"]);
+    assert_eq!(marker, "x");
 }
 
 #[tokio::test]
@@ -626,14 +717,21 @@ async fn a_settlement_made_by_a_clock_far_behind_redis_still_applies_once() {
     let org = org("org_skewed");
     let id = reserve_tokens(&store, &org, 100).await;
     // Made, by the gateway's clock, a day before Redis' now.
-    let mut settlement =
-        Settlement::new(id, org.clone(), november(), Amounts::ZERO.with(TOKENS, -40));
+    let mut settlement = Settlement::new(
+        id,
+        org.clone(),
+        this_period(),
+        Amounts::ZERO.with(TOKENS, -40),
+    );
     settlement.made_at -= 24 * 60 * 60;
 
     store.settle(&settlement).await.unwrap();
     store.settle(&settlement).await.unwrap();
 
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(TOKENS), 60);
+    assert_eq!(
+        store.usage(&org, this_period()).await.unwrap().get(TOKENS),
+        60
+    );
     let hashes: Vec<String> = server.command(&["KEYS", "tollgate:{org_skewed}:settled:*"]);
     assert_eq!(hashes.len(), 1, "{hashes:?}");
     let ttl: i64 = server.command(&["TTL", &hashes[0]]);
@@ -643,17 +741,12 @@ async fn a_settlement_made_by_a_clock_far_behind_redis_still_applies_once() {
 #[tokio::test]
 async fn a_reservation_the_cluster_client_resends_is_applied_once() {
     let cluster = RedisCluster::start().await;
-    let store = RedisStore::new(
-        &RedisTarget::Cluster(cluster.urls()),
-        "tollgate",
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let store = cluster_store(&cluster);
     let org = org("org_resent");
     let request = ReserveRequest {
         id: ReservationId::next(),
         org: org.clone(),
-        period: november(),
+        period: this_period(),
         limits: Limits::UNLIMITED.with(RUNS, 1),
         cost: Amounts::ZERO.with(RUNS, 1),
         mode: Mode::Enforce,
@@ -673,5 +766,50 @@ async fn a_reservation_the_cluster_client_resends_is_applied_once() {
         resent, first,
         "a resent call must get the first reply, not a denial"
     );
-    assert_eq!(store.usage(&org, november()).await.unwrap().get(RUNS), 1);
+    assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 1);
+}
+
+#[tokio::test]
+async fn a_reply_marker_tollgate_did_not_write_fails_only_its_own_reservation() {
+    let cluster = RedisCluster::start().await;
+    let store = cluster_store(&cluster);
+    let org = org("org_remarked");
+    let request = |id| ReserveRequest {
+        id,
+        org: org.clone(),
+        period: this_period(),
+        limits: Limits::UNLIMITED,
+        cost: Amounts::ZERO.with(RUNS, 1),
+        mode: Mode::Enforce,
+    };
+    let (garbled, other_type, good) = (
+        ReservationId::next(),
+        ReservationId::next(),
+        ReservationId::next(),
+    );
+    let marker = |id: ReservationId| format!("tollgate:{{org_remarked}}:reserved:{}", id.hex());
+    let _: () = cluster.command(&["SET", &marker(garbled), "[1, 0"]);
+    let _: () = cluster.command(&["HSET", &marker(other_type), "a", "1"]);
+
+    let refused = [
+        store.reserve(&request(garbled)).await,
+        store.reserve(&request(other_type)).await,
+    ];
+    let admitted = store.reserve(&request(good)).await;
+
+    for outcome in &refused {
+        assert!(
+            matches!(outcome, Err(StoreError::DamagedKey(o)) if *o == org),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        matches!(admitted, Ok(Decision::Admit { .. })),
+        "{admitted:?}"
+    );
+    assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 1);
+    assert_eq!(
+        cluster.command::<String>(&["GET", &marker(garbled)]),
+        "[1, 0"
+    );
 }

@@ -149,6 +149,11 @@ pub fn fixed_clock() -> tollgate::meter::Clock {
     Arc::new(|| "2026-11-27T12:00:00Z".parse().unwrap())
 }
 
+/// The system clock, for gateways on Redis (see [`redis::this_period`]).
+pub fn system_clock() -> tollgate::meter::Clock {
+    Arc::new(chrono::Utc::now)
+}
+
 impl Gateway {
     /// Starts the gateway on `config`, where `${UPSTREAM}` is the stand-in's
     /// address and `${DEAD_UPSTREAM}` an address nothing listens on.

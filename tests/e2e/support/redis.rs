@@ -4,9 +4,29 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use chrono::Utc;
 use tempfile::TempDir;
+use tollgate::period::Period;
 
 use super::eventually;
+
+/// The billing period, anchored on the 1st, running now. Tests on Redis use
+/// it, not a fixed date: Redis drops a period's counters at a time fixed
+/// by the period's end, by its own clock, so the counters of a period long
+/// past would be gone as soon as they were written.
+pub fn this_period() -> Period {
+    Period::containing(Utc::now(), 1)
+}
+
+/// The period after [`this_period`].
+pub fn next_period() -> Period {
+    Period::containing(this_period().end, 1)
+}
+
+/// The Redis key of `org`'s `dimension` counter in [`this_period`].
+pub fn counter_key(org: &str, dimension: &str) -> String {
+    format!("tollgate:{{{org}}}:{}:{dimension}", this_period().key())
+}
 
 pub struct RedisServer {
     pub port: u16,
@@ -161,5 +181,17 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Runs one command on the node that holds its first key.
+    pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        let client = redis::cluster::ClusterClient::new(self.urls()).unwrap();
+        command
+            .query(&mut client.get_connection().unwrap())
+            .unwrap()
     }
 }
