@@ -184,10 +184,10 @@ def instructions_per_request(command, port, what, url, script, out, env=None):
             capture_output=True, text=True, check=True, timeout=120).stdout
         load(WARMUP)
         control("--zero")
-        requests = int(re.search(r"(\d+) requests in", load(COUNTED_DURATION)).group(1))
+        requests = re.search(r"(\d+) requests in", load(COUNTED_DURATION))
         control("--dump")
         with open(f"{out}.1") as dump:
-            total = int(re.search(r"^totals: (\d+)", dump.read(), re.M).group(1))
+            total = re.search(r"^totals: (\d+)", dump.read(), re.M)
     finally:
         proc.terminate()
         try:
@@ -195,7 +195,9 @@ def instructions_per_request(command, port, what, url, script, out, env=None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return total / requests
+    if not requests or not total or int(requests.group(1)) == 0:
+        raise RuntimeError("wrk or callgrind reported no count")
+    return int(total.group(1)) / int(requests.group(1))
 
 
 def machine_ticks():
@@ -351,7 +353,7 @@ def main():
                 try:
                     count = instructions_per_request(command, port, title, f"http://127.0.0.1:{port}{path}",
                                                      scripts[script], f"{work}/callgrind.{len(counted)}", env)
-                except (subprocess.SubprocessError, OSError, AttributeError, SystemExit) as error:
+                except (subprocess.SubprocessError, OSError, RuntimeError, SystemExit) as error:
                     print(f"{title}: not counted under callgrind: {error!r}", file=sys.stderr)
                     continue
                 counted.append((title, count))

@@ -10,7 +10,7 @@
 //! earlier ones are on their way go together in one script call, each still
 //! applied all or none, in order; a key holding something tollgate did not
 //! write there (say, a counter set by hand to `nan`: a counter must hold a
-//! decimal integer within ±2^53) fails only the items that touch it, with
+//! decimal integer within [`MAX_AMOUNT`] either way) fails only the items that touch it, with
 //! [`StoreError::DamagedKey`], never the rest of their call.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{QuotaStore, ReserveRequest, Settlement, StoreError};
 use crate::org::OrgId;
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
+use crate::quota::{Amounts, Decision, Dimension, Exceeded, MAX_AMOUNT, Mode};
 
 /// How long a period's counters outlive it, so last period's usage can still
 /// be read during the whole next one.
@@ -71,33 +71,57 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 /// as incrementing each time. Every write waits for `flush` at the end, so a
 /// script that fails midway has changed nothing, and retrying it is safe.
 ///
-/// A key holding what tollgate did not write there (text that is not a
-/// number, a key of another type) fails only the items that touch it, each
-/// answered `E`: one org's damaged key must not fail another's requests.
+/// A key holding what tollgate did not write there (anything but a decimal
+/// integer within [`MAX_AMOUNT`] either way, a key of another type) fails only the items that
+/// touch it, each answered `E`: one org's damaged key must not fail another
+/// org's requests, nor the same org's that do not touch it.
 macro_rules! lua_ledger {
     () => {
         r"
 local values, written, later = {}, {}, {}
--- A counter's value so far in this call; false if it holds anything but
--- the integer text tollgate writes there. (`tonumber` alone would take
--- 'nan', 'inf', '1.5', '1e3', '0x10' and ' 7', and the first two would
--- then be written back as numbers no limit stops.)
+-- The most a counter holds (`quota::MAX_AMOUNT`, 2^53 - 1): past it a
+-- double no longer counts by ones.
+local MOST = 9007199254740991
+-- The number `text` is if it is the decimal integer text tollgate writes,
+-- within MOST either way; else nil. (`tonumber` alone would take 'nan',
+-- 'inf', '1.5', '1e3', '0x10' and ' 7', and the first two would then be
+-- written back as numbers no limit stops.)
+local function integer(text)
+  local digits = type(text) == 'string' and string.match(text, '^%-?(%d+)$')
+  if not digits or #digits > 16 or (#digits == 16 and digits > '9007199254740991') then
+    return nil
+  end
+  return tonumber(text)
+end
+-- Whether a `redis.pcall` reply is Redis refusing a key of another type.
+-- Any other error (an ACL's, say) is raised: it is no damaged key, and the
+-- whole call fails, to be retried.
+local function wrong_type(reply)
+  if type(reply) == 'table' and reply.err then
+    if string.find(reply.err, '^WRONGTYPE') then
+      return true
+    end
+    error(reply)
+  end
+  return false
+end
+-- A counter's value so far in this call; false if it holds what tollgate
+-- does not write there.
 local function value(counter)
   if values[counter] == nil then
     local stored = redis.pcall('GET', counter)
-    if not stored then
-      values[counter] = 0
-    elseif type(stored) == 'string' and string.find(stored, '^%-?%d+$')
-      and math.abs(tonumber(stored)) <= 9007199254740992 then
-      values[counter] = tonumber(stored)
-    else
+    if wrong_type(stored) then
       values[counter] = false
+    elseif not stored then
+      values[counter] = 0
+    else
+      values[counter] = integer(stored) or false
     end
   end
   return values[counter]
 end
--- Whether every counter of an item (KEYS[first + 1 .. first + n]) holds a
--- number.
+-- Whether every counter of an item (KEYS[first + 1 .. first + n]) holds
+-- what tollgate writes there.
 local function intact(first, n)
   for i = 1, n do
     if value(KEYS[first + i]) == false then
@@ -106,13 +130,15 @@ local function intact(first, n)
   end
   return true
 end
--- Adds `amount` to a counter; a release never takes it below zero. A gauge
--- ('1') keeps no expiry; a period counter expires at `expire_at`. Returns
--- the amount added.
+-- Adds `amount` to a counter; a release never takes it below zero, nor an
+-- increment past MOST. A gauge ('1') keeps no expiry; a period counter
+-- expires at `expire_at`. Returns the amount added.
 local function add(counter, amount, gauge, expire_at)
   local current = value(counter)
   if amount < 0 then
     amount = math.max(amount, -math.max(current, 0))
+  else
+    amount = math.min(amount, MOST - current)
   end
   if amount ~= 0 then
     values[counter] = current + amount
@@ -163,17 +189,18 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- The reply a marker remembers, or false if it holds no reply of a
 -- reservation of `counters` counters.
 local function remembered(text, counters)
-  if type(text) ~= 'string' then
-    return false
-  end
   local decoded, reply = pcall(cjson.decode, text)
   if not decoded or type(reply) ~= 'table' or #reply ~= 3 + counters then
     return false
   end
   for i = 1, #reply do
-    if type(reply[i]) ~= 'number' then
+    local part = reply[i]
+    if type(part) ~= 'number' or part ~= math.floor(part) or math.abs(part) > MOST then
       return false
     end
+  end
+  if (reply[1] ~= 0 and reply[1] ~= 1) or reply[2] < 0 or reply[2] > counters then
+    return false
   end
   return reply
 end
@@ -191,7 +218,9 @@ while arg <= #ARGV do
   if markers == 1 then
     -- A client that resends a call it got no reply to gets the first reply.
     local earlier = redis.pcall('GET', KEYS[key])
-    if earlier then
+    if wrong_type(earlier) then
+      reply = 'E'
+    elseif earlier then
       reply = remembered(earlier, counters) or 'E'
     end
   end
@@ -279,7 +308,7 @@ end)
 local settled, damaged = {}, {}
 for hash, ids in pairs(asked) do
   local found = redis.pcall('HMGET', hash, unpack(ids))
-  if found.err then
+  if wrong_type(found) then
     damaged[hash] = true
   else
     for i, id in ipairs(ids) do
@@ -591,7 +620,10 @@ impl Redis {
             else {
                 return Err(unexpected());
             };
-            if applied.len() != cost.len() {
+            if applied.len() != cost.len()
+                || !(0..=1).contains(&admitted)
+                || applied.iter().any(|amount| amount.abs() > MAX_AMOUNT)
+            {
                 return Err(unexpected());
             }
             let exceeded = match usize::try_from(exceeded_at).map_err(|_| unexpected())? {

@@ -10,7 +10,7 @@ use tollgate::quota::Dimension;
 
 use crate::support::redis::{RedisServer, counter_key};
 use crate::support::{
-    Gateway, Upstream, client, config_with, envelope, eventually, post, system_clock, within,
+    Gateway, Upstream, client, config_with, envelope, eventually, post, run_clock, within,
 };
 
 /// The shared test config on Redis, with a route costing 10 tokens, an org
@@ -47,7 +47,7 @@ async fn start_with_timeout(
         &config,
         upstream,
         &[("REDIS_URL", redis.url())],
-        system_clock(),
+        run_clock(),
     )
     .await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tollgate::org::OrgId;
 use tollgate::period::Period;
-use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, Mode};
+use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode};
 use tollgate::store::{
     MemoryStore, QuotaStore, RedisStore, RedisTarget, ReservationId, ReserveRequest, Settlement,
     StoreError,
@@ -593,7 +593,8 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
     let store = single_server_store(&server);
     let (good, marked, hashed) = (org("org_good"), org("org_marked"), org("org_hashed"));
     // Texts that are no counter tollgate wrote, though Lua's `tonumber`
-    // takes all but the first for numbers.
+    // takes all but the first for numbers (the last two are one past
+    // `MAX_AMOUNT`, which a double no longer tells from its neighbours).
     let texts = [
         "lots",
         "nan",
@@ -602,7 +603,8 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
         "1e3",
         "0x10",
         " 7",
-        "99999999999999999999",
+        "9007199254740992",
+        "-9007199254740992",
     ];
     let texted: Vec<OrgId> = (0..texts.len())
         .map(|i| org(&format!("org_texted_{i}")))
@@ -650,7 +652,7 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
         })
         .collect();
 
-    // Loads the settle script, whose first call is two (`EVALSHA`, `EVAL`).
+    // Loads the settle script, whose first use takes more than one call.
     let warm_up = Settlement::new(
         ReservationId::next(),
         org("org_warm"),
@@ -708,6 +710,35 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
     assert_eq!(kind, "hash");
     let marker: String = server.command(&["GET", "tollgate:{org_marked}:settled:1790000000"]);
     assert_eq!(marker, "x");
+}
+
+#[tokio::test]
+async fn a_counter_at_the_most_it_holds_admits_without_growing() {
+    let server = RedisServer::start().await;
+    let store = single_server_store(&server);
+    let org = org("org_brim");
+    let most = MAX_AMOUNT.to_string();
+    let _: () = server.command(&["SET", &counter_key("org_brim", "tokens"), &most]);
+
+    let (_, decision) = reserve(
+        &store,
+        &org,
+        this_period(),
+        Limits::UNLIMITED,
+        Amounts::ZERO.with(TOKENS, 10),
+        Mode::Enforce,
+    )
+    .await;
+
+    assert_eq!(
+        decision,
+        Decision::Admit {
+            applied: Amounts::ZERO,
+            over: None
+        }
+    );
+    let stored: String = server.command(&["GET", &counter_key("org_brim", "tokens")]);
+    assert_eq!(stored, most);
 }
 
 #[tokio::test]

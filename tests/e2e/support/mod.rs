@@ -149,9 +149,20 @@ pub fn fixed_clock() -> tollgate::meter::Clock {
     Arc::new(|| "2026-11-27T12:00:00Z".parse().unwrap())
 }
 
-/// The system clock, for gateways on Redis (see [`redis::this_period`]).
-pub fn system_clock() -> tollgate::meter::Clock {
-    Arc::new(chrono::Utc::now)
+/// When this test run started. Tests on Redis count in its period, not in
+/// a fixed date's: Redis drops a period's counters at a time set by the
+/// period's end, by its own clock, so the counters of a period long past
+/// would be gone as soon as they were written. Fixed, so that a run
+/// crossing the end of a month stays in one period.
+pub fn run_started() -> chrono::DateTime<chrono::Utc> {
+    static STARTED: std::sync::LazyLock<chrono::DateTime<chrono::Utc>> =
+        std::sync::LazyLock::new(chrono::Utc::now);
+    *STARTED
+}
+
+/// A clock fixed at [`run_started`], for gateways on Redis.
+pub fn run_clock() -> tollgate::meter::Clock {
+    Arc::new(run_started)
 }
 
 impl Gateway {

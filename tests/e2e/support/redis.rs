@@ -4,18 +4,14 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use chrono::Utc;
 use tempfile::TempDir;
 use tollgate::period::Period;
 
 use super::eventually;
 
-/// The billing period, anchored on the 1st, running now. Tests on Redis use
-/// it, not a fixed date: Redis drops a period's counters at a time fixed
-/// by the period's end, by its own clock, so the counters of a period long
-/// past would be gone as soon as they were written.
+/// The billing period, anchored on the 1st, of [`super::run_started`].
 pub fn this_period() -> Period {
-    Period::containing(Utc::now(), 1)
+    Period::containing(super::run_started(), 1)
 }
 
 /// The period after [`this_period`].
