@@ -10,8 +10,9 @@
 //! earlier ones are on their way go together in one script call, each still
 //! applied all or none, in order; a key holding something tollgate did not
 //! write there (say, a counter set by hand to `nan`: a counter must hold a
-//! decimal integer within [`MAX_AMOUNT`] either way) fails only the items that touch it, with
-//! [`StoreError::DamagedKey`], never the rest of their call.
+//! decimal integer within [`MAX_AMOUNT`] either way) fails only the items
+//! that touch it, with [`StoreError::DamagedKey`], never the rest of their
+//! call.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
@@ -72,23 +73,26 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 /// script that fails midway has changed nothing, and retrying it is safe.
 ///
 /// A key holding what tollgate did not write there (anything but a decimal
-/// integer within [`MAX_AMOUNT`] either way, a key of another type) fails only the items that
-/// touch it, each answered `E`: one org's damaged key must not fail another
-/// org's requests, nor the same org's that do not touch it.
+/// integer within [`MAX_AMOUNT`] either way, a key of another type) fails
+/// only the items that touch it, each answered `E`: one org's damaged key
+/// must not fail another org's requests, nor the same org's that do not
+/// touch it.
 macro_rules! lua_ledger {
     () => {
         r"
 local values, written, later = {}, {}, {}
 -- The most a counter holds (`quota::MAX_AMOUNT`, 2^53 - 1): past it a
--- double no longer counts by ones.
-local MOST = 9007199254740991
+-- double no longer counts by ones. Compared as text too, since a double
+-- cannot tell 2^53 from it.
+local MOST_TEXT = '9007199254740991'
+local MOST = tonumber(MOST_TEXT)
 -- The number `text` is if it is the decimal integer text tollgate writes,
 -- within MOST either way; else nil. (`tonumber` alone would take 'nan',
 -- 'inf', '1.5', '1e3', '0x10' and ' 7', and the first two would then be
 -- written back as numbers no limit stops.)
 local function integer(text)
   local digits = type(text) == 'string' and string.match(text, '^%-?(%d+)$')
-  if not digits or #digits > 16 or (#digits == 16 and digits > '9007199254740991') then
+  if not digits or #digits > #MOST_TEXT or (#digits == #MOST_TEXT and digits > MOST_TEXT) then
     return nil
   end
   return tonumber(text)
@@ -180,12 +184,12 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 -- Reply: one string, a part per reservation, separated by ';'. The usual
 -- outcome, admitted with nothing exceeded and every cost applied as asked,
 -- is '1'; 'E' is a reservation not made, as its marker or a counter holds
--- what tollgate did not write there. Any other is integers separated by spaces: admitted (1 or 0), the
--- index of its first exceeded counter or 0, that counter's value, then the
--- amount applied to each counter. (Converting numbers to and from text is
--- most of what a reservation costs Redis, hence also each cost parsed once
--- into `costs`; reading an array of integers is most of what the reply
--- costs the gateway.)
+-- what tollgate did not write there. Any other is integers separated by
+-- spaces: admitted (1 or 0), the index of its first exceeded counter or 0,
+-- that counter's value, then the amount applied to each counter.
+-- (Converting numbers to and from text is most of what a reservation costs
+-- Redis, hence also each cost parsed once into `costs`; reading an array of
+-- integers is most of what the reply costs the gateway.)
 -- The reply a marker remembers, or false if it holds no reply of a
 -- reservation of `counters` counters.
 local function remembered(text, counters)
@@ -684,10 +688,13 @@ impl Redis {
         // A character per settlement, 1 if applied, 0 if settled before:
         // either way, settled; E if not.
         let applied: String = self.invoke(&invocation).await?;
-        if applied.len() != settlements.len() {
-            return Err(StoreError::Backend(format!(
+        let unexpected = || {
+            StoreError::Backend(format!(
                 "unexpected reply from the settle script: {applied:?}"
-            )));
+            ))
+        };
+        if applied.len() != settlements.len() {
+            return Err(unexpected());
         }
         settlements
             .iter()
@@ -695,9 +702,7 @@ impl Redis {
             .map(|(settlement, outcome)| match outcome {
                 '0' | '1' => Ok(Ok(())),
                 'E' => Ok(Err(StoreError::DamagedKey(settlement.org.clone()))),
-                _ => Err(StoreError::Backend(format!(
-                    "unexpected reply from the settle script: {applied:?}"
-                ))),
+                _ => Err(unexpected()),
             })
             .collect()
     }

@@ -720,13 +720,12 @@ async fn a_counter_at_the_most_it_holds_admits_without_growing() {
     let most = MAX_AMOUNT.to_string();
     let _: () = server.command(&["SET", &counter_key("org_brim", "tokens"), &most]);
 
-    let (_, decision) = reserve(
+    let decision = enforce(
         &store,
         &org,
         this_period(),
         Limits::UNLIMITED,
         Amounts::ZERO.with(TOKENS, 10),
-        Mode::Enforce,
     )
     .await;
 

@@ -97,11 +97,7 @@ impl RedisServer {
 
     /// Runs one command and returns its reply.
     pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command.query(&mut self.connection()).unwrap()
+        command(args).query(&mut self.connection()).unwrap()
     }
 }
 
@@ -181,13 +177,18 @@ impl RedisCluster {
 
     /// Runs one command on the node that holds its first key.
     pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
         let client = redis::cluster::ClusterClient::new(self.urls()).unwrap();
-        command
+        command(args)
             .query(&mut client.get_connection().unwrap())
             .unwrap()
     }
+}
+
+/// The command `args` spell, name first.
+fn command(args: &[&str]) -> redis::Cmd {
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command
 }
