@@ -13,10 +13,11 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::Method;
 use tollgate::config::Route;
-use tollgate::meter::estimate;
+use tollgate::llm::estimate::{self, EstimateRules};
+use tollgate::llm::sse::SseScanner;
+use tollgate::llm::{Api, CompletionBound};
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
 use tollgate::route::Router;
-use tollgate::settle::usage::SseScanner;
 
 /// A chat completions body of 4 KB (4,091 bytes): a system prompt, a few
 /// turns, a tool. The same content and size as the load benchmark's body
@@ -65,7 +66,11 @@ fn estimation(c: &mut Criterion) {
     group.bench_function("parse and estimate", |b| {
         b.iter(|| {
             let request = estimate::parse(black_box(&body)).unwrap();
-            black_box(estimate::estimate("/v1/chat/completions", &request, 4096))
+            let rules = EstimateRules {
+                default_max_tokens: 4096,
+                image_tokens: 1600,
+            };
+            black_box(estimate::estimate(Api::ChatCompletions, &request, &rules))
         })
     });
     group.finish();
@@ -96,7 +101,7 @@ fn stream_tap(c: &mut Criterion) {
                 for piece in &pieces {
                     out.extend_from_slice(&scanner.feed(piece.clone()));
                 }
-                black_box((out, scanner.tokens()))
+                black_box((out, scanner.tally().copied()))
             })
         });
     }
@@ -110,7 +115,11 @@ fn routing_and_decision(c: &mut Criterion) {
         path: path.into(),
         upstream: 0,
         cost: None,
-        default_max_tokens: 4096,
+        estimate: EstimateRules {
+            default_max_tokens: 4096,
+            image_tokens: 1600,
+        },
+        completion_bound: CompletionBound::AsSent,
         on_store_error: None,
         refund_statuses: None,
     };

@@ -11,18 +11,19 @@
 //! 2. [`route`]: method + path to a configured route (404 when none).
 //! 3. [`identify`]: the org that pays: gateway API key, verified JWT or
 //!    trusted header (401).
-//! 4. [`meter`]: buffer the body (413, 408), price it ([`meter::estimate`] for
-//!    LLM bodies, read through [`meter::json`]; 400), reserve it in the
-//!    [`store`] by the pure [`quota`] decision for the org's [`period`] (402,
-//!    or 503 when the store fails).
+//! 4. [`meter`]: buffer the body (413, 408), price it (an estimate of an
+//!    LLM body, with its completion bound, by [`llm`]; 400), reserve it in
+//!    the [`store`] by the pure [`quota`] decision for the org's [`period`]
+//!    (402, or 503 when the store fails).
 //! 5. [`forward`]: the upstream request over HTTP (each worker's own
 //!    connection pool) or HTTPS, and its streamed response (502, 504; a
 //!    silent body is cut).
 //! 6. [`settle`]: refund a reservation whose upstream call failed, or
 //!    reconcile an estimate with the usage the response reports
-//!    ([`settle::tap`], [`settle::usage`]).
+//!    ([`settle::tap`], reading it by [`llm`]).
 //!
-//! Beside the path: [`config`] (two-stage loading), [`org`] (plans and
+//! Beside the path: [`llm`] (the provider formats: the request side for
+//! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`error`] (every gateway-made answer and its JSON
 //! envelope), [`metrics`], [`app`] (wiring a config into a server) and
 //! [`demo`].
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod identify;
+pub mod llm;
 pub mod meter;
 pub mod metrics;
 pub mod org;

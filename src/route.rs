@@ -65,7 +65,11 @@ mod tests {
             path: path.into(),
             upstream: 0,
             cost: None,
-            default_max_tokens: 1,
+            estimate: crate::llm::estimate::EstimateRules {
+                default_max_tokens: 1,
+                image_tokens: 1,
+            },
+            completion_bound: crate::llm::CompletionBound::AsSent,
             on_store_error: None,
             refund_statuses: None,
         }

@@ -17,6 +17,8 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::llm::CompletionBound;
+use crate::llm::estimate::EstimateRules;
 use crate::org::{OrgDirectory, OrgId};
 use crate::quota::Amounts;
 use crate::store::RedisTarget;
@@ -150,8 +152,10 @@ pub struct Route {
     pub upstream: usize,
     /// `None`: unmetered, streamed through untouched.
     pub cost: Option<Cost>,
-    /// Completion bound for estimates when the request body names none.
-    pub default_max_tokens: i64,
+    /// How an estimate route prices a body (`default_max_tokens`, `image_tokens`).
+    pub estimate: EstimateRules,
+    /// What an estimate route does with the body's completion bound.
+    pub completion_bound: CompletionBound,
     /// Overrides `store.on_error` for this route.
     pub on_store_error: Option<OnStoreError>,
     /// Upstream statuses that refund the reservation; `None`: every non-2xx.
@@ -178,6 +182,14 @@ pub struct Cost {
 
 /// The completion bound for estimate routes that name none.
 pub const DEFAULT_MAX_TOKENS: i64 = 4096;
+
+/// What one image in a prompt counts, unless a route says otherwise: about
+/// the most either provider bills for one image at its largest size.
+pub const DEFAULT_IMAGE_TOKENS: i64 = 1600;
+
+/// The smallest completion a `fit` route lowers its bound to, unless it
+/// says otherwise.
+pub const DEFAULT_MIN_COMPLETION_TOKENS: i64 = 256;
 
 impl Config {
     /// Reads and validates a config file, taking `${NAME}` from the process

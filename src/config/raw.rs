@@ -132,6 +132,9 @@ pub struct RawRoute {
     pub upstream: String,
     pub cost: Option<BTreeMap<String, RawAmount>>,
     pub default_max_tokens: Option<i64>,
+    pub image_tokens: Option<i64>,
+    pub completion_bound: Option<String>,
+    pub min_completion_tokens: Option<i64>,
     pub on_error: Option<String>,
     pub refund_statuses: Option<Vec<i64>>,
 }

@@ -14,10 +14,12 @@ use rustls_pki_types::pem::PemObject;
 
 use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawUpstream};
 use super::{
-    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_MAX_TOKENS, IdentitySource, JwtConfig, KeyPath,
-    OnStoreError, Problem, PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream,
-    expand_env,
+    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_COMPLETION_TOKENS, IdentitySource, JwtConfig, KeyPath, OnStoreError, Problem,
+    PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
 };
+use crate::llm::CompletionBound;
+use crate::llm::estimate::EstimateRules;
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
 use crate::store::RedisTarget;
@@ -857,17 +859,8 @@ fn validate_routes(
                 }
             }
         }
-        let default_max_tokens = match route.default_max_tokens {
-            None => DEFAULT_MAX_TOKENS,
-            Some(n) if n > 0 => n,
-            Some(n) => {
-                c.problem(
-                    &path.key("default_max_tokens"),
-                    format!("must be positive (got {n})"),
-                );
-                DEFAULT_MAX_TOKENS
-            }
-        };
+        let estimating = cost.is_some_and(|cost| cost.estimate_tokens);
+        let (estimate, completion_bound) = estimate_settings(c, &path, route, estimating);
         let on_store_error = c.on_store_error(&path.key("on_error"), route.on_error.as_deref());
         let refund_statuses = route.refund_statuses.as_ref().map(|codes| {
             codes
@@ -894,13 +887,84 @@ fn validate_routes(
                 path: route.path.clone(),
                 upstream,
                 cost,
-                default_max_tokens,
+                estimate,
+                completion_bound,
                 on_store_error,
                 refund_statuses,
             });
         }
     }
     routes
+}
+
+/// An estimate route's pricing keys; on any other route they are errors.
+fn estimate_settings(
+    c: &mut Checker<'_>,
+    path: &KeyPath,
+    route: &RawRoute,
+    estimating: bool,
+) -> (EstimateRules, CompletionBound) {
+    if !estimating {
+        for (key, set) in [
+            ("image_tokens", route.image_tokens.is_some()),
+            ("completion_bound", route.completion_bound.is_some()),
+            (
+                "min_completion_tokens",
+                route.min_completion_tokens.is_some(),
+            ),
+        ] {
+            if set {
+                c.problem(
+                    &path.key(key),
+                    "only means something on an estimate route (cost = { tokens = \"estimate\" })",
+                );
+            }
+        }
+    }
+    let mut positive = |key: &str, raw: Option<i64>, default: i64| match raw {
+        None => default,
+        Some(n) if (1..=MAX_AMOUNT).contains(&n) => n,
+        Some(n) => {
+            c.problem(
+                &path.key(key),
+                format!("must be a whole number from 1 to {MAX_AMOUNT} (got {n})"),
+            );
+            default
+        }
+    };
+    let rules = EstimateRules {
+        default_max_tokens: positive(
+            "default_max_tokens",
+            route.default_max_tokens,
+            DEFAULT_MAX_TOKENS,
+        ),
+        image_tokens: positive("image_tokens", route.image_tokens, DEFAULT_IMAGE_TOKENS),
+    };
+    let min_completion_tokens = positive(
+        "min_completion_tokens",
+        route.min_completion_tokens,
+        DEFAULT_MIN_COMPLETION_TOKENS,
+    );
+    let bound = c.parsed(
+        &path.key("completion_bound"),
+        route.completion_bound.as_deref(),
+        CompletionBound::AsSent,
+        |word| match word {
+            "as_sent" => Ok(CompletionBound::AsSent),
+            "inject" => Ok(CompletionBound::Inject),
+            "fit" => Ok(CompletionBound::Fit {
+                min_completion_tokens,
+            }),
+            other => Err(format!("{other:?}: use \"as_sent\", \"inject\" or \"fit\"")),
+        },
+    );
+    if route.min_completion_tokens.is_some() && !matches!(bound, CompletionBound::Fit { .. }) {
+        c.problem(
+            &path.key("min_completion_tokens"),
+            "only means something with completion_bound = \"fit\"",
+        );
+    }
+    (rules, bound)
 }
 
 fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirectory {

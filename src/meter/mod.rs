@@ -2,11 +2,10 @@
 //!
 //! The body is buffered up to `max_body_bytes` (413 past it, before anything
 //! is reserved or forwarded), the cost is the route's fixed amounts plus, on
-//! estimate routes, the token [`estimate`] of the body, and one atomic
-//! reservation covers every dimension of it.
-
-pub mod estimate;
-pub mod json;
+//! estimate routes, the token estimate of the body ([`crate::llm`]), and one
+//! atomic reservation covers every dimension of it. An estimate route's
+//! `completion_bound` may write the bound into the body before it goes on,
+//! and lower it (`fit`) to what the org has left.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +17,20 @@ use http_body_util::{BodyExt, Collected, LengthLimitError, Limited};
 use std::future::Future;
 use std::pin::Pin;
 
+use http::HeaderValue;
+
 use crate::config::{Cost, OnStoreError, Route};
 use crate::error::{Denial, GatewayError};
+use crate::llm::estimate::{self, Estimate, EstimateError};
+use crate::llm::request::{self, StreamUsage};
+use crate::llm::{Api, CompletionBound, Reading};
 use crate::metrics::Metrics;
-use crate::org::{OrgDirectory, OrgId};
-use crate::quota::{Decision, Dimension, Exceeded, Mode};
-use crate::settle::tap::UsageReading;
+use crate::org::{OrgDirectory, OrgId, OrgPolicy};
+use crate::period::Period;
+use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
 use crate::settle::{Ledger, PendingReservation, Reservation};
-use crate::store::{ReservationId, ReserveRequest};
+use crate::store::{ReservationId, ReserveRequest, StoreError};
 use crate::{Body, BoxError, full_body};
-use estimate::StreamUsage;
 
 /// The source of "now" for billing periods; tests substitute their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -50,8 +53,31 @@ pub struct Admitted {
     /// Shadow mode: the limit this request went past.
     pub over: Option<Exceeded>,
     /// Estimate routes: how to read the response for the usage to reconcile.
-    pub reading: Option<UsageReading>,
+    pub reading: Option<Reading>,
 }
+
+impl Admitted {
+    /// Forwarded with nothing counted.
+    fn uncounted(request: Request<Body>) -> Admitted {
+        Admitted {
+            request,
+            reservation: None,
+            over: None,
+            reading: None,
+        }
+    }
+}
+
+/// Who pays for one request, on which route, in which period.
+struct Charge<'a> {
+    route: &'a Route,
+    org: OrgId,
+    policy: Arc<OrgPolicy>,
+    period: Period,
+}
+
+/// How many times a `fit` route lowers its bound to what is left.
+const FIT_ATTEMPTS: usize = 3;
 
 impl Meter {
     pub async fn admit(
@@ -63,73 +89,141 @@ impl Meter {
     ) -> Result<Admitted, GatewayError> {
         let policy = self.orgs.policy(&org).clone();
         if policy.mode == Mode::Off {
-            return Ok(Admitted {
-                request,
-                reservation: None,
-                over: None,
-                reading: None,
-            });
+            return Ok(Admitted::uncounted(request));
         }
-        let (request, body) = tokio::time::timeout(self.body_read_timeout, self.buffer(request))
+        let (head, body) = tokio::time::timeout(self.body_read_timeout, self.buffer(request))
             .await
             .map_err(|_| GatewayError::BodyTimeout)??;
-
-        let mut amounts = cost.fixed;
-        let mut reading = None;
-        let (mut request, mut body) = (request, body);
+        let charge = Charge {
+            route,
+            org,
+            period: policy.period((self.clock)()),
+            policy,
+        };
         if cost.estimate_tokens {
-            let path = request.uri().path();
-            let mut json =
-                estimate::parse(&body).map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
-            let estimate = estimate::estimate(path, &json, route.default_max_tokens);
-            amounts.set(
-                Dimension::Tokens,
-                amounts
-                    .get(Dimension::Tokens)
-                    .saturating_add(estimate.total()),
-            );
-            let stream_usage = estimate::request_stream_usage(path, &mut json);
-            if stream_usage == StreamUsage::Added {
-                let rewritten = serde_json::to_vec(&json)
-                    .map_err(|e| GatewayError::InvalidBody(e.to_string()))?;
-                body = Bytes::from(rewritten);
-                request.headers_mut().insert(
-                    http::header::CONTENT_LENGTH,
-                    http::HeaderValue::from(body.len()),
-                );
-            }
-            // The usage must be readable: no compressed answers.
-            request.headers_mut().insert(
-                http::header::ACCEPT_ENCODING,
-                http::HeaderValue::from_static("identity"),
-            );
-            reading = Some(UsageReading {
-                hide_requested_usage: stream_usage == StreamUsage::Added,
-            });
+            return self.admit_estimated(charge, cost, head, body).await;
         }
-        let request = request.map(|()| full_body(body));
+        let (pending, decided) = self.reserve(&charge, cost.fixed).await;
+        let request = Request::from_parts(head, full_body(body));
+        self.conclude(&charge, request, pending, decided, None)
+    }
 
-        let period = policy.period((self.clock)());
+    /// An estimate route: the body is priced, and may be rewritten, before
+    /// it is reserved and forwarded.
+    async fn admit_estimated(
+        &self,
+        charge: Charge<'_>,
+        cost: &Cost,
+        mut head: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Admitted, GatewayError> {
+        let route = charge.route;
+        let api = Api::of_path(head.uri.path());
+        let invalid = |e: EstimateError| GatewayError::InvalidBody(e.to_string());
+        let mut json = estimate::parse(&body).map_err(invalid)?;
+        let mut estimate = estimate::estimate(api, &json, &route.estimate).map_err(invalid)?;
+        let mut rewritten = false;
+        if route.completion_bound != CompletionBound::AsSent && !estimate.bound_named {
+            rewritten |= request::set_completion_bound(api, &mut json, estimate.completion_bound);
+        }
+        let stream_usage = request::ask_for_stream_usage(api, &mut json);
+        rewritten |= stream_usage == StreamUsage::Added;
+
+        let fixed_tokens = cost.fixed.get(Dimension::Tokens);
+        let amounts = |estimate: &Estimate| {
+            cost.fixed.with(
+                Dimension::Tokens,
+                fixed_tokens.saturating_add(estimate.total()),
+            )
+        };
+        let (mut pending, mut decided) = self.reserve(&charge, amounts(&estimate)).await;
+        if let CompletionBound::Fit {
+            min_completion_tokens,
+        } = route.completion_bound
+            && api.bound_field().is_some()
+        {
+            // Each attempt is one atomic reservation, so the limit holds
+            // even when another request takes what was left in between;
+            // this one is then lowered again, or refused.
+            for _ in 0..FIT_ATTEMPTS {
+                let Ok(Decision::Deny(exceeded)) = &decided else {
+                    break;
+                };
+                let Some(bound) =
+                    request::fitted_bound(&estimate, fixed_tokens, exceeded, min_completion_tokens)
+                else {
+                    break;
+                };
+                estimate.completion_bound = bound;
+                rewritten |= request::set_completion_bound(api, &mut json, bound);
+                (pending, decided) = self.reserve(&charge, amounts(&estimate)).await;
+            }
+        }
+
+        let rewritten = if rewritten {
+            Some(serde_json::to_vec(&json).map_err(|e| GatewayError::InvalidBody(e.to_string()))?)
+        } else {
+            None
+        };
+        drop(json);
+        let body = match rewritten {
+            Some(bytes) => {
+                head.headers
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Bytes::from(bytes)
+            }
+            None => body,
+        };
+        // The usage must be readable: no compressed answers.
+        head.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let reading = Reading {
+            hide_requested_usage: stream_usage == StreamUsage::Added,
+        };
+        let request = Request::from_parts(head, full_body(body));
+        self.conclude(&charge, request, pending, decided, Some(reading))
+    }
+
+    /// Asks the store to reserve `amounts` for the charge's org.
+    async fn reserve(
+        &self,
+        charge: &Charge<'_>,
+        amounts: Amounts,
+    ) -> (PendingReservation, Result<Decision, StoreError>) {
         let reserve = ReserveRequest {
             id: ReservationId::next(),
-            org: org.clone(),
-            period,
-            limits: policy.limits,
+            org: charge.org.clone(),
+            period: charge.period,
+            limits: charge.policy.limits,
             cost: amounts,
-            mode: policy.mode,
+            mode: charge.policy.mode,
         };
         let mut pending = PendingReservation::start(&self.ledger, reserve);
         let decided = pending.decision().await;
+        (pending, decided)
+    }
+
+    /// The store's answer, as the request goes on or is refused.
+    fn conclude(
+        &self,
+        charge: &Charge<'_>,
+        request: Request<Body>,
+        pending: PendingReservation,
+        decided: Result<Decision, StoreError>,
+        reading: Option<Reading>,
+    ) -> Result<Admitted, GatewayError> {
+        let Charge { route, org, .. } = charge;
         match decided {
             Ok(Decision::Admit { applied, over }) => {
                 if let Some(over) = over {
                     Metrics::count(&self.ledger.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
-                let reservation = pending.admitted(applied);
                 Ok(Admitted {
                     request,
-                    reservation: Some(reservation),
+                    reservation: Some(pending.admitted(applied)),
                     over,
                     reading,
                 })
@@ -139,8 +233,8 @@ impl Meter {
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
                     exceeded,
-                    policy,
-                    period,
+                    policy: charge.policy.clone(),
+                    period: charge.period,
                 })))
             }
             Err(error) => self.store_failed(route, request, &error),
@@ -157,12 +251,7 @@ impl Meter {
         match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
                 Metrics::count(&self.ledger.metrics.fail_open_passes);
-                Ok(Admitted {
-                    request,
-                    reservation: None,
-                    over: None,
-                    reading: None,
-                })
+                Ok(Admitted::uncounted(request))
             }
             OnStoreError::Deny => {
                 Metrics::count(&self.ledger.metrics.fail_closed_denials);
@@ -173,7 +262,10 @@ impl Meter {
 
     /// Reads the whole body, refusing one over `max_body_bytes` before
     /// reading it when its declared length already says so.
-    async fn buffer(&self, request: Request<Body>) -> Result<(Request<()>, Bytes), GatewayError> {
+    async fn buffer(
+        &self,
+        request: Request<Body>,
+    ) -> Result<(http::request::Parts, Bytes), GatewayError> {
         let too_large = GatewayError::BodyTooLarge {
             limit: self.max_body_bytes,
         };
@@ -198,6 +290,6 @@ impl Meter {
                 GatewayError::ClientBody
             }
         })?;
-        Ok((Request::from_parts(head, ()), collected.to_bytes()))
+        Ok((head, collected.to_bytes()))
     }
 }

@@ -7,16 +7,17 @@
 //! - the upstream failed (no answer, timeout, non-2xx): refund all of it;
 //! - the upstream succeeded: the reservation stands, except on estimate
 //!   routes, where the [`tap`] replaces the estimate with the usage the
-//!   response reports once it has ended (no usage reported: it stands);
+//!   response reports, as soon as the final report has passed (no usage
+//!   reported: it stands);
 //! - the client went away first: it stands too, since the upstream may
 //!   already have done the work (a refund here would let a client have any
-//!   amount of work for free by hanging up just before the answer).
+//!   amount of work for free by hanging up just before the answer); on an
+//!   estimate route it grows to the usage reported so far, if that is more.
 //!
 //! A reservation whose store call the request stopped waiting for is a
 //! [`PendingReservation`]: refunded once the store confirms it.
 
 pub mod tap;
-pub mod usage;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -153,6 +154,14 @@ impl Reservation {
         let correction =
             Amounts::ZERO.with(Dimension::Tokens, tokens.clamp(0, MAX_AMOUNT) - estimated);
         self.apply(correction);
+    }
+
+    /// Charges at least `tokens`: the estimate stands, unless the provider
+    /// had already reported more than it.
+    pub fn charge_at_least(self, tokens: i64) {
+        if tokens > self.applied.get(Dimension::Tokens) {
+            self.reconcile(tokens);
+        }
     }
 
     /// Gives back everything the reservation took, in the background.

@@ -1,6 +1,12 @@
 //! The response body of an estimate route, passed through as it streams and
-//! read on the way for the usage the provider reports; at its end the
-//! reservation is reconciled to that usage.
+//! read on the way for the usage the provider reports.
+//!
+//! The reservation is settled to the provider's final report as soon as it
+//! has passed (a stream's usage chunk, `message_stop`, `response.completed`;
+//! a JSON answer's end), whatever the client does next: the official SDKs
+//! close a stream at `[DONE]`, before the body's end arrives. A body cut
+//! before the final report (the client left, the upstream failed) is
+//! charged the larger of the estimate and the usage reported so far.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -10,18 +16,13 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::Reservation;
-use super::usage::{SseScanner, concat, tokens_in_json};
+use crate::llm::Reading;
+use crate::llm::sse::{SseScanner, concat};
+use crate::llm::usage::{Tally, tokens_in_json};
 use crate::{Body, BoxError};
 
 /// A JSON body larger than this is passed on unread, and its estimate stands.
 const MAX_JSON_READ: usize = 4 << 20;
-
-/// How to read an estimate route's response for usage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UsageReading {
-    /// The gateway asked an OpenAI stream for usage that the client did not.
-    pub hide_requested_usage: bool,
-}
 
 enum Reader {
     Json {
@@ -49,7 +50,7 @@ impl UsageTap {
     pub fn new(
         body: Body,
         headers: &HeaderMap,
-        reading: UsageReading,
+        reading: Reading,
         reservation: Reservation,
     ) -> UsageTap {
         let header = |name| {
@@ -81,7 +82,7 @@ impl UsageTap {
     }
 
     /// Whether the tap may change the bytes (so no length can be promised).
-    pub fn rewrites(reading: UsageReading) -> bool {
+    pub fn rewrites(reading: Reading) -> bool {
         reading.hide_requested_usage
     }
 
@@ -96,19 +97,29 @@ impl UsageTap {
                 }
                 data
             }
-            Reader::Stream(scanner) => scanner.feed(data),
+            Reader::Stream(scanner) => {
+                let out = scanner.feed(data);
+                let last = scanner.tally().and_then(Tally::final_tokens);
+                if let Some(tokens) = last
+                    && let Some(reservation) = self.reservation.take()
+                {
+                    reservation.reconcile(tokens);
+                }
+                out
+            }
             Reader::Blind => data,
         }
     }
 
-    /// The body ended: returns its last bytes, and reconciles.
+    /// The body ended: returns its last bytes, and settles to what it
+    /// reported (the body's end closes a stream's report too).
     fn finish(&mut self) -> Bytes {
         let (rest, tokens) = match &mut self.reader {
             Reader::Json { copy, overflowed } => (
                 Bytes::new(),
                 (!*overflowed).then(|| tokens_in_json(copy)).flatten(),
             ),
-            Reader::Stream(scanner) => (scanner.finish(), scanner.tokens()),
+            Reader::Stream(scanner) => (scanner.finish(), scanner.tally().and_then(Tally::so_far)),
             Reader::Blind => (Bytes::new(), None),
         };
         if let Some(reservation) = self.reservation.take() {
@@ -119,6 +130,21 @@ impl UsageTap {
             }
         }
         rest
+    }
+
+    /// The body was cut before its end: the estimate stands, unless the
+    /// provider had already reported more.
+    fn abandon(&mut self) {
+        let so_far = match &self.reader {
+            Reader::Stream(scanner) => scanner.tally().and_then(Tally::so_far),
+            Reader::Json { .. } | Reader::Blind => None,
+        };
+        if let Some(reservation) = self.reservation.take() {
+            match so_far {
+                Some(tokens) => reservation.charge_at_least(tokens),
+                None => reservation.stand(),
+            }
+        }
     }
 }
 
@@ -166,11 +192,8 @@ impl HttpBody for UsageTap {
                     }
                 },
                 Some(Err(error)) => {
-                    // Cut mid-way: whatever was reported, the estimate stands.
                     this.done = true;
-                    if let Some(reservation) = this.reservation.take() {
-                        reservation.stand();
-                    }
+                    this.abandon();
                     return Poll::Ready(Some(Err(error)));
                 }
                 None => {
@@ -197,9 +220,15 @@ impl HttpBody for UsageTap {
 
 impl Drop for UsageTap {
     fn drop(&mut self) {
-        // Dropped once its last byte went out, before the end was polled for.
-        if !self.done && self.inner.is_end_stream() {
+        if self.done {
+            return;
+        }
+        // Dropped once its last byte went out, before the end was polled
+        // for; or the client left midway.
+        if self.inner.is_end_stream() {
             self.finish();
+        } else {
+            self.abandon();
         }
     }
 }

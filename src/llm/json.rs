@@ -52,15 +52,22 @@ impl<'a> Json<'a> {
             _ => None,
         }
     }
-
-    pub fn is_null(&self) -> bool {
-        matches!(self, Json::Null)
-    }
 }
 
 impl<'a> Object<'a> {
     pub fn get(&self, key: &str) -> Option<&Json<'a>> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The members in body order, a key given twice twice.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    /// Sets `key` to `value`, replacing every member of that name.
+    pub fn insert(&mut self, key: &'a str, value: Json<'a>) {
+        self.0.retain(|(k, _)| k != key);
+        self.0.push((Cow::Borrowed(key), value));
     }
 
     /// The member `key`, added as `value` first if the object has none.

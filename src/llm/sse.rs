@@ -1,135 +1,15 @@
-//! Reading the tokens a provider reports it used, from a JSON response or
-//! from a server-sent event stream as it passes.
-//!
-//! Understood: OpenAI `usage` (chat completions, completions, embeddings,
-//! responses, and the final chunk of a stream with
-//! `stream_options.include_usage`), Anthropic `message_start` and
-//! `message_delta` events (cache reads and writes count as input), and the
-//! responses API's `response.completed` event.
+//! Server-sent event streams, read for usage as they pass, holding back at
+//! most one incomplete event; and, when the gateway asked an OpenAI stream
+//! for usage the client did not, rewritten to hide it.
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::meter::json::Json;
+use super::usage::Tally;
 
 /// The largest event held back while it arrives; a stream with a larger one
 /// is passed on unread.
 const MAX_EVENT_BYTES: usize = 1 << 20;
-
-/// Tokens in one `usage` object: its `total_tokens`, else the sum of the
-/// parts it names.
-pub fn tokens_in_usage(usage: &Value) -> Option<i64> {
-    tokens_reported(|key| usage.get(key).and_then(Value::as_i64))
-}
-
-/// A token count as the provider reported it; a negative one counts as zero.
-fn count(usage: &Value, key: &str) -> Option<i64> {
-    usage.get(key).and_then(Value::as_i64).map(|n| n.max(0))
-}
-
-/// [`tokens_in_usage`] for a usage object whose integer members `count`
-/// gives by name.
-fn tokens_reported(count: impl Fn(&str) -> Option<i64>) -> Option<i64> {
-    // A negative count, as the provider reported it, counts as zero.
-    let counted = |key: &str| count(key).map(|n| n.max(0));
-    if let Some(total) = counted("total_tokens") {
-        return Some(total);
-    }
-    let parts = [
-        "input_tokens",
-        "output_tokens",
-        "cache_creation_input_tokens",
-        "cache_read_input_tokens",
-        "prompt_tokens",
-        "completion_tokens",
-    ];
-    parts
-        .iter()
-        .filter_map(|p| counted(p))
-        .reduce(i64::saturating_add)
-}
-
-/// The tokens a whole JSON response body reports.
-pub fn tokens_in_json(body: &[u8]) -> Option<i64> {
-    /// Only `usage` is built, borrowing from the body; the rest of the
-    /// answer (the long part) is checked and skipped without allocating.
-    #[derive(serde::Deserialize)]
-    struct Answer<'a> {
-        #[serde(borrow)]
-        usage: Option<Json<'a>>,
-    }
-    let answer: Answer<'_> = serde_json::from_slice(body).ok()?;
-    let usage = answer.usage?;
-    tokens_reported(|key| usage.get(key).and_then(Json::as_i64))
-}
-
-/// What the events of one stream have reported so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Tally {
-    /// A complete figure (OpenAI's usage chunk, `response.completed`).
-    total: Option<i64>,
-    /// Anthropic's input, from `message_start`.
-    input: Option<i64>,
-    /// Anthropic's output, cumulative: the last `message_delta` wins.
-    output: Option<i64>,
-}
-
-impl Tally {
-    fn tokens(&self) -> Option<i64> {
-        self.total.or(match (self.input, self.output) {
-            (None, None) => None,
-            (input, output) => Some(input.unwrap_or(0).saturating_add(output.unwrap_or(0))),
-        })
-    }
-
-    /// Takes in one event's data. Returns whether the event is OpenAI's
-    /// usage-only chunk (no choices), which exists only because the gateway
-    /// asked for it.
-    fn observe(&mut self, data: &Value) -> bool {
-        match data.get("type").and_then(Value::as_str) {
-            Some("message_start") => {
-                if let Some(usage) = data.pointer("/message/usage") {
-                    let input = [
-                        "input_tokens",
-                        "cache_creation_input_tokens",
-                        "cache_read_input_tokens",
-                    ]
-                    .iter()
-                    .filter_map(|p| count(usage, p))
-                    .fold(0, i64::saturating_add);
-                    self.input = Some(input);
-                    self.output = count(usage, "output_tokens").or(self.output);
-                }
-                false
-            }
-            Some("message_delta") => {
-                if let Some(output) = data.get("usage").and_then(|u| count(u, "output_tokens")) {
-                    self.output = Some(output);
-                }
-                false
-            }
-            Some("response.completed") => {
-                if let Some(tokens) = data.pointer("/response/usage").and_then(tokens_in_usage) {
-                    self.total = Some(tokens);
-                }
-                false
-            }
-            _ => match data
-                .get("usage")
-                .filter(|u| u.is_object())
-                .and_then(tokens_in_usage)
-            {
-                Some(tokens) => {
-                    self.total = Some(tokens);
-                    data.get("choices")
-                        .and_then(Value::as_array)
-                        .is_some_and(Vec::is_empty)
-                }
-                None => false,
-            },
-        }
-    }
-}
 
 /// Scans a server-sent event stream for usage as it passes, holding back at
 /// most one incomplete event.
@@ -186,11 +66,7 @@ impl SseScanner {
             // Scan a copy of complete events; pass the chunk on untouched.
             self.pending.extend_from_slice(&chunk);
             while let Some(event) = self.take_event() {
-                // Every event that reports usage names it, with a value other
-                // than null; the rest need no parsing.
-                let reports = memchr::memmem::find_iter(&event, br#""usage":"#)
-                    .any(|at| !event[at + 8..].starts_with(b"null"));
-                if reports {
+                if reports_usage(&event) {
                     self.scan(&event);
                 }
             }
@@ -231,17 +107,12 @@ impl SseScanner {
         }
     }
 
-    /// The tokens reported so far, if any were and the stream was read whole.
-    pub fn tokens(&self) -> Option<i64> {
-        if self.gave_up {
-            None
-        } else {
-            self.tally.tokens()
-        }
+    /// What the stream has reported, if it was read whole so far.
+    pub fn tally(&self) -> Option<&Tally> {
+        (!self.gave_up).then_some(&self.tally)
     }
 
     fn scan(&mut self, event: &[u8]) -> Option<(Value, bool)> {
-        memchr::memmem::find(event, b"usage")?;
         let data = event_data(event)?;
         let value: Value = serde_json::from_slice(&data).ok()?;
         let usage_only = self.tally.observe(&value);
@@ -266,7 +137,9 @@ impl SseScanner {
                 return out.freeze();
             }
         }
-        match self.scan(&event) {
+        // Only an event that names usage needs parsing.
+        let scanned = memchr::memmem::find(&event, b"usage").and_then(|_| self.scan(&event));
+        match scanned {
             Some((_, true)) => Bytes::new(),
             Some((Value::Object(mut chunk), false)) if chunk.get("usage") == Some(&Value::Null) => {
                 chunk.remove("usage");
@@ -304,7 +177,15 @@ impl SseScanner {
     }
 }
 
-pub(super) fn concat(first: Bytes, second: Bytes) -> Bytes {
+/// Whether `event` may change the tally: every event that reports usage
+/// names it with a value other than null, and Anthropic's `message_stop`
+/// (a short event) closes the report. The rest need no parsing.
+fn reports_usage(event: &[u8]) -> bool {
+    memchr::memmem::find_iter(event, br#""usage":"#).any(|at| !event[at + 8..].starts_with(b"null"))
+        || (event.len() < 128 && memchr::memmem::find(event, br#""message_stop""#).is_some())
+}
+
+pub fn concat(first: Bytes, second: Bytes) -> Bytes {
     if first.is_empty() {
         return second;
     }
@@ -358,7 +239,8 @@ mod tests {
             out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
         }
         out.extend_from_slice(&scanner.finish());
-        (String::from_utf8(out).unwrap(), scanner.tokens())
+        let tokens = scanner.tally().and_then(Tally::so_far);
+        (String::from_utf8(out).unwrap(), tokens)
     }
 
     const OPENAI_WITH_USAGE: &str = "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
@@ -444,25 +326,5 @@ mod tests {
     fn multi_line_data_is_joined() {
         let stream = "data: {\"usage\":\ndata: {\"total_tokens\":5}}\n\n";
         assert_eq!(run(stream, false, 4).1, Some(5));
-    }
-
-    #[test]
-    fn json_bodies_report_their_usage() {
-        assert_eq!(
-            tokens_in_json(
-                br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
-            ),
-            Some(7)
-        );
-        assert_eq!(
-            tokens_in_json(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
-            Some(7)
-        );
-        assert_eq!(
-            tokens_in_json(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
-            Some(8)
-        );
-        assert_eq!(tokens_in_json(br#"{"choices":[]}"#), None);
-        assert_eq!(tokens_in_json(b"not json"), None);
     }
 }
