@@ -63,6 +63,7 @@ timeout = "1s"
 sources = ["header"]
 [identity.header]
 name = "x-org-id"
+trusted_peers = ["127.0.0.1"]
 [upstreams.api]
 url = "http://127.0.0.1:{upstream}"
 [[routes]]

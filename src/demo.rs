@@ -18,6 +18,8 @@ use crate::config::{Config, ConfigError};
 /// The demo's config, shipped in the binary so the demo runs from anywhere.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const DEMO_KEY: &str = "demo-key-acme";
+/// org_globex's key: a pro plan in shadow mode.
+const GLOBEX_KEY: &str = "demo-key-globex";
 
 /// Loads the demo config with the stand-in backend at `upstream` and the
 /// gateway on `listen`.
@@ -84,7 +86,7 @@ pub async fn tour(gateway: SocketAddr) -> Result<(), crate::BoxError> {
         "  curl -i {base}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' -H 'content-type: application/json' \\\n       -d '{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":100}}'"
     );
     println!(
-        "  curl -i -X POST {base}/api/v1/playbooks/pb_1/execute -H 'x-org-id: org_globex'   # shadow mode: never blocked"
+        "  curl -i -X POST {base}/api/v1/playbooks/pb_1/execute -H 'authorization: Bearer {GLOBEX_KEY}'   # org_globex, shadow mode: never blocked"
     );
     println!("  curl -i {base}/api/v1/anything   # unmetered: forwarded as it is");
     println!();

@@ -24,6 +24,10 @@ pub enum GatewayError {
     Unauthenticated,
     #[error("the bearer token was not accepted: {0}")]
     InvalidToken(&'static str),
+    #[error("the API key is not a gateway API key")]
+    UnknownApiKey,
+    #[error("the request carries more than one {0} header; send one")]
+    DuplicateHeader(http::HeaderName),
     #[error("the org id is malformed (1 to 64 of A-Z a-z 0-9 _ - .)")]
     InvalidOrgId,
     #[error("the request body is larger than {limit} bytes")]
@@ -58,10 +62,11 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
-            GatewayError::Unauthenticated | GatewayError::InvalidToken(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            GatewayError::Unauthenticated
+            | GatewayError::InvalidToken(_)
+            | GatewayError::UnknownApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidOrgId
+            | GatewayError::DuplicateHeader(_)
             | GatewayError::InvalidBody(_)
             | GatewayError::ClientBody => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,8 +83,11 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "NOT_FOUND",
-            GatewayError::Unauthenticated | GatewayError::InvalidToken(_) => "UNAUTHORIZED",
+            GatewayError::Unauthenticated
+            | GatewayError::InvalidToken(_)
+            | GatewayError::UnknownApiKey => "UNAUTHORIZED",
             GatewayError::InvalidOrgId => "INVALID_ORG_ID",
+            GatewayError::DuplicateHeader(_) => "DUPLICATE_HEADER",
             GatewayError::BodyTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             GatewayError::InvalidBody(_) => "INVALID_BODY",
             GatewayError::ClientBody => "BAD_REQUEST",

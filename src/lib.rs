@@ -9,8 +9,8 @@
 //!    Around the steps below, [`stack`]: the tower layers, and the gateway
 //!    service that runs the steps in order.
 //! 2. [`route`]: method + path to a configured route (404 when none).
-//! 3. [`identify`]: the org that pays: gateway API key, verified JWT or
-//!    trusted header (401).
+//! 3. [`identify`]: the org that pays: gateway API key, verified JWT or an
+//!    org header from a trusted peer (401; 400 for a repeated credential).
 //! 4. [`meter`]: buffer the body (413, 408), price it (an estimate of an
 //!    LLM body, with its completion bound, by [`llm`]; 400), reserve it in
 //!    the [`store`] by the pure [`quota`] decision for the org's [`period`]

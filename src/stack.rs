@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,7 +22,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::error::GatewayError;
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::meter::Meter;
 use crate::route::Router;
@@ -32,20 +32,25 @@ use crate::{Body, BoxError, incoming_body};
 /// The whole gateway as one cloneable HTTP service.
 pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
-/// The client's address, added to each request by the accept step: its IP
-/// as an `X-Forwarded-For` entry, rendered once per connection rather than
-/// once per request.
+/// The client's address, added to each request by the accept step: the TCP
+/// peer's IP, which decides whether an org header is believed, and the same
+/// IP as an `X-Forwarded-For` entry, rendered once per connection rather
+/// than once per request.
 #[derive(Clone, Debug)]
 pub struct ClientAddr {
+    pub ip: IpAddr,
     pub forwarded_for: HeaderValue,
 }
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr) -> ClientAddr {
+        // On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d;
+        // it is matched and reported as the IPv4 address it is.
+        let ip = addr.ip().to_canonical();
         // An IP's text is always a valid header value.
-        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+        let forwarded_for = HeaderValue::try_from(ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientAddr { forwarded_for }
+        ClientAddr { ip, forwarded_for }
     }
 }
 
@@ -116,20 +121,27 @@ impl Gateway {
     async fn handle(self, mut request: Request<Body>) -> Result<Response<Body>, GatewayError> {
         let steps = &*self.steps;
         let client = request.extensions_mut().remove::<ClientAddr>();
+        // First, so that no header the client names in `Connection` can take
+        // away one the gateway sets later: the org header, X-Forwarded-*, an
+        // upstream's `headers`.
+        forward::remove_hop_by_hop(request.headers_mut());
+        let peer = client.as_ref().map(|c| c.ip);
         let route = steps
             .router
             .find(request.method(), request.uri().path())
             .ok_or(GatewayError::NoRoute)?;
 
         let Some(cost) = &route.cost else {
-            steps.identifier.strip_gateway_keys(request.headers_mut());
+            steps
+                .identifier
+                .pass_unmetered(request.headers_mut(), peer)?;
             return steps
                 .forwarder
                 .forward(route.upstream, request, client)
                 .await;
         };
 
-        let org = steps.identifier.identify(request.headers_mut())?;
+        let org = steps.identifier.identify(request.headers_mut(), peer)?;
         let admitted = steps.meter.admit(route, cost, org, request).await?;
         let forwarded = steps
             .forwarder

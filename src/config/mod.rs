@@ -7,7 +7,7 @@ mod raw;
 mod validate;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -87,7 +87,22 @@ pub enum OnStoreError {
 pub enum IdentitySource {
     ApiKey(ApiKeys),
     Jwt(Arc<JwtConfig>),
-    Header(HeaderName),
+    Header(HeaderSource),
+}
+
+/// An org header set by an auth layer in front of the gateway, believed
+/// only from that layer's addresses.
+#[derive(Clone, Debug)]
+pub struct HeaderSource {
+    pub name: HeaderName,
+    pub trusted_peers: Vec<ipnet::IpNet>,
+}
+
+impl HeaderSource {
+    /// Whether the header may be believed from `peer`, the TCP peer.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted_peers.iter().any(|net| net.contains(&peer))
+    }
 }
 
 /// How bearer JWTs are verified and where the org is read from.
@@ -456,6 +471,25 @@ mod tests {
             "environment variable MISSING is not set"
         );
         assert!(expand_env("${TOKEN", &env).is_err());
+    }
+
+    #[test]
+    fn trusted_peers_take_cidrs_and_bare_ips_meaning_that_address_alone() {
+        let text = "[identity.header]\ntrusted_peers = [\"10.0.0.0/8\", \"192.0.2.7\", \"::1\"]\n";
+        let config = Config::parse(text, "test.toml", &env).unwrap();
+        let Some(IdentitySource::Header(source)) = config.identity.first() else {
+            panic!("no header source in {:?}", config.identity);
+        };
+        for (peer, trusted) in [
+            ("10.200.1.1", true),
+            ("11.0.0.1", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("::1", true),
+            ("::2", false),
+        ] {
+            assert_eq!(source.trusts(peer.parse().unwrap()), trusted, "{peer}");
+        }
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub struct RawJwt {
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderSource {
     pub name: Option<String>,
+    pub trusted_peers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,11 +2,13 @@
 //! so one `check` shows all that is wrong with a file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Uri};
+use ipnet::IpNet;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use rustls_pki_types::CertificateDer;
@@ -15,8 +17,8 @@ use rustls_pki_types::pem::PemObject;
 use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawUpstream};
 use super::{
     ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_COMPLETION_TOKENS, IdentitySource, JwtConfig, KeyPath, OnStoreError, Problem,
-    PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
+    DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, OnStoreError,
+    Problem, PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
@@ -412,12 +414,21 @@ fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource
                     c.problem(&at, "\"header\" is listed but [identity.header] is missing");
                     continue;
                 };
+                let section = path.key("header");
                 let name = header_name(
                     c,
-                    &path.key("header").key("name"),
+                    &section.key("name"),
                     header.name.as_deref().unwrap_or("x-org-id"),
                 );
-                sources.push(IdentitySource::Header(name));
+                let trusted_peers = trusted_peers(
+                    c,
+                    &section.key("trusted_peers"),
+                    header.trusted_peers.as_deref(),
+                );
+                sources.push(IdentitySource::Header(HeaderSource {
+                    name,
+                    trusted_peers,
+                }));
             }
             "jwt" => {
                 let Some(jwt) = &id.jwt else {
@@ -437,6 +448,43 @@ fn validate_identity(c: &mut Checker<'_>, raw: &RawConfig) -> Vec<IdentitySource
         }
     }
     sources
+}
+
+/// The peers an org header is believed from. Required: without it, any
+/// client could name the org that pays.
+fn trusted_peers(c: &mut Checker<'_>, path: &KeyPath, raw: Option<&[String]>) -> Vec<IpNet> {
+    let Some(raw) = raw else {
+        c.problem(
+            path,
+            "missing: list the auth layer's addresses, e.g. [\"10.0.0.0/8\"]; the header is believed only from these peers",
+        );
+        return Vec::new();
+    };
+    if raw.is_empty() {
+        c.problem(
+            path,
+            "lists no peer, so the header would never be believed: list the auth layer's addresses or drop the header source",
+        );
+    }
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            c.parsed(&path.index(i), Some(entry), None, |text| {
+                peer_net(text).map(Some)
+            })
+        })
+        .collect()
+}
+
+/// A CIDR, or a bare IP meaning that address alone (/32 or /128).
+fn peer_net(text: &str) -> Result<IpNet, String> {
+    match text.parse::<IpNet>() {
+        Ok(net) => Ok(net.trunc()),
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{text:?} is not an IP address or a CIDR such as \"10.0.0.0/8\"")),
+    }
 }
 
 fn redis_target(

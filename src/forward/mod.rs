@@ -3,8 +3,9 @@
 //! Each upstream has pooled keep-alive connections: plain HTTP/1.1 from
 //! this worker's own [`pool`], or hyper-util's client for HTTPS through
 //! rustls (webpki roots plus the upstream's `ca_file`), with HTTP/2 where
-//! ALPN offers it. The forwarded request loses its hop-by-hop headers
-//! and gains `X-Forwarded-For/-Proto/-Host`. An upstream with configured
+//! ALPN offers it. The request arrives without its hop-by-hop headers (the
+//! stack removes them with [`remove_hop_by_hop`] before any step runs) and
+//! gains `X-Forwarded-For/-Proto/-Host`. An upstream with configured
 //! `headers` (a provider key) gets those in place of every credential the
 //! client sent; one without keeps the client's, for the backend's own auth.
 //! Bodies stream both ways.
@@ -307,7 +308,6 @@ fn prepare_headers(
     upstream: &Upstream,
     client: Option<&ClientAddr>,
 ) {
-    remove_hop_by_hop(headers);
     // The upstream gets its own Host; the one the client asked for (HTTP/1.1
     // Host, or the HTTP/2 authority) travels as X-Forwarded-Host.
     match headers.remove(header::HOST).or(authority) {
@@ -344,7 +344,9 @@ fn prepare_headers(
     }
 }
 
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the headers that describe the client's connection, not the
+/// message, and those its `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these: one pass over the names they do
     // carry is cheaper than a hashed removal for each.
     let carries_any = headers
@@ -428,6 +430,7 @@ mod tests {
         );
         headers.insert("x-kept", "yes".parse().unwrap());
 
+        remove_hop_by_hop(&mut headers);
         prepare_headers(
             &mut headers,
             None,

@@ -1,98 +1,230 @@
 //! Step 3: the org that pays for a request: a gateway API key, a verified
 //! JWT (the `jwt` module), or a header set by a trusted auth layer.
 //!
-//! Sources are tried in configured order and the first that yields an org
-//! wins. Gateway API keys are credentials for the gateway alone: a matching
-//! key is removed from the request on every route, metered or not, so it
-//! never reaches an upstream. A key that matches nothing is left alone, since
-//! it may be the backend's own credential.
+//! Each credential header belongs to one source:
+//!
+//! - `x-api-key`, and the api_key source's `header` (`Authorization` by
+//!   default), to the api_key source;
+//! - `Authorization`, to the JWT source when no api_key source reads it;
+//!   when both do, a bearer token that is not a known key and has the shape
+//!   of a JWT (three dot-separated parts) is the JWT source's, and anything
+//!   else in it is a key that matches nothing;
+//! - the org header, to the header source, and only when the TCP peer is in
+//!   `trusted_peers`. From any other peer it is removed on every route, so it
+//!   never reaches a backend unverified.
+//!
+//! Sources are tried in the configured order, and the first with a
+//! credential presented decides: a valid one names the org, one that fails
+//! (a key that matches nothing, a JWT that does not verify, a malformed org
+//! id) is refused, never passed over for a later, weaker source. A source
+//! with nothing presented is skipped; when none has anything, the answer is
+//! 401 too. The api_key source decides for the org of a known key in either
+//! of its headers, leaving a backend credential in the other alone.
+//!
+//! More than one `Authorization` or `x-api-key` (or api_key `header`) is
+//! refused on every route, and more than one org header where it is read:
+//! the gateway would check one value while the backend might read another.
+//!
+//! Gateway API keys are credentials for the gateway alone: a matching key is
+//! removed from the request on every route, metered or not, even when
+//! another source decided, so it never reaches an upstream. Once the org is
+//! known, the org header, if a header source is configured, is set to it, so
+//! the backend sees the org that pays; the stack has removed the hop-by-hop
+//! headers by then, so no `Connection` header can take it away again. An
+//! unmetered route needs no org and refuses nothing else: the backend keeps
+//! its own auth.
 
 mod jwt;
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use http::HeaderMap;
-use http::header::AUTHORIZATION;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ApiKeys, IdentitySource};
+use crate::config::{ApiKeys, HeaderSource, IdentitySource, JwtConfig};
 use crate::error::GatewayError;
 use crate::org::OrgId;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// What one source made of a request: `None` when nothing was presented to it.
+type Answer = Option<Result<OrgId, GatewayError>>;
+
+enum Source {
+    ApiKey,
+    Jwt,
+    Header,
+}
+
 pub struct Identifier {
-    sources: Vec<IdentitySource>,
+    /// The configured order; each source appears once.
+    order: Vec<Source>,
+    keys: Option<ApiKeys>,
+    jwt: Option<Arc<JwtConfig>>,
+    header: Option<HeaderSource>,
 }
 
 impl Identifier {
     pub fn new(sources: Vec<IdentitySource>) -> Identifier {
-        Identifier { sources }
+        let mut identifier = Identifier {
+            order: Vec::with_capacity(sources.len()),
+            keys: None,
+            jwt: None,
+            header: None,
+        };
+        for source in sources {
+            let kind = match source {
+                IdentitySource::ApiKey(keys) => {
+                    identifier.keys = Some(keys);
+                    Source::ApiKey
+                }
+                IdentitySource::Jwt(config) => {
+                    identifier.jwt = Some(config);
+                    Source::Jwt
+                }
+                IdentitySource::Header(header) => {
+                    identifier.header = Some(header);
+                    Source::Header
+                }
+            };
+            identifier.order.push(kind);
+        }
+        identifier
     }
 
-    /// The org of a metered request, with its gateway API keys removed and
-    /// the trusted org header, if one is configured, set to that org: the
-    /// backend sees the org that pays, whatever the client sent.
-    pub fn identify(&self, headers: &mut HeaderMap) -> Result<OrgId, GatewayError> {
-        let mut found = None;
-        for source in &self.sources {
-            match source {
-                // Every API-key source strips, even after another source answered.
-                IdentitySource::ApiKey(keys) => found = found.or(take_api_keys(keys, headers)),
-                IdentitySource::Header(name) if found.is_none() => {
-                    if let Some(value) = headers.get(name) {
-                        let org = value.to_str().ok().and_then(OrgId::parse);
-                        found = Some(org.ok_or(GatewayError::InvalidOrgId)?);
-                    }
-                }
-                IdentitySource::Jwt(config) if found.is_none() => {
-                    let bearer = headers
-                        .get(AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(bearer_token);
-                    if let Some(token) = bearer.filter(|t| jwt::looks_like_jwt(t)) {
-                        // A token that fails is refused, not passed over.
-                        found = Some(jwt::verify(config, token)?);
-                    }
-                }
-                IdentitySource::Header(_) | IdentitySource::Jwt(_) => {}
-            }
-        }
-        let org = found.ok_or(GatewayError::Unauthenticated)?;
-        for source in &self.sources {
-            if let IdentitySource::Header(name) = source
-                && let Ok(value) = HeaderValue::from_str(org.as_str())
-            {
-                headers.insert(name.clone(), value);
-            }
+    /// The org of a metered request from `peer`, with its gateway API keys
+    /// removed and the org header, if one is configured, set to that org.
+    pub fn identify(
+        &self,
+        headers: &mut HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<OrgId, GatewayError> {
+        self.screen(headers, peer)?;
+        // Taken first, whatever the order, so that a known key is removed
+        // even when an earlier source decides.
+        let mut keyed = self.take_api_keys(headers);
+        let decided = self.order.iter().find_map(|source| match source {
+            Source::ApiKey => keyed.take(),
+            Source::Jwt => self.read_jwt(headers),
+            Source::Header => self.read_org_header(headers),
+        });
+        let org = decided.unwrap_or(Err(GatewayError::Unauthenticated))?;
+        if let Some(source) = &self.header
+            && let Ok(value) = HeaderValue::from_str(org.as_str())
+        {
+            headers.insert(source.name.clone(), value);
         }
         Ok(org)
     }
 
-    /// Removes gateway API keys from a request that needs no org.
-    pub fn strip_gateway_keys(&self, headers: &mut HeaderMap) {
-        for source in &self.sources {
-            if let IdentitySource::ApiKey(keys) = source {
-                take_api_keys(keys, headers);
+    /// Readies a request that needs no org: gateway API keys and an
+    /// untrusted org header removed, the rest left for the backend.
+    pub fn pass_unmetered(
+        &self,
+        headers: &mut HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<(), GatewayError> {
+        self.screen(headers, peer)?;
+        self.take_api_keys(headers);
+        Ok(())
+    }
+
+    /// What every route checks: at most one of each credential header, and
+    /// an org header only from a trusted peer.
+    fn screen(&self, headers: &mut HeaderMap, peer: Option<IpAddr>) -> Result<(), GatewayError> {
+        let key_header = self.keys.as_ref().map(|keys| &keys.header);
+        for name in [&AUTHORIZATION, &X_API_KEY].into_iter().chain(key_header) {
+            if repeated(headers, name) {
+                return Err(GatewayError::DuplicateHeader(name.clone()));
             }
         }
+        if let Some(source) = &self.header
+            && !peer.is_some_and(|ip| source.trusts(ip))
+        {
+            headers.remove(&source.name);
+        }
+        Ok(())
+    }
+
+    /// Removes every header holding a gateway API key. The api_key source's
+    /// answer: the org of the first, the configured header before
+    /// `x-api-key`; failing that, a refusal if either header holds anything
+    /// (but a JWT left for the JWT source).
+    fn take_api_keys(&self, headers: &mut HeaderMap) -> Answer {
+        let keys = self.keys.as_ref()?;
+        let mut found = None;
+        let mut presented = false;
+        for header in [&keys.header, &X_API_KEY] {
+            let Some(value) = headers.get(header) else {
+                continue;
+            };
+            let org = value
+                .to_str()
+                .ok()
+                .and_then(|text| lookup(keys, credential(text)));
+            match org {
+                Some(org) => {
+                    headers.remove(header);
+                    found = found.or(Some(org));
+                }
+                None => presented |= !(self.jwt.is_some() && is_bearer_jwt(header, value)),
+            }
+        }
+        match found {
+            Some(org) => Some(Ok(org)),
+            None => presented.then_some(Err(GatewayError::UnknownApiKey)),
+        }
+    }
+
+    /// The JWT source's answer. Runs after [`Self::take_api_keys`], which
+    /// has removed an `Authorization` holding a known key.
+    fn read_jwt(&self, headers: &HeaderMap) -> Answer {
+        let config = self.jwt.as_ref()?;
+        let value = headers.get(AUTHORIZATION)?;
+        let shared = self
+            .keys
+            .as_ref()
+            .is_some_and(|keys| keys.header == AUTHORIZATION);
+        if shared && !is_bearer_jwt(&AUTHORIZATION, value) {
+            // The api_key source's: a key that matched nothing.
+            return None;
+        }
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(bearer_token)
+            .ok_or(GatewayError::InvalidToken("not a bearer token"));
+        Some(token.and_then(|token| jwt::verify(config, token)))
+    }
+
+    /// The header source's answer; from an untrusted peer the header is
+    /// gone by now.
+    fn read_org_header(&self, headers: &HeaderMap) -> Answer {
+        let source = self.header.as_ref()?;
+        let value = headers.get(&source.name)?;
+        if repeated(headers, &source.name) {
+            return Some(Err(GatewayError::DuplicateHeader(source.name.clone())));
+        }
+        let org = value.to_str().ok().and_then(OrgId::parse);
+        Some(org.ok_or(GatewayError::InvalidOrgId))
     }
 }
 
-/// Removes every header holding a gateway API key and returns the org of
-/// the first, the configured header before `x-api-key`.
-fn take_api_keys(keys: &ApiKeys, headers: &mut HeaderMap) -> Option<OrgId> {
-    let mut found = None;
-    for header in [&keys.header, &X_API_KEY] {
-        let Some(presented) = headers.get(header).and_then(|v| v.to_str().ok()) else {
-            continue;
-        };
-        if let Some(org) = lookup(keys, credential(presented)) {
-            headers.remove(header);
-            found = found.or(Some(org));
-        }
-    }
-    found
+fn repeated(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(name).iter().nth(1).is_some()
+}
+
+/// Whether `value`, in `header`, is a bearer token shaped like a JWT.
+fn is_bearer_jwt(header: &HeaderName, value: &HeaderValue) -> bool {
+    *header == AUTHORIZATION
+        && value
+            .to_str()
+            .ok()
+            .and_then(bearer_token)
+            .is_some_and(jwt::looks_like_jwt)
 }
 
 /// The credential in a header value: the token of `Bearer <token>`, or the
@@ -126,53 +258,128 @@ fn lookup(keys: &ApiKeys, presented: &str) -> Option<OrgId> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ApiKey;
+    use crate::config::{ApiKey, Redacted};
 
-    fn identifier() -> Identifier {
+    const TRUSTED: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    const UNTRUSTED: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)));
+
+    fn api_keys() -> IdentitySource {
         let sha256 = Sha256::digest(b"tg_live_acme").into();
-        let keys = ApiKeys {
+        IdentitySource::ApiKey(ApiKeys {
             header: AUTHORIZATION,
             keys: vec![ApiKey {
                 sha256,
                 org: OrgId::parse("org_acme").unwrap(),
                 name: "acme".into(),
             }],
-        };
-        Identifier::new(vec![
-            IdentitySource::ApiKey(keys),
-            IdentitySource::Header(HeaderName::from_static("x-org-id")),
-        ])
+        })
+    }
+
+    fn jwt() -> IdentitySource {
+        IdentitySource::Jwt(Arc::new(JwtConfig {
+            algorithms: vec![jsonwebtoken::Algorithm::HS256],
+            hmac_secret: Some(Redacted(jsonwebtoken::DecodingKey::from_secret(b"secret"))),
+            public_keys: Redacted(Vec::new()),
+            org_claim: vec!["org".into()],
+            audience: None,
+            issuer: None,
+            leeway: std::time::Duration::ZERO,
+        }))
+    }
+
+    fn org_header() -> IdentitySource {
+        IdentitySource::Header(HeaderSource {
+            name: HeaderName::from_static("x-org-id"),
+            trusted_peers: vec!["127.0.0.1/32".parse().unwrap()],
+        })
+    }
+
+    fn identifier() -> Identifier {
+        Identifier::new(vec![api_keys(), org_header()])
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (HeaderName::from_static(k), v.parse().unwrap()))
-            .collect()
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    fn org(answer: Result<OrgId, GatewayError>) -> String {
+        answer.unwrap().as_str().to_string()
     }
 
     #[test]
     fn a_bearer_api_key_names_its_org_and_is_removed() {
         let mut h = headers(&[("authorization", "Bearer tg_live_acme")]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
         assert!(h.get("authorization").is_none());
     }
 
     #[test]
     fn an_x_api_key_header_is_read_too() {
         let mut h = headers(&[("x-api-key", "tg_live_acme")]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
         assert!(h.get("x-api-key").is_none());
     }
 
     #[test]
-    fn an_unknown_bearer_token_is_left_for_the_backend_and_the_next_source_answers() {
+    fn a_known_key_in_one_header_decides_and_a_backend_token_in_the_other_is_left() {
         let mut h = headers(&[
-            ("authorization", "Bearer backend-jwt"),
+            ("authorization", "Bearer backend-session"),
+            ("x-api-key", "tg_live_acme"),
+        ]);
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
+        assert_eq!(h["authorization"], "Bearer backend-session");
+    }
+
+    #[test]
+    fn an_unknown_bearer_key_is_refused_not_passed_over_for_the_org_header() {
+        let mut h = headers(&[("authorization", "Bearer not-a-key"), ("x-org-id", "org_b")]);
+        assert!(matches!(
+            identifier().identify(&mut h, TRUSTED),
+            Err(GatewayError::UnknownApiKey)
+        ));
+    }
+
+    #[test]
+    fn an_unknown_x_api_key_is_refused_not_passed_over_for_the_org_header() {
+        let mut h = headers(&[("x-api-key", "not-a-key"), ("x-org-id", "org_b")]);
+        assert!(matches!(
+            identifier().identify(&mut h, TRUSTED),
+            Err(GatewayError::UnknownApiKey)
+        ));
+    }
+
+    #[test]
+    fn a_jwt_shaped_bearer_that_is_no_key_goes_to_the_jwt_source_and_fails_there() {
+        let both = Identifier::new(vec![api_keys(), jwt(), org_header()]);
+        let mut h = headers(&[
+            ("authorization", "Bearer aaa.bbb.ccc"),
             ("x-org-id", "org_b"),
         ]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_b");
-        assert_eq!(h.get("authorization").unwrap(), "Bearer backend-jwt");
+        assert!(matches!(
+            both.identify(&mut h, TRUSTED),
+            Err(GatewayError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn an_opaque_bearer_that_is_no_key_fails_as_a_key_even_with_a_jwt_source_first() {
+        let jwt_first = Identifier::new(vec![jwt(), api_keys(), org_header()]);
+        let mut h = headers(&[("authorization", "Bearer not-a-key"), ("x-org-id", "org_b")]);
+        assert!(matches!(
+            jwt_first.identify(&mut h, TRUSTED),
+            Err(GatewayError::UnknownApiKey)
+        ));
+    }
+
+    #[test]
+    fn a_known_key_is_not_taken_for_a_jwt_whatever_the_order() {
+        let jwt_first = Identifier::new(vec![jwt(), api_keys()]);
+        let mut h = headers(&[("authorization", "Bearer tg_live_acme")]);
+        assert_eq!(org(jwt_first.identify(&mut h, TRUSTED)), "org_acme");
     }
 
     #[test]
@@ -181,14 +388,70 @@ mod tests {
             ("authorization", "Bearer tg_live_acme"),
             ("x-org-id", "org_b"),
         ]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
+
+        // Listed first, a trusted header decides before a key is looked at;
+        // a credential that matches nothing is then the backend's.
+        let header_first = Identifier::new(vec![org_header(), api_keys()]);
+        let mut h = headers(&[("authorization", "Bearer app"), ("x-org-id", "org_b")]);
+        assert_eq!(org(header_first.identify(&mut h, TRUSTED)), "org_b");
+        assert_eq!(h["authorization"], "Bearer app");
     }
 
     #[test]
     fn no_source_yields_unauthenticated() {
         assert!(matches!(
-            identifier().identify(&mut HeaderMap::new()),
+            identifier().identify(&mut HeaderMap::new(), TRUSTED),
             Err(GatewayError::Unauthenticated)
+        ));
+    }
+
+    #[test]
+    fn the_org_header_is_believed_only_from_a_trusted_peer() {
+        let mut trusted = headers(&[("x-org-id", "org_b")]);
+        assert_eq!(org(identifier().identify(&mut trusted, TRUSTED)), "org_b");
+
+        for peer in [UNTRUSTED, None] {
+            let mut h = headers(&[("x-org-id", "org_b")]);
+            assert!(matches!(
+                identifier().identify(&mut h, peer),
+                Err(GatewayError::Unauthenticated)
+            ));
+            let mut h = headers(&[("x-org-id", "org_b")]);
+            identifier().pass_unmetered(&mut h, peer).unwrap();
+            assert!(h.is_empty(), "an untrusted org header was kept");
+        }
+    }
+
+    #[test]
+    fn a_key_from_an_untrusted_peer_still_names_its_org_in_the_org_header() {
+        let mut h = headers(&[("x-api-key", "tg_live_acme"), ("x-org-id", "org_b")]);
+        assert_eq!(org(identifier().identify(&mut h, UNTRUSTED)), "org_acme");
+        assert_eq!(h["x-org-id"], "org_acme");
+    }
+
+    #[test]
+    fn a_repeated_credential_header_is_refused_on_every_route() {
+        for name in ["authorization", "x-api-key"] {
+            let pairs = [(name, "junk"), (name, "Bearer tg_live_acme")];
+            let refused = |result: Result<(), GatewayError>| matches!(result, Err(GatewayError::DuplicateHeader(h)) if h == name);
+            assert!(refused(
+                identifier()
+                    .identify(&mut headers(&pairs), TRUSTED)
+                    .map(drop)
+            ));
+            assert!(refused(
+                identifier().pass_unmetered(&mut headers(&pairs), TRUSTED)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_repeated_org_header_is_refused() {
+        let mut h = headers(&[("x-org-id", "org_a"), ("x-org-id", "org_b")]);
+        assert!(matches!(
+            identifier().identify(&mut h, TRUSTED),
+            Err(GatewayError::DuplicateHeader(_))
         ));
     }
 
@@ -196,7 +459,7 @@ mod tests {
     fn a_malformed_org_header_is_rejected() {
         let mut h = headers(&[("x-org-id", "org:1")]);
         assert!(matches!(
-            identifier().identify(&mut h),
+            identifier().identify(&mut h, TRUSTED),
             Err(GatewayError::InvalidOrgId)
         ));
     }
@@ -207,24 +470,27 @@ mod tests {
             ("authorization", "bearer tg_live_acme"),
             ("x-api-key", "tg_live_acme"),
         ]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
         assert!(h.get("authorization").is_none() && h.get("x-api-key").is_none());
     }
 
     #[test]
     fn once_a_key_names_the_org_the_org_header_is_overwritten_not_validated() {
         let mut h = headers(&[("x-api-key", "tg_live_acme"), ("x-org-id", "other:org")]);
-        assert_eq!(identifier().identify(&mut h).unwrap().as_str(), "org_acme");
+        assert_eq!(org(identifier().identify(&mut h, TRUSTED)), "org_acme");
         assert_eq!(h["x-org-id"], "org_acme");
     }
 
     #[test]
     fn unmetered_requests_lose_gateway_keys_but_keep_other_credentials() {
         let mut ours = headers(&[("x-api-key", "tg_live_acme")]);
-        identifier().strip_gateway_keys(&mut ours);
+        identifier().pass_unmetered(&mut ours, TRUSTED).unwrap();
         assert!(ours.is_empty());
-        let mut theirs = headers(&[("authorization", "Bearer backend-jwt")]);
-        identifier().strip_gateway_keys(&mut theirs);
-        assert_eq!(theirs.len(), 1);
+        let mut theirs = headers(&[
+            ("authorization", "Bearer backend-jwt"),
+            ("x-api-key", "backend-key"),
+        ]);
+        identifier().pass_unmetered(&mut theirs, TRUSTED).unwrap();
+        assert_eq!(theirs.len(), 2);
     }
 }

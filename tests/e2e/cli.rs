@@ -127,6 +127,49 @@ period_anchor_day = 32
 }
 
 #[test]
+fn check_reports_an_org_header_without_trusted_peers_and_a_malformed_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let output = tollgate()
+            .arg("check")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        (file, String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+
+    let (file, stderr) = check(
+        "untrusted.toml",
+        "[identity]\nsources = [\"header\"]\n\n[identity.header]\nname = \"x-org-id\"\n",
+    );
+    let expected = format!(
+        "{}:4: identity.header.trusted_peers: missing: list the auth layer's addresses",
+        file.display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+
+    let (file, stderr) = check(
+        "malformed.toml",
+        "[identity.header]\nname = \"x-org-id\"\ntrusted_peers = [\"10.0.0.0/8\", \"10.0.0/33\"]\n",
+    );
+    let expected = format!(
+        "{}:3: identity.header.trusted_peers[1]: \"10.0.0/33\" is not an IP address or a CIDR",
+        file.display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+}
+
+#[test]
 fn check_rejects_an_unknown_key_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("typo.toml");

@@ -75,8 +75,8 @@ async fn upstream_headers_replace_what_the_client_sent() {
 
     client()
         .post(gateway.url("/v1/chat/completions"))
-        .header("x-org-id", "org_h")
-        .header("authorization", "Bearer client-openai-key")
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .header("api-key", "client-azure-key")
         .body(r#"{"messages":[],"max_tokens":1}"#)
         .send()
         .await
@@ -86,6 +86,7 @@ async fn upstream_headers_replace_what_the_client_sent() {
     assert_eq!(seen.headers["authorization"], "Bearer provider-secret");
     assert_eq!(seen.headers["x-provider"], "openai");
     assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+    assert!(seen.headers.get("api-key").is_none());
 }
 
 #[tokio::test]

@@ -208,7 +208,7 @@ async fn an_anthropic_stream_counts_input_cache_and_the_last_output() {
         "/v1/messages",
         "org_claude",
         body,
-        &[("authorization", "Bearer client-token")],
+        &[("cookie", "session=client-token")],
     )
     .await;
 
@@ -219,7 +219,7 @@ async fn an_anthropic_stream_counts_input_cache_and_the_last_output() {
     let seen = &s.provider.seen()[0];
     assert_eq!(seen.headers["x-api-key"], "anthropic-secret");
     assert!(
-        seen.headers.get("authorization").is_none(),
+        seen.headers.get("cookie").is_none(),
         "the client's credential reached the provider"
     );
     assert!(

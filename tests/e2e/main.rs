@@ -5,6 +5,7 @@ mod cli;
 mod enforcement;
 mod errors;
 mod forwarding;
+mod identity;
 mod jwt;
 mod llm;
 mod redis_gateway;

@@ -274,7 +274,8 @@ pub async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// A bodiless POST to `path` on `gateway`, paid for by `org` (trusted header).
+/// A bodiless POST to `path` on `gateway`, paid for by `org` (the org
+/// header, trusted from 127.0.0.1).
 pub async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response {
     client()
         .post(gateway.url(path))
@@ -333,6 +334,7 @@ keys = [
 
 [identity.header]
 name = "x-org-id"
+trusted_peers = ["127.0.0.1/32"]
 
 [upstreams.api]
 url = "http://${UPSTREAM}"
