@@ -49,9 +49,125 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
     if !pattern.starts_with('/') {
         return Err(format!("{pattern:?} must start with '/'"));
     }
+    // matchit would take `:id` as literal text, so the route would never
+    // match what its author meant.
+    if pattern.split('/').any(|segment| segment.starts_with(':')) {
+        return Err(format!(
+            "{pattern:?} has an express-style `:name` parameter, which would only match that text literally; write {:?}",
+            braced_params(pattern)
+        ));
+    }
     matchit::Router::new()
         .insert(pattern, ())
         .map_err(|e| format!("{pattern:?} is not a valid path pattern: {e}"))
+}
+
+/// `pattern` with each express-style `:name` segment written as `{name}`.
+fn braced_params(pattern: &str) -> String {
+    let segments: Vec<String> = pattern
+        .split('/')
+        .map(|segment| match segment.strip_prefix(':') {
+            Some("") => "{param}".to_string(),
+            Some(name) => format!("{{{name}}}"),
+            None => segment.to_string(),
+        })
+        .collect();
+    segments.join("/")
+}
+
+/// Whether a route tried earlier, with `earlier`'s method (`None`: any) and
+/// path pattern, takes every request the route with `later`'s could match,
+/// so that the later one can never match. Both patterns must have passed
+/// [`check_pattern`]. Only certain cases count: a segment mixing text and a
+/// parameter, or holding an escaped brace, covers nothing but itself.
+pub fn shadows(earlier: (Option<&Method>, &str), later: (Option<&Method>, &str)) -> bool {
+    let method_covered = match (earlier.0, later.0) {
+        (None, _) => true,
+        (Some(a), Some(b)) => a == b,
+        (Some(_), None) => false,
+    };
+    method_covered && Shape::of(earlier.1).covers(&Shape::of(later.1))
+}
+
+/// One `/`-separated segment of a pattern.
+#[derive(PartialEq, Eq)]
+enum Piece<'a> {
+    /// Literal text, possibly empty (`/v1/` ends in an empty segment).
+    Text(&'a str),
+    /// `{name}`: one or more characters other than `/`.
+    Param,
+    /// Anything else: `img-{id}.png`, `{{literal}}`, `v{*rest}`.
+    Mixed(&'a str),
+}
+
+impl Piece<'_> {
+    fn of(segment: &str) -> Piece<'_> {
+        match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(name) if !name.contains(['{', '}', '*']) => Piece::Param,
+            _ if segment.contains(['{', '}']) => Piece::Mixed(segment),
+            _ => Piece::Text(segment),
+        }
+    }
+
+    /// Whether this segment matches every path segment `other` matches.
+    fn covers(&self, other: &Piece<'_>) -> bool {
+        match (self, other) {
+            (Piece::Param, Piece::Text(text)) => !text.is_empty(),
+            // A mixed segment matches one or more characters, never a `/`,
+            // unless a catch-all in it reaches into the segments after.
+            (Piece::Param, Piece::Mixed(segment)) => !segment.contains("{*"),
+            _ => self == other,
+        }
+    }
+}
+
+/// A pattern as its segments, and whether it ends in a `/{*rest}` catch-all,
+/// which the router lets match zero or more further segments (`/v1/{*rest}`
+/// matches `/v1/` too).
+struct Shape<'a> {
+    segments: Vec<Piece<'a>>,
+    open: bool,
+}
+
+impl Shape<'_> {
+    fn of(pattern: &str) -> Shape<'_> {
+        let path = pattern.strip_prefix('/').unwrap_or(pattern);
+        let (path, open) = match path.rsplit_once('/') {
+            Some((head, last)) if is_catch_all(last) => (Some(head), true),
+            None if is_catch_all(path) => (None, true),
+            _ => (Some(path), false),
+        };
+        Shape {
+            segments: path.map_or_else(Vec::new, |p| p.split('/').map(Piece::of).collect()),
+            open,
+        }
+    }
+
+    /// Whether every path `other` matches is matched by `self`.
+    fn covers(&self, other: &Shape<'_>) -> bool {
+        let pairs_covered = || {
+            self.segments
+                .iter()
+                .zip(&other.segments)
+                .all(|(a, b)| a.covers(b))
+        };
+        if self.open {
+            // `self` wants its segments and then at least one more, possibly
+            // empty; `other`'s paths have at least its segments and one more
+            // when it is open too.
+            let fewest = other.segments.len() + usize::from(other.open);
+            fewest > self.segments.len() && pairs_covered()
+        } else {
+            !other.open && self.segments.len() == other.segments.len() && pairs_covered()
+        }
+    }
+}
+
+fn is_catch_all(segment: &str) -> bool {
+    segment
+        .strip_prefix("{*")
+        .and_then(|s| s.strip_suffix('}'))
+        .is_some_and(|name| !name.contains(['{', '}']))
 }
 
 #[cfg(test)]
@@ -140,6 +256,152 @@ mod tests {
         let router = Router::new(&[route("only", Some(Method::POST), "/v1/messages")]);
         assert!(router.find(&Method::POST, "/v1/other").is_none());
         assert!(router.find(&Method::GET, "/v1/messages").is_none());
+    }
+
+    fn shadows(earlier: (Option<Method>, &str), later: (Option<Method>, &str)) -> bool {
+        super::shadows((earlier.0.as_ref(), earlier.1), (later.0.as_ref(), later.1))
+    }
+
+    #[test]
+    fn a_catch_all_shadows_every_route_after_it() {
+        for later in [
+            "/",
+            "/exact",
+            "/v1/{*rest}",
+            "/{id}",
+            "/img-{id}.png",
+            "/a/b/",
+        ] {
+            assert!(shadows((None, "/{*rest}"), (None, later)), "{later}");
+            assert!(shadows((None, "/{*rest}"), (Some(Method::GET), later)));
+        }
+    }
+
+    #[test]
+    fn a_parameter_shadows_a_static_segment_in_its_place() {
+        assert!(shadows((None, "/users/{id}"), (None, "/users/me")));
+        assert!(shadows(
+            (None, "/orgs/{org}/members"),
+            (Some(Method::GET), "/orgs/acme/members")
+        ));
+        assert!(!shadows((None, "/users/{id}"), (None, "/users/me/keys")));
+        assert!(!shadows((None, "/users/{id}"), (None, "/users/")));
+    }
+
+    #[test]
+    fn the_same_pattern_twice_shadows_even_with_other_parameter_names() {
+        assert!(shadows((None, "/v1/messages"), (None, "/v1/messages")));
+        assert!(shadows((None, "/a/{x}/b"), (None, "/a/{y}/b")));
+        assert!(shadows((None, "/img-{id}.png"), (None, "/img-{id}.png")));
+    }
+
+    #[test]
+    fn a_route_for_another_method_or_for_one_method_shadows_nothing_wider() {
+        let post = Some(Method::POST);
+        assert!(!shadows(
+            (post.clone(), "/{*rest}"),
+            (Some(Method::GET), "/a")
+        ));
+        assert!(!shadows((post.clone(), "/{*rest}"), (None, "/a")));
+        assert!(shadows((post.clone(), "/{*rest}"), (post, "/a")));
+    }
+
+    #[test]
+    fn a_static_segment_before_a_parameter_leaves_the_parameter_reachable() {
+        assert!(!shadows((None, "/users/me"), (None, "/users/{id}")));
+        assert!(!shadows((None, "/v1/"), (None, "/v1/{*rest}")));
+        assert!(!shadows((None, "/v1/{id}"), (None, "/v1/{*rest}")));
+    }
+
+    #[test]
+    fn a_catch_all_shadows_its_own_prefix_and_everything_below_it() {
+        assert!(shadows((None, "/v1/{*rest}"), (None, "/v1/")));
+        assert!(shadows(
+            (None, "/v1/{*rest}"),
+            (None, "/v1/chat/completions")
+        ));
+        assert!(shadows((None, "/v1/{*rest}"), (None, "/v1/{id}/{*rest}")));
+        assert!(!shadows((None, "/v1/{*rest}"), (None, "/v1")));
+        assert!(!shadows((None, "/v1/{*rest}"), (None, "/v2/x")));
+        assert!(!shadows((None, "/v1/{id}/{*rest}"), (None, "/v1/{*rest}")));
+    }
+
+    #[test]
+    fn a_segment_mixing_text_and_a_parameter_shadows_only_itself() {
+        assert!(!shadows((None, "/{id}.json"), (None, "/{name}")));
+        assert!(!shadows((None, "/{id}.json"), (None, "/a.json")));
+        assert!(!shadows((None, "/{id}.json"), (None, "/{x}.json")));
+        assert!(shadows((None, "/files/{name}"), (None, "/files/{id}.json")));
+        // A catch-all inside a segment reaches past it, where `{name}` cannot.
+        assert!(!shadows((None, "/files/{name}"), (None, "/files/v{*rest}")));
+        assert!(shadows((None, "/files/{*rest}"), (None, "/files/v{*rest}")));
+    }
+
+    #[test]
+    fn a_shadowed_route_matches_no_path_the_route_shadowing_it_misses() {
+        let patterns = [
+            "/",
+            "/{*rest}",
+            "/v1",
+            "/v1/",
+            "/v1/{*rest}",
+            "/v1/{id}",
+            "/v1/{id}/{*rest}",
+            "/v1/me",
+            "/v1/{id}.json",
+            "/v1/v{*rest}",
+            "/v1/{{x}}",
+            "/v1/a/b",
+        ];
+        let paths = [
+            "/",
+            "/v1",
+            "/v1/",
+            "/v1/me",
+            "/v1/x.json",
+            "/v1/v",
+            "/v1/vx/y",
+            "/v1/{x}",
+            "/v1/a/b",
+            "/v1/a/",
+            "/v1//",
+            "/v1/me/x",
+            "/v2/a",
+        ];
+        let mut shadowed = 0;
+        for earlier in patterns {
+            for later in patterns {
+                if !shadows((None, earlier), (None, later)) {
+                    continue;
+                }
+                shadowed += 1;
+                let both = Router::new(&[route("earlier", None, earlier)]);
+                let only = Router::new(&[route("later", None, later)]);
+                for path in paths {
+                    let later_matches = only.find(&Method::GET, path).is_some();
+                    let earlier_matches = both.find(&Method::GET, path).is_some();
+                    assert!(
+                        !later_matches || earlier_matches,
+                        "{earlier} shadows {later}, yet only {later} matches {path}"
+                    );
+                }
+            }
+        }
+        assert!(
+            shadowed > patterns.len(),
+            "only {shadowed} pairs were tried"
+        );
+    }
+
+    #[test]
+    fn an_express_style_parameter_is_rejected_with_the_braced_pattern() {
+        let message = check_pattern("/users/:id/keys/:").unwrap_err();
+        assert!(message.contains("express-style"), "{message}");
+        assert!(
+            message.ends_with(r#"write "/users/{id}/keys/{param}""#),
+            "{message}"
+        );
+        assert!(check_pattern("/users/a:b").is_ok());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Configuration, in two stages: `raw` deserializes the TOML file as
-//! written (unknown keys rejected), `validate` turns it into the typed
-//! runtime [`Config`] below, reporting every problem at once, each with its
-//! key path and line.
+//! written (collecting unknown keys), `validate` turns it into the typed
+//! runtime [`Config`] below. Every problem of both stages is reported at
+//! once, each with its key path and line.
 
 mod raw;
+mod schema;
 mod validate;
 
 use std::fmt;
@@ -241,25 +242,25 @@ impl Config {
                 message: e.message().into(),
             }])
         })?;
-        let deserializer = toml::de::Deserializer::from(document.clone());
-        let raw: raw::RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let line = line_of(text, e.inner().span());
-            let path = KeyPath::from_serde(e.path());
-            invalid(vec![Problem {
-                path,
-                line,
-                message: e.inner().message().to_string(),
-            }])
-        })?;
-        validate::validate(raw, env).map_err(|mut problems| {
-            for problem in &mut problems {
+        let (raw, mut problems) = deserialize(&document, text);
+        if let Some(raw) = raw {
+            match validate::validate(raw, env) {
+                Ok(config) if problems.is_empty() => return Ok(config),
+                Ok(_) => {}
+                Err(found) => problems.extend(found),
+            }
+        }
+        for problem in &mut problems {
+            if problem.line.is_none() {
                 problem.line = problem
                     .path
                     .span_in(&document)
                     .and_then(|s| line_of(text, Some(s)));
             }
-            invalid(problems)
-        })
+        }
+        // Stable, so problems on one line keep the order they were found in.
+        problems.sort_by_key(|p| (p.line.is_none(), p.line));
+        Err(invalid(problems))
     }
 
     /// A one-line summary for logs and `check`, with no secret in it.
@@ -277,6 +278,73 @@ impl Config {
             self.routes.iter().filter(|r| r.cost.is_some()).count(),
             self.orgs.known().count(),
         )
+    }
+}
+
+/// The raw config, with every unknown key as a problem. A value of the wrong
+/// type stops serde where it stands, so it is reported, cut from the document
+/// and the rest read again, to report every unknown key and wrong type; the
+/// config is then `None`, as what is left is not the file to validate.
+fn deserialize(
+    document: &Spanned<DeTable<'_>>,
+    text: &str,
+) -> (Option<raw::RawConfig>, Vec<Problem>) {
+    let schema = schema::Schema::of::<raw::RawConfig>();
+    let mut document = document.clone();
+    let mut problems = Vec::new();
+    let mut cuts: Vec<KeyPath> = Vec::new();
+    loop {
+        let e = match read_once(&document, &schema, &mut problems) {
+            Ok(raw) => return (cuts.is_empty().then_some(raw), problems),
+            Err(e) => e,
+        };
+        let path = KeyPath::from_serde(e.path());
+        // A table missing a key that was cut from it is no news.
+        if !cuts.iter().any(|cut| cut.0.starts_with(&path.0)) {
+            problems.push(Problem {
+                path: path.clone(),
+                line: line_of(text, e.inner().span()),
+                message: e.inner().message().to_string(),
+            });
+        }
+        if !path.cut_from(&mut document) {
+            return (None, problems);
+        }
+        cuts.push(path);
+    }
+}
+
+/// One pass of serde over `document`, adding the unknown keys it meets.
+fn read_once(
+    document: &Spanned<DeTable<'_>>,
+    schema: &schema::Schema,
+    problems: &mut Vec<Problem>,
+) -> Result<raw::RawConfig, serde_path_to_error::Error<toml::de::Error>> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(KeyPath::from_ignored(&path));
+    let result = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        toml::de::Deserializer::from(document.clone()),
+        &mut record,
+    ));
+    for path in unknown {
+        let problem = unknown_key(path, schema);
+        // Each pass meets again the unknown keys the passes before it met.
+        if !problems.contains(&problem) {
+            problems.push(problem);
+        }
+    }
+    result
+}
+
+fn unknown_key(path: KeyPath, schema: &schema::Schema) -> Problem {
+    let message = match path.0.split_last() {
+        Some((Segment::Key(key), table)) => schema::unknown_key(key, schema.keys_at(table)),
+        _ => "not a key of the config".to_string(),
+    };
+    Problem {
+        path,
+        line: None,
+        message,
     }
 }
 
@@ -377,6 +445,29 @@ impl KeyPath {
         )
     }
 
+    fn from_ignored(path: &serde_ignored::Path<'_>) -> KeyPath {
+        use serde_ignored::Path as P;
+        let (parent, segment) = match path {
+            P::Root => return KeyPath::root(),
+            P::Seq { parent, index } => (parent, Some(Segment::Index(*index))),
+            P::Map { parent, key } => (parent, Some(Segment::Key(key.clone()))),
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                (parent, None)
+            }
+        };
+        let mut keys = KeyPath::from_ignored(parent);
+        keys.0.extend(segment);
+        keys
+    }
+
+    /// Removes the key this path names from `document`; a path ending in an
+    /// array element removes the whole array, so that the elements after it
+    /// keep their index. False when there is no such key.
+    fn cut_from(&self, document: &mut Spanned<DeTable<'_>>) -> bool {
+        let end = self.0.iter().rposition(|s| matches!(s, Segment::Key(_)));
+        end.is_some_and(|end| remove_key(document.get_mut(), &self.0[..=end]))
+    }
+
     /// The span of the deepest part of this path present in `document`, so
     /// that a bad value points at its line and a missing key at its table.
     fn span_in(&self, document: &Spanned<DeTable<'_>>) -> Option<Range<usize>> {
@@ -398,6 +489,26 @@ impl KeyPath {
             };
         }
         span
+    }
+}
+
+fn remove_key(table: &mut DeTable<'_>, path: &[Segment]) -> bool {
+    match path {
+        [Segment::Key(key)] => table.remove(key.as_str()).is_some(),
+        [Segment::Key(key), rest @ ..] => table
+            .get_mut(key.as_str())
+            .is_some_and(|value| remove_key_in(value.get_mut(), rest)),
+        _ => false,
+    }
+}
+
+fn remove_key_in(value: &mut DeValue<'_>, path: &[Segment]) -> bool {
+    match (value, path) {
+        (DeValue::Table(table), _) => remove_key(table, path),
+        (DeValue::Array(items), [Segment::Index(i), rest @ ..]) => items
+            .get_mut(*i)
+            .is_some_and(|item| remove_key_in(item.get_mut(), rest)),
+        _ => false,
     }
 }
 
@@ -471,6 +582,66 @@ mod tests {
             "environment variable MISSING is not set"
         );
         assert!(expand_env("${TOKEN", &env).is_err());
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml", &env) {
+            Err(ConfigError::Invalid { problems, .. }) => problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.line.unwrap_or(0), p.path, p.message))
+                .collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_the_semantic_problems_in_line_order() {
+        let found = problems(
+            "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"api\"\n\
+             [server]\nworkers = 0\nlisten_on = \"x\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "4: routes[0].upstream: no upstream is named \"api\" under [upstreams]",
+                "6: server.workers: must be between 1 and 1024 (got 0)",
+                "7: server.listen_on: unknown field `listen_on`; did you mean `listen`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_wrong_type_is_reported_with_every_unknown_key_but_nothing_is_validated() {
+        let found = problems(
+            "[server]\nworkers = \"two\"\ncolour = 1\nmax_body_bytes = -1\n\
+             [orgs.o]\nlimits = { tokens = \"lots\" }\nplann = \"free\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "2: server.workers: invalid type: string \"two\", expected i64",
+                "3: server.colour: unknown field `colour`, expected one of `listen`, \
+                 `max_body_bytes`, `upstream_timeout`, `idle_timeout`, `shutdown_grace`, \
+                 `header_read_timeout`, `body_read_timeout`, `workers`, `tls`",
+                "6: orgs.o.limits.tokens: invalid type: string \"lots\", expected i64",
+                "7: orgs.o.plann: unknown field `plann`; did you mean `plan`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_inside_an_array_cuts_only_that_key() {
+        let found = problems(
+            "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"api\"\n\
+             refund_statuses = [\"x\"]\n[[routes]]\nname = 5\npath = \"/b\"\nupstream = \"api\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "5: routes[0].refund_statuses[0]: invalid type: string \"x\", expected i64",
+                "7: routes[1].name: invalid type: integer `5`, expected a string",
+            ]
+        );
     }
 
     #[test]

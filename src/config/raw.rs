@@ -1,13 +1,13 @@
 //! The TOML file as written: every key of the reference interface, nothing
-//! interpreted yet. Unknown keys are errors, so a typo never silently falls
-//! back to a default.
+//! interpreted yet. Unknown keys are still errors, so a typo never silently
+//! falls back to a default, but serde ignores them here and the loader
+//! collects them, to report them along with every other problem.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
@@ -30,7 +30,6 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,
     pub max_body_bytes: Option<i64>,
@@ -44,7 +43,6 @@ pub struct RawServer {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 #[expect(
     dead_code,
     reason = "accepted as part of the interface; TLS termination is not built yet"
@@ -55,7 +53,6 @@ pub struct RawTls {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawStore {
     pub backend: Option<String>,
     pub url: Option<String>,
@@ -66,13 +63,11 @@ pub struct RawStore {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawEnforcement {
     pub mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawIdentity {
     pub sources: Option<Vec<String>>,
     pub api_key: Option<RawApiKeys>,
@@ -81,7 +76,6 @@ pub struct RawIdentity {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApiKeys {
     pub header: Option<String>,
     #[serde(default)]
@@ -89,7 +83,6 @@ pub struct RawApiKeys {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApiKey {
     pub sha256: String,
     pub org: String,
@@ -97,7 +90,6 @@ pub struct RawApiKey {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawJwt {
     pub algorithms: Option<Vec<String>>,
     pub secret: Option<String>,
@@ -109,14 +101,12 @@ pub struct RawJwt {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHeaderSource {
     pub name: Option<String>,
     pub trusted_peers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub url: String,
     pub ca_file: Option<String>,
@@ -125,7 +115,6 @@ pub struct RawUpstream {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
     pub method: Option<String>,
@@ -149,7 +138,6 @@ pub enum RawAmount {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDefaults {
     pub plan: Option<String>,
     pub billing_status: Option<String>,
@@ -157,7 +145,6 @@ pub struct RawDefaults {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawOrg {
     pub plan: Option<String>,
     pub billing_status: Option<String>,

@@ -826,6 +826,7 @@ fn validate_routes(
 ) -> Vec<Route> {
     let mut names = HashSet::new();
     let mut routes = Vec::new();
+    let mut matchable = Vec::new();
     for (i, route) in raw.iter().enumerate() {
         let path = KeyPath::default().key("routes").index(i);
         if route.name.is_empty() {
@@ -841,8 +842,13 @@ fn validate_routes(
                 .map_err(|_| c.problem(&path.key("method"), format!("{m:?} is not an HTTP method")))
                 .ok()
         });
-        if let Err(message) = crate::route::check_pattern(&route.path) {
-            c.problem(&path.key("path"), message);
+        match crate::route::check_pattern(&route.path) {
+            Err(message) => c.problem(&path.key("path"), message),
+            // A route whose method is unreadable is left out: unset would mean any.
+            Ok(()) if method.is_some() || route.method.is_none() => {
+                matchable.push((i, route, method.clone()))
+            }
+            Ok(()) => {}
         }
         let known = upstreams.get(&route.upstream).copied();
         let upstream = known.flatten();
@@ -942,6 +948,7 @@ fn validate_routes(
             });
         }
     }
+    report_unreachable(c, &matchable);
     routes
 }
 
@@ -1013,6 +1020,27 @@ fn estimate_settings(
         );
     }
     (rules, bound)
+}
+
+/// Reports each route that an earlier route takes every request from.
+fn report_unreachable(c: &mut Checker<'_>, routes: &[(usize, &RawRoute, Option<Method>)]) {
+    for (at, (index, later, later_method)) in routes.iter().enumerate() {
+        let earlier = routes[..at].iter().find(|(_, earlier, earlier_method)| {
+            crate::route::shadows(
+                (earlier_method.as_ref(), &earlier.path),
+                (later_method.as_ref(), &later.path),
+            )
+        });
+        if let Some((earlier_index, earlier, _)) = earlier {
+            c.problem(
+                &KeyPath::default().key("routes").index(*index).key("path"),
+                format!(
+                    "route {:?} can never match: route {:?} (routes[{earlier_index}]) comes first and takes every request it could",
+                    later.name, earlier.name
+                ),
+            );
+        }
+    }
 }
 
 fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirectory {

@@ -198,6 +198,77 @@ fn check_rejects_an_unknown_key_with_its_path() {
 }
 
 #[test]
+fn check_reports_an_unknown_key_an_unknown_upstream_a_negative_limit_an_unreachable_route_and_a_colon_param_at_once()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mixed.toml");
+    std::fs::write(
+        &file,
+        r#"[server]
+listen = "127.0.0.1:1"
+max_body_byte = 5
+
+[upstreams.api]
+url = "http://127.0.0.1:3001"
+
+[[routes]]
+name = "users"
+path = "/users/:id"
+upstream = "api"
+
+[[routes]]
+name = "everything"
+path = "/{*rest}"
+upstream = "ap"
+
+[[routes]]
+name = "health"
+method = "GET"
+path = "/healthz"
+upstream = "api"
+
+[plans.free]
+tokens = -1
+
+[defaults]
+plan = "free"
+"#,
+    )
+    .unwrap();
+
+    let output = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let path = file.display();
+    let expected = [
+        format!(
+            "{path}:3: server.max_body_byte: unknown field `max_body_byte`; did you mean `max_body_bytes`?"
+        ),
+        format!(
+            "{path}:10: routes[0].path: \"/users/:id\" has an express-style `:name` parameter, which would only match that text literally; write \"/users/{{id}}\""
+        ),
+        format!("{path}:16: routes[1].upstream: no upstream is named \"ap\" under [upstreams]"),
+        format!(
+            "{path}:21: routes[2].path: route \"health\" can never match: route \"everything\" (routes[1]) comes first and takes every request it could"
+        ),
+        format!("{path}:25: plans.free.tokens: a limit cannot be negative (got -1)"),
+    ];
+    for line in &expected {
+        assert!(
+            stderr.lines().any(|l| l.ends_with(line.as_str())),
+            "missing {line:?} in:\n{stderr}"
+        );
+    }
+    assert_eq!(stderr.lines().count(), expected.len(), "{stderr}");
+}
+
+#[test]
 fn the_demo_shows_requests_passing_and_then_a_402() {
     let output = tollgate()
         .args(["demo", "--listen", "127.0.0.1:0", "--exit-after-tour"])
