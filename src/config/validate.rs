@@ -1013,12 +1013,8 @@ fn estimate_settings(
             other => Err(format!("{other:?}: use \"as_sent\", \"inject\" or \"fit\"")),
         },
     );
-    if route.min_completion_tokens.is_some() && !matches!(bound, CompletionBound::Fit { .. }) {
-        c.problem(
-            &path.key("min_completion_tokens"),
-            "only means something with completion_bound = \"fit\"",
-        );
-    }
+    // `min_completion_tokens` is read by "fit" alone; it may stand beside
+    // another bound, ready for a switch to "fit", as in the reference.
     (rules, bound)
 }
 

@@ -39,19 +39,25 @@ fn llm_config(provider: &Provider, idle_timeout: &str) -> String {
                 "[[routes]]\nname = \"anthropic-messages\"\nmethod = \"POST\"\npath = \"/v1/messages\"\nupstream = \"anthropic\"\ncost = { tokens = \"estimate\" }\n\n\
                  [[routes]]\nname = \"openai-responses\"\nmethod = \"POST\"\npath = \"/v1/responses\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\n\n\
                  [[routes]]\nname = \"openai-embeddings\"\nmethod = \"POST\"\npath = \"/v1/embeddings\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\n\n\
+                 [[routes]]\nname = \"inject-chat\"\nmethod = \"POST\"\npath = \"/inject/v1/chat/completions\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\ndefault_max_tokens = 1000\ncompletion_bound = \"inject\"\n\n\
+                 [[routes]]\nname = \"fit-chat\"\nmethod = \"POST\"\npath = \"/fit/v1/chat/completions\"\nupstream = \"openai\"\ncost = { tokens = \"estimate\" }\ndefault_max_tokens = 1000\ncompletion_bound = \"fit\"\nmin_completion_tokens = 100\n\n\
                  [[routes]]\nname = \"dead-metered\"",
+            )
+            .replace(
+                "[orgs.org_shadow]",
+                "[orgs.org_inject]\nlimits = { tokens = 10000 }\n\n[orgs.org_fit]\nlimits = { tokens = 10000 }\n\n[orgs.org_shadow]",
             )
     })
 }
 
-struct Setup {
-    provider: Provider,
-    gateway: Gateway,
+pub struct Setup {
+    pub provider: Provider,
+    pub gateway: Gateway,
     _upstream: Upstream,
     _ca: Option<tempfile::NamedTempFile>,
 }
 
-async fn setup(tls: bool, idle_timeout: &str) -> Setup {
+pub async fn setup(tls: bool, idle_timeout: &str) -> Setup {
     let provider = if tls {
         Provider::start_tls().await
     } else {
@@ -82,7 +88,7 @@ async fn setup(tls: bool, idle_timeout: &str) -> Setup {
     }
 }
 
-async fn call(
+pub async fn call(
     gateway: &Gateway,
     path: &str,
     org: &str,
@@ -401,4 +407,206 @@ async fn an_https_provider_is_reached_over_http2_with_its_own_key() {
     s.gateway
         .settles_at("org_acme", Dimension::Tokens, OPENAI_USAGE)
         .await;
+}
+
+/// A client per HTTP version the gateway serves, each with its own
+/// connections, so that hanging up closes them.
+fn clients() -> [(&'static str, reqwest::Client); 2] {
+    [
+        ("h1", reqwest::Client::new()),
+        (
+            "h2",
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap(),
+        ),
+    ]
+}
+
+/// Reads `response` until `marker` has arrived, then hangs up, as the
+/// official SDKs do at `[DONE]` and `message_stop`: the provider's end of
+/// body comes after (see `provider::END_DELAY`).
+async fn read_until_and_hang_up(response: reqwest::Response, marker: &str) -> String {
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        let piece = crate::support::within(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|| panic!("the stream ended before {marker:?}"))
+            .unwrap();
+        seen.extend_from_slice(&piece);
+    }
+    String::from_utf8(seen).unwrap()
+}
+
+async fn stream_call(
+    client: &reqwest::Client,
+    gateway: &Gateway,
+    path: &str,
+    org: &str,
+    body: &serde_json::Value,
+    extra: &[(&str, String)],
+) -> reqwest::Response {
+    let mut request = client
+        .post(gateway.url(path))
+        .header("x-org-id", org)
+        .json(body);
+    for (name, value) in extra {
+        request = request.header(*name, value);
+    }
+    request.send().await.unwrap()
+}
+
+fn anthropic_chat() -> serde_json::Value {
+    json!({"model": "claude", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// The estimate of [`anthropic_chat`]: "hello" is 2 tokens, plus 64.
+const ANTHROPIC_ESTIMATE: i64 = 66;
+
+#[tokio::test]
+async fn a_client_that_hangs_up_at_done_is_charged_the_usage_the_stream_reported() {
+    let s = setup(false, "30s").await;
+    for (version, client) in clients() {
+        for asked in [false, true] {
+            let org = format!("org_done_{version}_{asked}");
+            let mut body = chat(true);
+            if asked {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let response = stream_call(
+                &client,
+                &s.gateway,
+                "/v1/chat/completions",
+                &org,
+                &body,
+                &[],
+            )
+            .await;
+            let seen = read_until_and_hang_up(response, "data: [DONE]\n\n").await;
+            assert_eq!(seen, openai_stream(asked), "{version}, asked: {asked}");
+            s.gateway
+                .settles_at(&org, Dimension::Tokens, OPENAI_USAGE)
+                .await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_right_after_the_usage_chunk_is_charged_it() {
+    let s = setup(false, "30s").await;
+    let mut body = chat(true);
+    body["stream_options"] = json!({"include_usage": true});
+    for (version, client) in clients() {
+        let org = format!("org_usage_{version}");
+        let response = stream_call(
+            &client,
+            &s.gateway,
+            "/v1/chat/completions",
+            &org,
+            &body,
+            &[],
+        )
+        .await;
+        read_until_and_hang_up(response, "\"total_tokens\":16}}\n\n").await;
+        s.gateway
+            .settles_at(&org, Dimension::Tokens, OPENAI_USAGE)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn an_anthropic_client_that_hangs_up_at_message_stop_is_charged_the_reported_usage() {
+    let s = setup(false, "30s").await;
+    for (version, client) in clients() {
+        let org = format!("org_stop_{version}");
+        let response = stream_call(
+            &client,
+            &s.gateway,
+            "/v1/messages",
+            &org,
+            &anthropic_chat(),
+            &[],
+        )
+        .await;
+        let seen = read_until_and_hang_up(response, "{\"type\":\"message_stop\"}\r\n\r\n").await;
+        assert_eq!(seen, ANTHROPIC_STREAM);
+        s.gateway
+            .settles_at(&org, Dimension::Tokens, ANTHROPIC_USAGE)
+            .await;
+    }
+}
+
+/// Where [`ANTHROPIC_STREAM`], with `input` input tokens, has sent the
+/// whole of its first event of type `event`.
+fn anthropic_stream_through(input: i64, event: &str) -> (String, usize) {
+    let stream =
+        ANTHROPIC_STREAM.replace("\"input_tokens\":20", &format!("\"input_tokens\":{input}"));
+    let start = stream.find(&format!("event: {event}\r\n")).unwrap();
+    let end = start + stream[start..].find("\r\n\r\n").unwrap() + 4;
+    (stream, end)
+}
+
+/// Over HTTP/2, where the gateway sees the client's reset at once: a client
+/// that leaves while the provider is quiet, after `event`.
+async fn leave_anthropic_stream_after(s: &Setup, org: &str, input: i64, event: &str) {
+    let (stream, end) = anthropic_stream_through(input, event);
+    let (_, h2) = clients().into_iter().nth(1).unwrap();
+    let response = stream_call(
+        &h2,
+        &s.gateway,
+        "/v1/messages",
+        org,
+        &anthropic_chat(),
+        &[
+            ("x-test-input-tokens", input.to_string()),
+            ("x-test-pause-at", end.to_string()),
+        ],
+    )
+    .await;
+    s.provider.holding().await;
+    let seen = read_until_and_hang_up(response, &stream[end - 40..end]).await;
+    // The provider pauses after the piece that completes the event.
+    assert!(seen.starts_with(&stream[..end]) && seen.len() < end + 7);
+    drop(h2);
+    eventually("the stream's reservation is let go", async || {
+        s.gateway.app.metrics().open_reservations() == 0
+    })
+    .await;
+    s.provider.release();
+}
+
+#[tokio::test]
+async fn an_anthropic_client_that_leaves_after_message_start_is_charged_its_input() {
+    let s = setup(false, "30s").await;
+    leave_anthropic_stream_after(&s, "org_start", 100_000, "message_start").await;
+    // Input with its cache reads, and the one output token message_start
+    // reports: more than the estimate.
+    assert_eq!(
+        s.gateway.used("org_start", Dimension::Tokens).await,
+        100_000 + 4 + 1
+    );
+}
+
+#[tokio::test]
+async fn an_anthropic_client_that_leaves_before_message_stop_is_charged_the_usage_so_far() {
+    let s = setup(false, "30s").await;
+    leave_anthropic_stream_after(&s, "org_delta", 100_000, "message_delta").await;
+    assert_eq!(
+        s.gateway.used("org_delta", Dimension::Tokens).await,
+        100_000 + 4 + 6
+    );
+}
+
+#[tokio::test]
+async fn an_anthropic_client_that_leaves_with_less_reported_than_the_estimate_is_charged_the_estimate()
+ {
+    let s = setup(false, "30s").await;
+    leave_anthropic_stream_after(&s, "org_small", 10, "message_start").await;
+    assert_eq!(
+        s.gateway.used("org_small", Dimension::Tokens).await,
+        ANTHROPIC_ESTIMATE
+    );
 }

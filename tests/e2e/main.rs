@@ -8,6 +8,7 @@ mod forwarding;
 mod identity;
 mod jwt;
 mod llm;
+mod llm_bounds;
 mod redis_gateway;
 mod store_conformance;
 mod support;

@@ -2,10 +2,18 @@
 //! provider-shaped JSON and server-sent event streams, over HTTP or HTTPS
 //! (HTTP/2 by ALPN), sending its bodies in small pieces.
 //!
+//! Like a provider over a real network, a body ends [`END_DELAY`] after its
+//! last byte, so a client that stops reading at `[DONE]` or `message_stop`
+//! (as the official SDKs do) may hang up before the body's end.
+//!
 //! Steered per request by headers: `x-test-status: 500` fails,
 //! `x-test-length: 1` answers in one piece with a Content-Length,
 //! `x-test-cut: N` ends a stream abruptly after N bytes, `x-test-hold: 1`
-//! sends the first piece and then waits for [`Provider::release`].
+//! sends the first piece and then waits for [`Provider::release`],
+//! `x-test-pause-at: N` does the same after N bytes, `x-test-input-tokens: N`
+//! reports N input tokens in Anthropic's `message_start`, and
+//! `x-test-use-bound: 1` answers a chat completion that uses its whole
+//! completion bound (`x-test-prompt-tokens` of prompt).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +26,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -28,6 +36,9 @@ type ProviderBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// Bytes per piece of every response body: prime, so pieces cut events,
 /// lines and JSON at awkward places.
 const PIECE: usize = 7;
+
+/// How long a streamed body's end follows its last byte.
+pub const END_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub const OPENAI_USAGE: i64 = 16;
 pub const ANTHROPIC_USAGE: i64 = 20 + 4 + 6;
@@ -203,8 +214,16 @@ async fn answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             "application/json",
             r#"{"error":{"message":"boom"}}"#.into(),
-            None,
-            None,
+            Steering::default(),
+            state,
+        ));
+    }
+    if header("x-test-use-bound").is_some() {
+        return Ok(respond(
+            StatusCode::OK,
+            "application/json",
+            whole_bound_answer(&json, header("x-test-prompt-tokens")),
+            Steering::default(),
             state,
         ));
     }
@@ -214,7 +233,10 @@ async fn answer(
             ("text/event-stream", openai_stream(json["stream_options"]["include_usage"] == Value::Bool(true)))
         }
         ("/v1/chat/completions", false) => ("application/json", r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}}"#.to_string()),
-        ("/v1/messages", true) => ("text/event-stream", ANTHROPIC_STREAM.to_string()),
+        ("/v1/messages", true) => ("text/event-stream", match header("x-test-input-tokens") {
+            Some(tokens) => ANTHROPIC_STREAM.replace("\"input_tokens\":20", &format!("\"input_tokens\":{tokens}")),
+            None => ANTHROPIC_STREAM.to_string(),
+        }),
         ("/v1/messages", false) => ("application/json", r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"usage":{"input_tokens":20,"cache_read_input_tokens":4,"output_tokens":6}}"#.to_string()),
         ("/v1/responses", true) => ("text/event-stream", RESPONSES_STREAM.to_string()),
         ("/v1/responses", false) => ("application/json", r#"{"id":"resp_1","output":[],"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}"#.to_string()),
@@ -231,32 +253,54 @@ async fn answer(
             .insert("content-type", content_type.parse().unwrap());
         return Ok(response);
     }
-    let cut = header("x-test-cut").and_then(|n| n.parse().ok());
-    let hold = header("x-test-hold").is_some();
-    Ok(respond(
-        StatusCode::OK,
-        content_type,
-        text,
-        cut,
-        hold.then_some(()),
-        state,
-    ))
+    let steering = Steering {
+        cut: header("x-test-cut").and_then(|n| n.parse().ok()),
+        pause_at: match header("x-test-hold") {
+            Some(_) => Some(PIECE),
+            None => header("x-test-pause-at").and_then(|n| n.parse().ok()),
+        },
+    };
+    Ok(respond(StatusCode::OK, content_type, text, steering, state))
 }
 
-/// A response whose body goes out in [`PIECE`]-byte pieces.
+/// A chat completion that used all of the completion bound its request
+/// names (`max_completion_tokens`, else `max_tokens`), times `n`.
+fn whole_bound_answer(request: &Value, prompt_tokens: Option<String>) -> String {
+    let bound = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|key| request[key].as_i64())
+        .unwrap_or(0);
+    let completion = bound * request["n"].as_i64().unwrap_or(1);
+    let prompt: i64 = prompt_tokens.and_then(|p| p.parse().ok()).unwrap_or(0);
+    json!({"id": "chatcmpl-b", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}})
+    .to_string()
+}
+
+/// How a response body deviates from a plain stream.
+#[derive(Clone, Copy, Default)]
+struct Steering {
+    /// End abruptly, with an error, after this many bytes.
+    cut: Option<usize>,
+    /// Wait for [`Provider::release`] once this many bytes are out.
+    pause_at: Option<usize>,
+}
+
+/// A response whose body goes out in [`PIECE`]-byte pieces, and ends
+/// [`END_DELAY`] after the last.
 fn respond(
     status: StatusCode,
     content_type: &'static str,
     text: String,
-    cut: Option<usize>,
-    hold: Option<()>,
+    steering: Steering,
     state: Arc<State>,
 ) -> Response<ProviderBody> {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
     tokio::spawn(async move {
         let bytes = text.into_bytes();
-        let end = cut.unwrap_or(bytes.len()).min(bytes.len());
-        for (i, piece) in bytes[..end].chunks(PIECE).enumerate() {
+        let end = steering.cut.unwrap_or(bytes.len()).min(bytes.len());
+        let mut sent = 0;
+        for piece in bytes[..end].chunks(PIECE) {
             if sender
                 .send(Ok(Frame::data(Bytes::copy_from_slice(piece))))
                 .await
@@ -264,16 +308,23 @@ fn respond(
             {
                 return;
             }
-            if i == 0 && hold.is_some() {
+            let before = sent;
+            sent += piece.len();
+            if steering
+                .pause_at
+                .is_some_and(|at| before < at && sent >= at)
+            {
                 let released = state.release.notified();
                 state.holding.notify_one();
                 released.await;
             }
             tokio::task::yield_now().await;
         }
-        if cut.is_some() {
+        if steering.cut.is_some() {
             let _ = sender.send(Err("cut on purpose".into())).await;
+            return;
         }
+        tokio::time::sleep(END_DELAY).await;
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
