@@ -12,12 +12,11 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::Method;
-use tollgate::config::Route;
 use tollgate::llm::estimate::{self, EstimateRules};
 use tollgate::llm::sse::SseScanner;
 use tollgate::llm::{Api, CompletionBound};
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
-use tollgate::route::Router;
+use tollgate::route::{Route, Router};
 
 /// A chat completions body of 4 KB (4,091 bytes): a system prompt, a few
 /// turns, a tool. The same content and size as the load benchmark's body

@@ -18,11 +18,14 @@
 //! whatever is still open when the grace period ends is dropped, and
 //! settlements already started are given the same grace to complete.
 
+use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -31,11 +34,36 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
+use tower::util::BoxCloneSyncService;
 use tower_http::add_extension::AddExtension;
 
-use crate::app::StartError;
+use crate::Body;
 use crate::config::ServerConfig;
-use crate::stack::{ClientAddr, HttpService};
+
+/// The whole gateway as one cloneable HTTP service.
+pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The client's address, added to each request by the accept step: the TCP
+/// peer's IP, which decides whether an org header is believed, and the same
+/// IP as an `X-Forwarded-For` entry, rendered once per connection rather
+/// than once per request.
+#[derive(Clone, Debug)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    pub forwarded_for: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> ClientAddr {
+        // On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d;
+        // it is matched and reported as the IPv4 address it is.
+        let ip = addr.ip().to_canonical();
+        // An IP's text is always a valid header value.
+        let forwarded_for = HeaderValue::try_from(ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientAddr { ip, forwarded_for }
+    }
+}
 
 /// A connection on its way to a worker.
 type Accepted = (std::net::TcpStream, SocketAddr);
@@ -44,14 +72,18 @@ type Accepted = (std::net::TcpStream, SocketAddr);
 /// `service_for_worker` builds on it, until `shutdown` completes; then
 /// drains every worker and waits for the `settling` tasks.
 ///
-/// Returns an error, with every worker stopped, if one could not start.
-pub async fn serve_on_workers(
+/// Returns an error, with every worker stopped, if one could not start:
+/// the error `service_for_worker` gave, or why a thread or runtime could not.
+pub async fn serve_on_workers<E>(
     listener: std::net::TcpListener,
     server: &ServerConfig,
-    service_for_worker: impl Fn() -> Result<HttpService, StartError> + Send + Sync + 'static,
+    service_for_worker: impl Fn() -> Result<HttpService, E> + Send + Sync + 'static,
     settling: TaskTracker,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
+) -> Result<(), E>
+where
+    E: From<std::io::Error> + Send + 'static,
+{
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let service_for_worker = std::sync::Arc::new(service_for_worker);
@@ -77,7 +109,7 @@ pub async fn serve_on_workers(
                 queues.push(queue);
             }
             Err(error) => {
-                failed = Some(StartError::from(error));
+                failed = Some(E::from(error));
                 break;
             }
         }
@@ -161,10 +193,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(
+    fn run<E: From<std::io::Error>>(
         self,
-        service_for_worker: &dyn Fn() -> Result<HttpService, StartError>,
-        ready: &mpsc::UnboundedSender<Result<(), StartError>>,
+        service_for_worker: &dyn Fn() -> Result<HttpService, E>,
+        ready: &mpsc::UnboundedSender<Result<(), E>>,
     ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::HttpService;
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
+use crate::ledger::Ledger;
 use crate::meter::{Clock, Meter};
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::quota::Amounts;
 use crate::route::Router;
-use crate::settle::Ledger;
-use crate::stack::{self, Gateway, HttpService};
+use crate::stack::{self, Gateway};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
 
 /// The parts every worker shares. Cloning is cheap: it shares them.

@@ -22,6 +22,9 @@
 //!    reconcile an estimate with the usage the response reports
 //!    ([`settle::tap`], reading it by [`llm`]).
 //!
+//!    Between the two, [`ledger`]: a reservation, from the store call that
+//!    meter starts to the one settlement that settle makes.
+//!
 //! Beside the path: [`llm`] (the provider formats: the request side for
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`error`] (every gateway-made answer and its JSON
@@ -37,6 +40,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod identify;
+pub mod ledger;
 pub mod llm;
 pub mod meter;
 pub mod metrics;

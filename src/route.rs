@@ -8,7 +8,49 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::Route;
+use crate::llm::CompletionBound;
+use crate::llm::estimate::EstimateRules;
+use crate::quota::Amounts;
+use crate::store::OnStoreError;
+
+/// A configured route: what a request matching it costs and where it goes.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// `None` matches any method.
+    pub method: Option<Method>,
+    pub path: String,
+    /// Index into the config's upstreams.
+    pub upstream: usize,
+    /// `None`: unmetered, streamed through untouched.
+    pub cost: Option<Cost>,
+    /// How an estimate route prices a body (`default_max_tokens`, `image_tokens`).
+    pub estimate: EstimateRules,
+    /// What an estimate route does with the body's completion bound.
+    pub completion_bound: CompletionBound,
+    /// Overrides `store.on_error` for this route.
+    pub on_store_error: Option<OnStoreError>,
+    /// Upstream statuses that refund the reservation; `None`: every non-2xx.
+    pub refund_statuses: Option<Vec<http::StatusCode>>,
+}
+
+impl Route {
+    /// Whether an upstream answer with `status` gives the reservation back.
+    pub fn refunds(&self, status: http::StatusCode) -> bool {
+        match &self.refund_statuses {
+            Some(statuses) => statuses.contains(&status),
+            None => !status.is_success(),
+        }
+    }
+}
+
+/// What a metered route charges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cost {
+    pub fixed: Amounts,
+    /// Tokens are estimated from the request body.
+    pub estimate_tokens: bool,
+}
 
 pub struct Router {
     routes: Vec<(matchit::Router<()>, Arc<Route>)>,

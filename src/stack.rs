@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,7 +10,6 @@ use std::task::{Context, Poll};
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -21,38 +19,14 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
+use crate::accept::{ClientAddr, HttpService};
 use crate::error::GatewayError;
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::meter::Meter;
 use crate::route::Router;
-use crate::settle::tap::UsageTap;
+use crate::settle;
 use crate::{Body, BoxError, incoming_body};
-
-/// The whole gateway as one cloneable HTTP service.
-pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
-
-/// The client's address, added to each request by the accept step: the TCP
-/// peer's IP, which decides whether an org header is believed, and the same
-/// IP as an `X-Forwarded-For` entry, rendered once per connection rather
-/// than once per request.
-#[derive(Clone, Debug)]
-pub struct ClientAddr {
-    pub ip: IpAddr,
-    pub forwarded_for: HeaderValue,
-}
-
-impl ClientAddr {
-    pub fn new(addr: SocketAddr) -> ClientAddr {
-        // On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d;
-        // it is matched and reported as the IPv4 address it is.
-        let ip = addr.ip().to_canonical();
-        // An IP's text is always a valid header value.
-        let forwarded_for = HeaderValue::try_from(ip.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientAddr { ip, forwarded_for }
-    }
-}
 
 /// Response header naming the quota a shadow-mode request went past.
 pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shadow-exceeded");
@@ -148,36 +122,8 @@ impl Gateway {
             .forward(route.upstream, admitted.request, client)
             .await;
 
-        // Refunds go on in the background: an upstream failure is passed on
-        // at once, whatever state the store is in.
-        let mut response = match forwarded {
-            Err(error) => {
-                if let Some(reservation) = admitted.reservation {
-                    reservation.refund();
-                }
-                return Err(error);
-            }
-            Ok(response) => match (admitted.reservation, admitted.reading) {
-                (Some(reservation), _) if route.refunds(response.status()) => {
-                    reservation.refund();
-                    response
-                }
-                // The settlement waits for the body's end, and its usage.
-                (Some(reservation), Some(reading)) => {
-                    let (mut head, body) = response.into_parts();
-                    if UsageTap::rewrites(reading) {
-                        head.headers.remove(http::header::CONTENT_LENGTH);
-                    }
-                    let tap = UsageTap::new(body, &head.headers, reading, reservation);
-                    Response::from_parts(head, Body::new(tap))
-                }
-                (Some(reservation), None) => {
-                    reservation.stand();
-                    response
-                }
-                (None, _) => response,
-            },
-        };
+        let mut response =
+            settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
         if let Some(over) = admitted.over {
             response.headers_mut().insert(
                 SHADOW_EXCEEDED,

@@ -14,14 +14,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::llm::CompletionBound;
-use crate::llm::estimate::EstimateRules;
 use crate::org::{OrgDirectory, OrgId};
-use crate::quota::Amounts;
+use crate::route::Route;
+use crate::store::OnStoreError;
 use crate::store::RedisTarget;
 
 /// The validated configuration the gateway runs on.
@@ -72,15 +71,6 @@ impl<T> fmt::Debug for Redacted<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
-}
-
-/// What a metered request gets when the store cannot answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnStoreError {
-    /// Forward it uncounted (fail open), as the source system did.
-    Allow,
-    /// Answer 503.
-    Deny,
 }
 
 /// One way of learning the org, tried in configured order.
@@ -156,44 +146,6 @@ pub struct Upstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Trusted for this upstream besides the webpki roots (`ca_file`).
     pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Route {
-    pub name: Arc<str>,
-    /// `None` matches any method.
-    pub method: Option<Method>,
-    pub path: String,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
-    /// `None`: unmetered, streamed through untouched.
-    pub cost: Option<Cost>,
-    /// How an estimate route prices a body (`default_max_tokens`, `image_tokens`).
-    pub estimate: EstimateRules,
-    /// What an estimate route does with the body's completion bound.
-    pub completion_bound: CompletionBound,
-    /// Overrides `store.on_error` for this route.
-    pub on_store_error: Option<OnStoreError>,
-    /// Upstream statuses that refund the reservation; `None`: every non-2xx.
-    pub refund_statuses: Option<Vec<http::StatusCode>>,
-}
-
-impl Route {
-    /// Whether an upstream answer with `status` gives the reservation back.
-    pub fn refunds(&self, status: http::StatusCode) -> bool {
-        match &self.refund_statuses {
-            Some(statuses) => statuses.contains(&status),
-            None => !status.is_success(),
-        }
-    }
-}
-
-/// What a metered route charges.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cost {
-    pub fixed: Amounts,
-    /// Tokens are estimated from the request body.
-    pub estimate_tokens: bool,
 }
 
 /// The completion bound for estimate routes that name none.

@@ -16,14 +16,16 @@ use rustls_pki_types::pem::PemObject;
 
 use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawUpstream};
 use super::{
-    ApiKey, ApiKeys, Backend, Config, Cost, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, OnStoreError,
-    Problem, PublicKey, Redacted, Route, ServerConfig, StoreConfig, Upstream, expand_env,
+    ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, Problem,
+    PublicKey, Redacted, ServerConfig, StoreConfig, Upstream, expand_env,
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
+use crate::route::{Cost, Route};
+use crate::store::OnStoreError;
 use crate::store::RedisTarget;
 
 /// More worker threads than this is a typo, not a machine.

@@ -32,9 +32,9 @@ use hyper_util::rt::TokioExecutor;
 mod pool;
 
 use self::pool::{Http1Pool, Lease};
+use crate::accept::ClientAddr;
 use crate::config::Upstream;
 use crate::error::GatewayError;
-use crate::stack::ClientAddr;
 use crate::{Body, BoxError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

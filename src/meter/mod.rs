@@ -19,8 +19,8 @@ use std::pin::Pin;
 
 use http::HeaderValue;
 
-use crate::config::{Cost, OnStoreError, Route};
 use crate::error::{Denial, GatewayError};
+use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
 use crate::llm::{Api, CompletionBound, Reading};
@@ -28,8 +28,8 @@ use crate::metrics::Metrics;
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
-use crate::settle::{Ledger, PendingReservation, Reservation};
-use crate::store::{ReservationId, ReserveRequest, StoreError};
+use crate::route::{Cost, Route};
+use crate::store::{OnStoreError, ReservationId, ReserveRequest, StoreError};
 use crate::{Body, BoxError, full_body};
 
 /// The source of "now" for billing periods; tests substitute their own.

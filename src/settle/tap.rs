@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use super::Reservation;
+use crate::ledger::Reservation;
 use crate::llm::Reading;
 use crate::llm::sse::{SseScanner, concat};
 use crate::llm::usage::{Tally, tokens_in_json};

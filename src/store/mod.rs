@@ -26,6 +26,15 @@ use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Limits, Mode};
 
+/// What a metered request gets when the store cannot answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Forward it uncounted (fail open), as the source system did.
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
 /// Names one reservation across every gateway instance sharing a store.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReservationId(u128);
