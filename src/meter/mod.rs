@@ -76,6 +76,14 @@ struct Charge<'a> {
     period: Period,
 }
 
+/// Gives back what a reservation took, for a request that cannot go on
+/// after all.
+fn give_back(pending: PendingReservation, decided: Result<Decision, StoreError>) {
+    if let Ok(Decision::Admit { applied, .. }) = decided {
+        pending.admitted(applied).refund();
+    }
+}
+
 /// How many times a `fit` route lowers its bound to what is left.
 const FIT_ATTEMPTS: usize = 3;
 
@@ -129,50 +137,47 @@ impl Meter {
         let stream_usage = request::ask_for_stream_usage(api, &mut json);
         rewritten |= stream_usage == StreamUsage::Added;
 
-        let fixed_tokens = cost.fixed.get(Dimension::Tokens);
-        let amounts = |estimate: &Estimate| {
-            cost.fixed.with(
-                Dimension::Tokens,
-                fixed_tokens.saturating_add(estimate.total()),
-            )
-        };
-        let (mut pending, mut decided) = self.reserve(&charge, amounts(&estimate)).await;
-        if let CompletionBound::Fit {
-            min_completion_tokens,
-        } = route.completion_bound
-            && api.bound_field().is_some()
-        {
-            // Each attempt is one atomic reservation, so the limit holds
-            // even when another request takes what was left in between;
-            // this one is then lowered again, or refused.
-            for _ in 0..FIT_ATTEMPTS {
-                let Ok(Decision::Deny(exceeded)) = &decided else {
-                    break;
-                };
-                let Some(bound) =
-                    request::fitted_bound(&estimate, fixed_tokens, exceeded, min_completion_tokens)
-                else {
-                    break;
-                };
-                estimate.completion_bound = bound;
-                rewritten |= request::set_completion_bound(api, &mut json, bound);
-                (pending, decided) = self.reserve(&charge, amounts(&estimate)).await;
+        let (pending, decided) = self.reserve_estimate(&charge, cost, &estimate).await;
+        let (pending, decided) = match (route.completion_bound, &decided) {
+            (
+                CompletionBound::Fit {
+                    min_completion_tokens,
+                },
+                Ok(Decision::Deny(refused)),
+            ) if api.bound_field().is_some() => {
+                let refused = *refused;
+                match self
+                    .fit(&charge, cost, &mut estimate, min_completion_tokens, refused)
+                    .await
+                {
+                    Some(attempt) => {
+                        rewritten |= request::set_completion_bound(
+                            api,
+                            &mut json,
+                            estimate.completion_bound,
+                        );
+                        attempt
+                    }
+                    None => (pending, decided),
+                }
             }
-        }
-
-        let rewritten = if rewritten {
-            Some(serde_json::to_vec(&json).map_err(|e| GatewayError::InvalidBody(e.to_string()))?)
-        } else {
-            None
+            _ => (pending, decided),
         };
+
+        let written = rewritten.then(|| serde_json::to_vec(&json)).transpose();
         drop(json);
-        let body = match rewritten {
-            Some(bytes) => {
+        let body = match written {
+            Ok(Some(bytes)) => {
                 head.headers
                     .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 Bytes::from(bytes)
             }
-            None => body,
+            Ok(None) => body,
+            Err(error) => {
+                tracing::error!(%error, "could not write a request body");
+                give_back(pending, decided);
+                return Err(GatewayError::Internal);
+            }
         };
         // The usage must be readable: no compressed answers.
         head.headers.insert(
@@ -184,6 +189,58 @@ impl Meter {
         };
         let request = Request::from_parts(head, full_body(body));
         self.conclude(&charge, request, pending, decided, Some(reading))
+    }
+
+    /// Reserves the route's fixed amounts with `estimate`'s tokens added.
+    async fn reserve_estimate(
+        &self,
+        charge: &Charge<'_>,
+        cost: &Cost,
+        estimate: &Estimate,
+    ) -> (PendingReservation, Result<Decision, StoreError>) {
+        let tokens = cost
+            .fixed
+            .get(Dimension::Tokens)
+            .saturating_add(estimate.total());
+        self.reserve(charge, cost.fixed.with(Dimension::Tokens, tokens))
+            .await
+    }
+
+    /// A `fit` route was `refused`: lowers the estimate's bound to what the
+    /// refusal says is left and tries again, while at least
+    /// `min_completion_tokens` is. Each attempt is one atomic reservation,
+    /// so the limit holds even when another request takes what was left in
+    /// between; this one is then lowered again, or refused. Returns the last
+    /// attempt; none when no lower bound fits, and the refusal stands.
+    async fn fit(
+        &self,
+        charge: &Charge<'_>,
+        cost: &Cost,
+        estimate: &mut Estimate,
+        min_completion_tokens: i64,
+        mut refused: Exceeded,
+    ) -> Option<(PendingReservation, Result<Decision, StoreError>)> {
+        let fixed_tokens = cost.fixed.get(Dimension::Tokens);
+        let mut last = None;
+        for _ in 0..FIT_ATTEMPTS {
+            let Some(bound) =
+                request::fitted_bound(estimate, fixed_tokens, &refused, min_completion_tokens)
+            else {
+                break;
+            };
+            estimate.completion_bound = bound;
+            let (pending, decided) = self.reserve_estimate(charge, cost, estimate).await;
+            let again = match &decided {
+                Ok(Decision::Deny(exceeded)) => Some(*exceeded),
+                _ => None,
+            };
+            last = Some((pending, decided));
+            match again {
+                Some(exceeded) => refused = exceeded,
+                None => break,
+            }
+        }
+        last
     }
 
     /// Asks the store to reserve `amounts` for the charge's org.
