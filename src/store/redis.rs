@@ -10,7 +10,7 @@
 //! earlier ones are on their way go together in one script call, each still
 //! applied all or none, in order; a key holding something tollgate did not
 //! write there (say, a counter set by hand to `nan`: a counter must hold a
-//! decimal integer within [`MAX_AMOUNT`] either way) fails only the items
+//! decimal integer within [`MAX_AMOUNT`](crate::quota::MAX_AMOUNT) either way) fails only the items
 //! that touch it, with [`StoreError::DamagedKey`], never the rest of their
 //! call.
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
@@ -44,10 +44,12 @@ use redis::io::tcp::TcpSettings;
 use redis::{IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod reply;
+
 use super::{QuotaStore, ReserveRequest, Settlement, StoreError};
 use crate::org::OrgId;
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, Exceeded, MAX_AMOUNT, Mode};
+use crate::quota::{Amounts, Decision, Dimension, Mode};
 
 /// How long a period's counters outlive it, so last period's usage can still
 /// be read during the whole next one.
@@ -73,287 +75,20 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 /// script that fails midway has changed nothing, and retrying it is safe.
 ///
 /// A key holding what tollgate did not write there (anything but a decimal
-/// integer within [`MAX_AMOUNT`] either way, a key of another type) fails
+/// integer within [`MAX_AMOUNT`](crate::quota::MAX_AMOUNT) either way, a key of another type) fails
 /// only the items that touch it, each answered `E`: one org's damaged key
 /// must not fail another org's requests, nor the same org's that do not
 /// touch it.
-macro_rules! lua_ledger {
-    () => {
-        r"
-local values, written, later = {}, {}, {}
--- The most a counter holds (`quota::MAX_AMOUNT`, 2^53 - 1): past it a
--- double no longer counts by ones. Compared as text too, since a double
--- cannot tell 2^53 from it.
-local MOST_TEXT = '9007199254740991'
-local MOST = tonumber(MOST_TEXT)
--- The number `text` is if it is the decimal integer text tollgate writes,
--- within MOST either way; else nil. (`tonumber` alone would take 'nan',
--- 'inf', '1.5', '1e3', '0x10' and ' 7', and the first two would then be
--- written back as numbers no limit stops.)
-local function integer(text)
-  local digits = type(text) == 'string' and string.match(text, '^%-?(%d+)$')
-  if not digits or #digits > #MOST_TEXT or (#digits == #MOST_TEXT and digits > MOST_TEXT) then
-    return nil
-  end
-  return tonumber(text)
-end
--- Whether a `redis.pcall` reply is Redis refusing a key of another type.
--- Any other error (an ACL's, say) is raised: it is no damaged key, and the
--- whole call fails, to be retried.
-local function wrong_type(reply)
-  if type(reply) == 'table' and reply.err then
-    if string.find(reply.err, '^WRONGTYPE') then
-      return true
-    end
-    error(reply)
-  end
-  return false
-end
--- A counter's value so far in this call; false if it holds what tollgate
--- does not write there.
-local function value(counter)
-  if values[counter] == nil then
-    local stored = redis.pcall('GET', counter)
-    if wrong_type(stored) then
-      values[counter] = false
-    elseif not stored then
-      values[counter] = 0
-    else
-      values[counter] = integer(stored) or false
-    end
-  end
-  return values[counter]
-end
--- Whether every counter of an item (KEYS[first + 1 .. first + n]) holds
--- what tollgate writes there.
-local function intact(first, n)
-  for i = 1, n do
-    if value(KEYS[first + i]) == false then
-      return false
-    end
-  end
-  return true
-end
--- Adds `amount` to a counter; a release never takes it below zero, nor an
--- increment past MOST. A gauge ('1') keeps no expiry; a period counter
--- expires at `expire_at`. Returns the amount added.
-local function add(counter, amount, gauge, expire_at)
-  local current = value(counter)
-  if amount < 0 then
-    amount = math.max(amount, -math.max(current, 0))
-  else
-    amount = math.min(amount, MOST - current)
-  end
-  if amount ~= 0 then
-    values[counter] = current + amount
-    written[counter] = gauge == '1' and 'gauge' or expire_at
-  end
-  return amount
-end
--- A write other than a counter's (a whole command), made at the end.
-local function write_later(...)
-  later[#later + 1] = {...}
-end
-local function flush()
-  for counter, expiry in pairs(written) do
-    local text = string.format('%d', values[counter])
-    if expiry == 'gauge' then
-      redis.call('SET', counter, text, 'KEEPTTL')
-    else
-      redis.call('SET', counter, text, 'EXAT', expiry)
-    end
-  end
-  for _, command in ipairs(later) do
-    redis.call(unpack(command))
-  end
-end
-"
-    };
+///
+/// The scripts' shared part (src/store/redis/ledger.lua), then each one's
+/// own (reserve.lua, settle.lua beside it).
+fn script(own: &str) -> Script {
+    Script::new(&[include_str!("redis/ledger.lua"), own].concat())
 }
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_ledger!(),
-        r"
--- Reservations one after another, each checked and applied all or none.
--- KEYS: per reservation, its marker (only if remembered), then its counters.
--- ARGV[1]: seconds to remember each reservation's reply, '0' for not at all.
--- Then per reservation: '1' to enforce or '0' for shadow mode; the unix time
--- its period counters expire at; its number of counters n; and n times the
--- counter's cost, limit (-1: none), '1' if a gauge.
--- Reply: one string, a part per reservation, separated by ';'. The usual
--- outcome, admitted with nothing exceeded and every cost applied as asked,
--- is '1'; 'E' is a reservation not made, as its marker or a counter holds
--- what tollgate did not write there. Any other is integers separated by
--- spaces: admitted (1 or 0), the index of its first exceeded counter or 0,
--- that counter's value, then the amount applied to each counter.
--- (Converting numbers to and from text is most of what a reservation costs
--- Redis, hence also each cost parsed once into `costs`; reading an array of
--- integers is most of what the reply costs the gateway.)
--- The reply a marker remembers, or false if it holds no reply of a
--- reservation of `counters` counters.
-local function remembered(text, counters)
-  local decoded, reply = pcall(cjson.decode, text)
-  if not decoded or type(reply) ~= 'table' or #reply ~= 3 + counters then
-    return false
-  end
-  for i = 1, #reply do
-    local part = reply[i]
-    if type(part) ~= 'number' or part ~= math.floor(part) or math.abs(part) > MOST then
-      return false
-    end
-  end
-  if (reply[1] ~= 0 and reply[1] ~= 1) or reply[2] < 0 or reply[2] > counters then
-    return false
-  end
-  return reply
-end
-local remember = ARGV[1]
-local markers = remember ~= '0' and 1 or 0
-local replies, costs, key, arg = {}, {}, 1, 2
-while arg <= #ARGV do
-  local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
-  -- Counter i is KEYS[first + i].
-  local first = key + markers - 1
-  for i = 1, counters do
-    costs[i] = tonumber(ARGV[arg + 3 * i])
-  end
-  local reply = nil
-  if markers == 1 then
-    -- A client that resends a call it got no reply to gets the first reply.
-    local earlier = redis.pcall('GET', KEYS[key])
-    if wrong_type(earlier) then
-      reply = 'E'
-    elseif earlier then
-      reply = remembered(earlier, counters) or 'E'
-    end
-  end
-  if not reply and not intact(first, counters) then
-    reply = 'E'
-  elseif not reply then
-    local exceeded, exceeded_value = 0, 0
-    for i = 1, counters do
-      if exceeded == 0 and costs[i] > 0 then
-        local limit, current = tonumber(ARGV[arg + 3 * i + 1]), value(KEYS[first + i])
-        if limit >= 0 and current + costs[i] > limit then
-          exceeded, exceeded_value = i, current
-        end
-      end
-    end
-    reply = {0, exceeded, exceeded_value}
-    local admitted = exceeded == 0 or not enforce
-    if admitted then
-      reply[1] = 1
-    end
-    for i = 1, counters do
-      reply[3 + i] = admitted
-        and add(KEYS[first + i], costs[i], ARGV[arg + 3 * i + 2], expire_at)
-        or 0
-    end
-    if markers == 1 then
-      write_later('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
-    end
-  end
-  local usual = reply ~= 'E' and reply[1] == 1 and reply[2] == 0
-  for i = 1, counters do
-    usual = usual and reply[3 + i] == costs[i]
-  end
-  if reply == 'E' then
-    replies[#replies + 1] = 'E'
-  elseif usual then
-    replies[#replies + 1] = '1'
-  else
-    local parts = {}
-    for i, part in ipairs(reply) do
-      parts[i] = string.format('%d', part)
-    end
-    replies[#replies + 1] = table.concat(parts, ' ')
-  end
-  key = key + markers + counters
-  arg = arg + 3 + 3 * counters
-end
-flush()
-return table.concat(replies, ';')
-",
-    ))
-});
+static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/reserve.lua")));
 
-static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        lua_ledger!(),
-        r"
--- Settlements one after another, each applied at most once per reservation.
--- KEYS: per settlement, the hash its reservation's settlement marker goes
--- in, then its counters.
--- ARGV[1]: seconds a marker hash is kept after its last write (relative,
--- so that no clock but Redis' own decides when markers go). Then per
--- settlement: its reservation id; the unix time its period counters expire
--- at; its number of counters n; and n times the counter's correction, '1'
--- if a gauge.
--- Reply, one string with a character per settlement: 1 if applied, 0 if
--- that reservation was settled before, E if not applied because its marker
--- hash or one of its counters holds what tollgate did not write there.
-local function each(visit)
-  local key, arg = 1, 2
-  while arg <= #ARGV do
-    local counters = tonumber(ARGV[arg + 2])
-    visit(key, arg, counters)
-    key = key + 1 + counters
-    arg = arg + 3 + 2 * counters
-  end
-end
--- Which of the ids are marked already: one HMGET per marker hash.
-local asked = {}
-each(function(key, arg)
-  local ids = asked[KEYS[key]] or {}
-  ids[#ids + 1] = ARGV[arg]
-  asked[KEYS[key]] = ids
-end)
-local settled, damaged = {}, {}
-for hash, ids in pairs(asked) do
-  local found = redis.pcall('HMGET', hash, unpack(ids))
-  if wrong_type(found) then
-    damaged[hash] = true
-  else
-    for i, id in ipairs(ids) do
-      if found[i] then
-        settled[hash .. ' ' .. id] = true
-      end
-    end
-  end
-end
--- Then each settlement, in order.
-local marks, replies = {}, {}
-each(function(key, arg, counters)
-  local hash, id = KEYS[key], ARGV[arg]
-  local marker = hash .. ' ' .. id
-  if settled[marker] then
-    replies[#replies + 1] = '0'
-    return
-  end
-  if damaged[hash] or not intact(key, counters) then
-    replies[#replies + 1] = 'E'
-    return
-  end
-  settled[marker] = true
-  local fields = marks[hash] or {}
-  fields[#fields + 1] = id
-  fields[#fields + 1] = '1'
-  marks[hash] = fields
-  for i = 1, counters do
-    add(KEYS[key + i], tonumber(ARGV[arg + 1 + 2 * i]), ARGV[arg + 2 + 2 * i], ARGV[arg + 1])
-  end
-  replies[#replies + 1] = '1'
-end)
-for hash, fields in pairs(marks) do
-  write_later('HSET', hash, unpack(fields))
-  write_later('EXPIRE', hash, ARGV[1])
-end
-flush()
-return table.concat(replies)
-",
-    ))
-});
+static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/settle.lua")));
 
 /// Where the store connects.
 #[derive(Clone, Debug)]
@@ -571,7 +306,6 @@ impl Redis {
     ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
         let mut invocation = RESERVE.prepare_invoke();
         invocation.arg(self.remember_reply_seconds);
-        let mut costs = Vec::with_capacity(requests.len());
         for request in &requests {
             let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
             if self.remember_reply_seconds > 0 {
@@ -592,74 +326,9 @@ impl Redis {
                     .arg(request.limits.get(dimension).unwrap_or(-1))
                     .arg(gauge_flag(dimension));
             }
-            costs.push(cost);
         }
         let text: String = self.invoke(&invocation).await?;
-        let unexpected = || {
-            StoreError::Backend(format!(
-                "unexpected reply from the reserve script: {text:?}"
-            ))
-        };
-        let mut parts = text.split(';');
-        let mut decisions = Vec::with_capacity(requests.len());
-        for (request, cost) in requests.iter().zip(&costs) {
-            let part = parts.next().ok_or_else(unexpected)?;
-            if part == "1" {
-                decisions.push(Ok(Decision::Admit {
-                    applied: request.cost,
-                    over: None,
-                }));
-                continue;
-            }
-            if part == "E" {
-                decisions.push(Err(StoreError::DamagedKey(request.org.clone())));
-                continue;
-            }
-            let reply = part
-                .split(' ')
-                .map(str::parse)
-                .collect::<Result<Vec<i64>, _>>()
-                .map_err(|_| unexpected())?;
-            let Some((&[admitted, exceeded_at, current], applied)) = reply.split_first_chunk::<3>()
-            else {
-                return Err(unexpected());
-            };
-            if applied.len() != cost.len()
-                || !(0..=1).contains(&admitted)
-                || applied.iter().any(|amount| amount.abs() > MAX_AMOUNT)
-            {
-                return Err(unexpected());
-            }
-            let exceeded = match usize::try_from(exceeded_at).map_err(|_| unexpected())? {
-                0 => None,
-                position => {
-                    let &(dimension, requested) = cost.get(position - 1).ok_or_else(unexpected)?;
-                    let limit = request.limits.get(dimension).ok_or_else(unexpected)?;
-                    Some(Exceeded {
-                        dimension,
-                        current,
-                        limit,
-                        requested,
-                    })
-                }
-            };
-            decisions.push(Ok(if admitted == 0 {
-                Decision::Deny(exceeded.ok_or_else(unexpected)?)
-            } else {
-                let mut amounts = Amounts::ZERO;
-                for (&(dimension, _), &amount) in cost.iter().zip(applied) {
-                    amounts.set(dimension, amount);
-                }
-                Decision::Admit {
-                    applied: amounts,
-                    over: exceeded,
-                }
-            }));
-        }
-        if parts.next().is_some() {
-            return Err(unexpected());
-        }
-        Ok(decisions)
+        reply::reserve(&text, &requests)
     }
 
     /// Applies `settlements` through one settle script call, in order; for
@@ -685,26 +354,8 @@ impl Redis {
                     .arg(gauge_flag(dimension));
             }
         }
-        // A character per settlement, 1 if applied, 0 if settled before:
-        // either way, settled; E if not.
         let applied: String = self.invoke(&invocation).await?;
-        let unexpected = || {
-            StoreError::Backend(format!(
-                "unexpected reply from the settle script: {applied:?}"
-            ))
-        };
-        if applied.len() != settlements.len() {
-            return Err(unexpected());
-        }
-        settlements
-            .iter()
-            .zip(applied.chars())
-            .map(|(settlement, outcome)| match outcome {
-                '0' | '1' => Ok(Ok(())),
-                'E' => Ok(Err(StoreError::DamagedKey(settlement.org.clone()))),
-                _ => Err(unexpected()),
-            })
-            .collect()
+        reply::settle(&applied, &settlements)
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
@@ -811,5 +462,16 @@ impl QuotaStore for RedisStore {
             command.arg("EXAT").arg(expire_at(&period));
         }
         self.redis.query::<()>(&command).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::quota::MAX_AMOUNT;
+
+    #[test]
+    fn the_scripts_hold_counters_to_max_amount() {
+        let line = format!("local MOST_TEXT = '{MAX_AMOUNT}'");
+        assert!(include_str!("redis/ledger.lua").contains(&line));
     }
 }

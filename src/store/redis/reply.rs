@@ -1,0 +1,246 @@
+//! The scripts' replies, read: pure functions, so that every shape a reply
+//! can take (including what no script of ours writes) is tested and fuzzed
+//! without a Redis. A reply that is not what the call asked for is an error
+//! for the whole call; an item answered `E` is [`StoreError::DamagedKey`]
+//! for that item alone.
+
+use super::super::{ReserveRequest, Settlement, StoreError};
+use crate::quota::{Amounts, Decision, Dimension, Exceeded, MAX_AMOUNT};
+
+/// The decision for each of `requests` in the reserve script's reply
+/// `text` (see reserve.lua).
+pub fn reserve(
+    text: &str,
+    requests: &[ReserveRequest],
+) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+    let unexpected = || {
+        StoreError::Backend(format!(
+            "unexpected reply from the reserve script: {text:?}"
+        ))
+    };
+    let mut parts = text.split(';');
+    let mut decisions = Vec::with_capacity(requests.len());
+    for request in requests {
+        let part = parts.next().ok_or_else(unexpected)?;
+        decisions.push(match part {
+            "1" => Ok(Decision::Admit {
+                applied: request.cost,
+                over: None,
+            }),
+            "E" => Err(StoreError::DamagedKey(request.org.clone())),
+            _ => Ok(reserve_outcome(part, request).ok_or_else(unexpected)?),
+        });
+    }
+    if parts.next().is_some() {
+        return Err(unexpected());
+    }
+    Ok(decisions)
+}
+
+/// One reservation's reply other than `1` and `E`: admitted (1 or 0), the
+/// index of its first exceeded counter or 0, that counter's value, then the
+/// amount applied to each counter of its cost. `None` if it is not that.
+fn reserve_outcome(part: &str, request: &ReserveRequest) -> Option<Decision> {
+    let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
+    let reply = part
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<Vec<i64>, _>>()
+        .ok()?;
+    let (&[admitted, exceeded_at, current], applied) = reply.split_first_chunk::<3>()?;
+    if applied.len() != cost.len()
+        || !(0..=1).contains(&admitted)
+        || applied.iter().any(|amount| amount.abs() > MAX_AMOUNT)
+    {
+        return None;
+    }
+    let exceeded = match usize::try_from(exceeded_at).ok()? {
+        0 => None,
+        position => {
+            let &(dimension, requested) = cost.get(position - 1)?;
+            Some(Exceeded {
+                dimension,
+                current,
+                limit: request.limits.get(dimension)?,
+                requested,
+            })
+        }
+    };
+    if admitted == 0 {
+        return exceeded.map(Decision::Deny);
+    }
+    let mut amounts = Amounts::ZERO;
+    for (&(dimension, _), &amount) in cost.iter().zip(applied) {
+        amounts.set(dimension, amount);
+    }
+    Some(Decision::Admit {
+        applied: amounts,
+        over: exceeded,
+    })
+}
+
+/// Whether each of `settlements` is settled, from the settle script's
+/// reply `text`: a character each, `1` if applied, `0` if settled before
+/// (either way, settled), `E` if not (see settle.lua).
+pub fn settle(
+    text: &str,
+    settlements: &[Settlement],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let unexpected =
+        || StoreError::Backend(format!("unexpected reply from the settle script: {text:?}"));
+    if text.len() != settlements.len() {
+        return Err(unexpected());
+    }
+    settlements
+        .iter()
+        .zip(text.chars())
+        .map(|(settlement, outcome)| match outcome {
+            '0' | '1' => Ok(Ok(())),
+            'E' => Ok(Err(StoreError::DamagedKey(settlement.org.clone()))),
+            _ => Err(unexpected()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::org::OrgId;
+    use crate::period::Period;
+    use crate::quota::{Limits, Mode};
+    use crate::store::ReservationId;
+
+    fn request(cost: Amounts, limits: Limits) -> ReserveRequest {
+        ReserveRequest {
+            id: ReservationId::next(),
+            org: OrgId::parse("org_r").unwrap(),
+            period: Period::containing("2026-11-27T12:00:00Z".parse().unwrap(), 1),
+            limits,
+            cost,
+            mode: Mode::Enforce,
+        }
+    }
+
+    fn settlement() -> Settlement {
+        Settlement::new(
+            ReservationId::next(),
+            OrgId::parse("org_r").unwrap(),
+            Period::containing("2026-11-27T12:00:00Z".parse().unwrap(), 1),
+            Amounts::ZERO.with(Dimension::Tokens, -5),
+        )
+    }
+
+    const TOKENS: Dimension = Dimension::Tokens;
+    const RUNS: Dimension = Dimension::PlaybookRuns;
+
+    #[test]
+    fn the_usual_reply_admits_every_cost_as_asked() {
+        let cost = Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1);
+        let decisions = reserve("1;1", &vec![request(cost, Limits::UNLIMITED); 2]).unwrap();
+        for decision in decisions {
+            assert_eq!(
+                decision.unwrap(),
+                Decision::Admit {
+                    applied: cost,
+                    over: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_counter_its_value_and_its_limit() {
+        let cost = Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1);
+        let limits = Limits::UNLIMITED.with(RUNS, 3);
+        let decisions = reserve("0 2 3 0 0", &[request(cost, limits)]).unwrap();
+        assert_eq!(
+            decisions[0].as_ref().unwrap(),
+            &Decision::Deny(Exceeded {
+                dimension: RUNS,
+                current: 3,
+                limit: 3,
+                requested: 1
+            })
+        );
+    }
+
+    #[test]
+    fn an_admission_reports_what_it_really_applied() {
+        // A seat released at zero applies nothing.
+        let cost = Amounts::ZERO.with(Dimension::Seats, -1);
+        let limits = Limits::UNLIMITED.with(Dimension::Seats, 3);
+        let decision = reserve("1 0 0 0", &[request(cost, limits)]).unwrap();
+        assert_eq!(
+            decision[0].as_ref().unwrap(),
+            &Decision::Admit {
+                applied: Amounts::ZERO,
+                over: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_shadow_admission_reports_the_limit_it_passed() {
+        let cost = Amounts::ZERO.with(TOKENS, 10);
+        let limits = Limits::UNLIMITED.with(TOKENS, 5);
+        let decision = reserve("1 1 0 10", &[request(cost, limits)]).unwrap();
+        assert_eq!(
+            decision[0].as_ref().unwrap(),
+            &Decision::Admit {
+                applied: cost,
+                over: Some(Exceeded {
+                    dimension: TOKENS,
+                    current: 0,
+                    limit: 5,
+                    requested: 10
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn a_damaged_item_fails_alone() {
+        let cost = Amounts::ZERO.with(TOKENS, 1);
+        let decisions = reserve("E;1", &vec![request(cost, Limits::UNLIMITED); 2]).unwrap();
+        assert!(matches!(decisions[0], Err(StoreError::DamagedKey(_))));
+        assert!(decisions[1].is_ok());
+    }
+
+    #[test]
+    fn a_reply_that_is_not_what_was_asked_fails_the_call() {
+        let cost = Amounts::ZERO.with(TOKENS, 10);
+        let limited = Limits::UNLIMITED.with(TOKENS, 5);
+        for text in [
+            "",
+            "1;1",
+            "2 0 0 10",
+            "1 0 0",
+            "1 0 0 10 10",
+            "1 2 0 10",
+            "0 0 0 0",
+            "1 0 0 9007199254740992",
+            "1 0 0 x",
+            "1 -1 0 10",
+            " 1",
+            "1;",
+        ] {
+            assert!(
+                reserve(text, &[request(cost, limited)]).is_err(),
+                "{text:?} was taken"
+            );
+        }
+        // Exceeded on a counter without a limit: no 402 can be made of it.
+        assert!(reserve("0 1 0 0", &[request(cost, Limits::UNLIMITED)]).is_err());
+    }
+
+    #[test]
+    fn settle_replies_are_a_character_per_settlement() {
+        let settlements = [settlement(), settlement(), settlement()];
+        let outcomes = settle("10E", &settlements).unwrap();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok());
+        assert!(matches!(outcomes[2], Err(StoreError::DamagedKey(_))));
+        for text in ["10", "1000", "1x0", "é0"] {
+            assert!(settle(text, &settlements).is_err(), "{text:?} was taken");
+        }
+    }
+}
