@@ -327,4 +327,92 @@ mod tests {
         let stream = "data: {\"usage\":\ndata: {\"total_tokens\":5}}\n\n";
         assert_eq!(run(stream, false, 4).1, Some(5));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One event of an OpenAI stream the gateway asked usage of, and
+        /// what the client must get of it.
+        fn event() -> impl Strategy<Value = (String, String)> {
+            let text = "\\PC{0,12}";
+            (0..5usize, text, any::<bool>()).prop_map(|(kind, text, crlf)| {
+                let text = serde_json::to_string(&text).unwrap();
+                let chunk = format!(r#"{{"id":"c","choices":[{{"delta":{{"content":{text}}}}}]"#);
+                let (sent, kept) = match kind {
+                    // A chunk carrying the `"usage":null` the client did not ask for.
+                    0 => (
+                        format!("data: {chunk},\"usage\":null}}\n\n"),
+                        format!("data: {chunk}}}\n\n"),
+                    ),
+                    // Events the rewrite must keep byte for byte.
+                    1 => (
+                        format!("data: {chunk}}}\n\n"),
+                        format!("data: {chunk}}}\n\n"),
+                    ),
+                    2 => (
+                        "event: ping\ndata: {}\n\n".to_string(),
+                        "event: ping\ndata: {}\n\n".to_string(),
+                    ),
+                    3 => (
+                        ": keep-alive\n\n".to_string(),
+                        ": keep-alive\n\n".to_string(),
+                    ),
+                    _ => (
+                        "data: [DONE]\n\n".to_string(),
+                        "data: [DONE]\n\n".to_string(),
+                    ),
+                };
+                if crlf {
+                    (sent.replace('\n', "\r\n"), kept.replace('\n', "\r\n"))
+                } else {
+                    (sent, kept)
+                }
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn the_rewrite_keeps_every_event_but_the_usage_it_hides_at_any_split(
+                events in proptest::collection::vec(event(), 0..8),
+                cuts in proptest::collection::vec(1..64usize, 0..40),
+            ) {
+                let usage = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"total_tokens\":7}}\n\n";
+                let mut sent: String = events.iter().map(|(s, _)| s.as_str()).collect();
+                let kept: String = events.iter().map(|(_, k)| k.as_str()).collect();
+                sent.push_str(usage);
+                let mut scanner = SseScanner::new(true);
+                let mut out = Vec::new();
+                let mut rest = sent.as_bytes();
+                for cut in cuts {
+                    let (piece, after) = rest.split_at(cut.min(rest.len()));
+                    out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
+                    rest = after;
+                }
+                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(rest)));
+                out.extend_from_slice(&scanner.finish());
+                prop_assert_eq!(String::from_utf8(out).unwrap(), kept);
+                prop_assert_eq!(scanner.tally().and_then(Tally::final_tokens), Some(7));
+            }
+
+            #[test]
+            fn pass_through_changes_no_byte_at_any_split(
+                events in proptest::collection::vec(event(), 0..8),
+                cuts in proptest::collection::vec(1..64usize, 0..40),
+            ) {
+                let sent: String = events.iter().map(|(s, _)| s.as_str()).collect();
+                let mut scanner = SseScanner::new(false);
+                let mut out = Vec::new();
+                let mut rest = sent.as_bytes();
+                for cut in cuts {
+                    let (piece, after) = rest.split_at(cut.min(rest.len()));
+                    out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
+                    rest = after;
+                }
+                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(rest)));
+                out.extend_from_slice(&scanner.finish());
+                prop_assert_eq!(String::from_utf8(out).unwrap(), sent);
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryStore;
+/// The Redis scripts' replies, read; public for the fuzz targets in fuzz/.
+pub use redis::reply as redis_reply;
 pub use redis::{PERIOD_KEY_GRACE, RedisStore, RedisTarget};
 
 use std::fmt;

@@ -1,0 +1,39 @@
+//! Any body on an estimate route: parsed, estimated, given a bound and a
+//! request for stream usage, written back. Nothing panics, a written body
+//! parses again, and its estimate never goes below the original prompt's.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tollgate::llm::estimate::{self, EstimateRules};
+use tollgate::llm::{Api, request};
+
+const RULES: EstimateRules = EstimateRules {
+    default_max_tokens: 4096,
+    image_tokens: 1600,
+};
+
+fuzz_target!(|input: (u8, &[u8])| {
+    let (which, body) = input;
+    let api = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/other",
+    ][usize::from(which) % 6];
+    let api = Api::of_path(api);
+    let Ok(mut json) = estimate::parse(body) else {
+        return;
+    };
+    let Ok(before) = estimate::estimate(api, &json, &RULES) else {
+        return;
+    };
+    assert!(before.total() >= 0 && before.prompt_tokens >= 0);
+    request::set_completion_bound(api, &mut json, 256);
+    request::ask_for_stream_usage(api, &mut json);
+    let written = serde_json::to_vec(&json).expect("a parsed body is written back");
+    let again = estimate::parse(&written).expect("a written body parses");
+    let after = estimate::estimate(api, &again, &RULES).expect("a written body estimates");
+    assert!(after.prompt_tokens >= before.prompt_tokens);
+});
