@@ -85,16 +85,19 @@ impl App {
             on_store_error: config.store.on_error,
             clock: self.clock.clone(),
         };
-        Ok(stack::build(Gateway::new(
+        let forwarder = Forwarder::new(
+            config.upstreams.clone(),
+            config.server.upstream_timeout,
+            config.server.idle_timeout,
+            self.metrics.clone(),
+        )?;
+        let gateway = Gateway::new(
             Router::new(&config.routes),
             Identifier::new(config.identity.clone()),
             meter,
-            Forwarder::new(
-                config.upstreams.clone(),
-                config.server.upstream_timeout,
-                config.server.idle_timeout,
-            )?,
-        )))
+            forwarder,
+        );
+        Ok(stack::build(gateway, config.server.body_read_timeout))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -119,6 +122,7 @@ impl App {
         crate::accept::serve_on_workers(
             listener,
             &self.config.server,
+            self.metrics.clone(),
             move || app.worker_service(),
             self.settling.clone(),
             shutdown,

@@ -12,6 +12,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use serde::Serialize;
 
 use crate::Body;
+use crate::accept::ClientFault;
 use crate::org::OrgPolicy;
 use crate::period::Period;
 use crate::quota::Exceeded;
@@ -48,6 +49,16 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the gateway failed to handle this request")]
     Internal,
+}
+
+/// A request body the client got wrong: 400, or 408 when it went silent.
+impl From<ClientFault> for GatewayError {
+    fn from(fault: ClientFault) -> GatewayError {
+        match fault {
+            ClientFault::Unreadable => GatewayError::ClientBody,
+            ClientFault::Silent | ClientFault::Late => GatewayError::BodyTimeout,
+        }
+    }
 }
 
 /// Why a reservation was refused, as the 402 reports it.

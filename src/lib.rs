@@ -3,8 +3,9 @@
 //! A request meets these modules in this order:
 //!
 //! 1. [`accept`]: the listener, whose connections are dealt to worker
-//!    threads (one single-threaded runtime each); HTTP/1.1 and HTTP/2,
-//!    header timeout, graceful shutdown.
+//!    threads (one single-threaded runtime each); HTTP/1.1 and HTTP/2, the
+//!    connection limit, the first-request and keep-alive timeouts, the
+//!    client's request body (400, 408), graceful shutdown.
 //!
 //!    Around the steps below, [`stack`]: the tower layers, and the gateway
 //!    service that runs the steps in order.
@@ -28,8 +29,8 @@
 //! Beside the path: [`llm`] (the provider formats: the request side for
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`error`] (every gateway-made answer and its JSON
-//! envelope), [`metrics`], [`app`] (wiring a config into a server) and
-//! [`demo`].
+//! envelope), [`metrics`], [`silence`] (the idle timer of request and
+//! response bodies), [`app`] (wiring a config into a server) and [`demo`].
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +50,7 @@ pub mod period;
 pub mod quota;
 pub mod route;
 pub mod settle;
+pub mod silence;
 pub mod stack;
 pub mod store;
 
@@ -62,11 +64,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every request and response inside the gateway.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// A body streamed from a peer by hyper.
-pub fn incoming_body(body: hyper::body::Incoming) -> Body {
-    Body::new(body.map_err(|error| -> BoxError { Box::new(error) }))
-}
 
 /// A body of bytes already in hand.
 pub fn full_body(bytes: Bytes) -> Body {

@@ -4,6 +4,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::accept::ClientFault;
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Reservations made and not yet settled.
@@ -25,6 +27,15 @@ pub struct Metrics {
     pub reconciliations: AtomicU64,
     /// Paces the log lines about store failures.
     pub store_error_log: BurstLog,
+    /// Connections closed as soon as they were accepted, past
+    /// `server.max_connections`.
+    pub connections_refused: AtomicU64,
+    /// Accepts that failed (out of descriptors, say).
+    pub accept_errors: AtomicU64,
+    /// Requests whose body the client sent malformed, cut off or not at all.
+    pub client_body_faults: AtomicU64,
+    /// Paces the log lines about clients' bodies.
+    pub client_fault_log: BurstLog,
 }
 
 impl Metrics {
@@ -45,6 +56,22 @@ impl Metrics {
                 held_back,
                 "quota store failed ({what}); further failures within {:?} are counted, not logged",
                 self.store_error_log.window
+            );
+        }
+    }
+
+    /// Counts a request body the client got wrong and logs it, at most once
+    /// per burst: a client's fault is not the operator's, and a flood of
+    /// them must not flood the log.
+    pub fn client_body_failed(&self, fault: ClientFault) {
+        Metrics::count(&self.client_body_faults);
+        if let Some(held_back) = self.client_fault_log.admit() {
+            tracing::info!(
+                %fault,
+                held_back,
+                "a client's request body failed (answered 400 or 408); \
+                 further ones within {:?} are counted, not logged",
+                self.client_fault_log.window
             );
         }
     }
@@ -76,6 +103,10 @@ impl BurstLog {
             window,
             state: Mutex::default(),
         }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
     }
 
     /// `Some(n)` when this event should be logged, `n` being how many were

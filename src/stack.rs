@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
 use http::{Request, Response};
@@ -19,20 +20,21 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
-use crate::accept::{ClientAddr, HttpService};
+use crate::accept::{ClientAddr, HttpService, client_body};
 use crate::error::GatewayError;
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::meter::Meter;
 use crate::route::Router;
 use crate::settle;
-use crate::{Body, BoxError, incoming_body};
+use crate::{Body, BoxError};
 
 /// Response header naming the quota a shadow-mode request went past.
 pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shadow-exceeded");
 
-/// Wraps the gateway in its layers, outermost first.
-pub fn build(gateway: Gateway) -> HttpService {
+/// Wraps the gateway in its layers, outermost first; a request body that
+/// sends nothing for `body_read_timeout` is cut.
+pub fn build(gateway: Gateway, body_read_timeout: Duration) -> HttpService {
     let stack = ServiceBuilder::new()
         // One body type leaves the stack, whatever the layers below wrap it in.
         .layer(MapResponseBodyLayer::new(|body| {
@@ -56,8 +58,10 @@ pub fn build(gateway: Gateway) -> HttpService {
         .layer(CatchPanicLayer::custom(|_panic| {
             GatewayError::Internal.into_response()
         }))
-        // The steps see one request body type: hyper's, boxed.
-        .layer(MapRequestBodyLayer::new(incoming_body))
+        // The steps see one request body type: the client's, boxed.
+        .layer(MapRequestBodyLayer::new(move |body| {
+            client_body(body, body_read_timeout)
+        }))
         .service(gateway);
     BoxCloneSyncService::new(stack)
 }

@@ -43,9 +43,17 @@ pub struct ServerConfig {
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// A connection must make its first request within this of being
+    /// accepted.
     pub header_read_timeout: Duration,
-    /// A metered request's body must arrive within this, or 408.
+    /// A metered request's body must arrive within this, or 408; any
+    /// request body that sends nothing for this long is cut (408).
     pub body_read_timeout: Duration,
+    /// Open client connections past this are closed at once; `None`: derived
+    /// from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// A connection with no request in flight for this long is closed.
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -563,6 +571,29 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_limit_below_one_and_a_zero_keepalive_timeout_are_refused() {
+        let found = problems("[server]\nmax_connections = 0\nkeepalive_timeout = \"0s\"\n");
+        assert_eq!(
+            found,
+            [
+                "2: server.max_connections: must be between 1 and 10000000 (got 0)",
+                "3: server.keepalive_timeout: must be longer than zero",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_connection_limit_is_left_to_the_descriptor_limit_unless_set() {
+        let server = |text: &str| Config::parse(text, "t.toml", &env).unwrap().server;
+        let unset = server("");
+        assert_eq!(unset.max_connections, None);
+        assert_eq!(unset.keepalive_timeout, Duration::from_secs(75));
+        let set = server("[server]\nmax_connections = 500\nkeepalive_timeout = \"5s\"\n");
+        assert_eq!(set.max_connections, Some(500));
+        assert_eq!(set.keepalive_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
     fn every_wrong_type_is_reported_with_every_unknown_key_but_nothing_is_validated() {
         let found = problems(
             "[server]\nworkers = \"two\"\ncolour = 1\nmax_body_bytes = -1\n\
@@ -574,7 +605,8 @@ mod tests {
                 "2: server.workers: invalid type: string \"two\", expected i64",
                 "3: server.colour: unknown field `colour`, expected one of `listen`, \
                  `max_body_bytes`, `upstream_timeout`, `idle_timeout`, `shutdown_grace`, \
-                 `header_read_timeout`, `body_read_timeout`, `workers`, `tls`",
+                 `header_read_timeout`, `body_read_timeout`, `workers`, `max_connections`, \
+                 `keepalive_timeout`, `tls`",
                 "6: orgs.o.limits.tokens: invalid type: string \"lots\", expected i64",
                 "7: orgs.o.plann: unknown field `plann`; did you mean `plan`?",
             ]

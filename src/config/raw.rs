@@ -39,6 +39,8 @@ pub struct RawServer {
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub workers: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub keepalive_timeout: Option<String>,
     pub tls: Option<RawTls>,
 }
 

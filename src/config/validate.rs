@@ -31,6 +31,9 @@ use crate::store::RedisTarget;
 /// More worker threads than this is a typo, not a machine.
 const MAX_WORKERS: i64 = 1024;
 
+/// More connections than this is a typo, not a gateway.
+const MAX_CONNECTIONS: i64 = 10_000_000;
+
 struct Checker<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<Problem>,
@@ -212,6 +215,17 @@ pub(super) fn validate(
                 1
             }
         };
+        let max_connections = match s.max_connections {
+            None => None,
+            Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => Some(n as usize),
+            Some(n) => {
+                c.problem(
+                    &path.key("max_connections"),
+                    format!("must be between 1 and {MAX_CONNECTIONS} (got {n})"),
+                );
+                None
+            }
+        };
         if s.tls.is_some() {
             c.not_supported_yet(&path.key("tls"), "TLS termination");
         }
@@ -243,6 +257,12 @@ pub(super) fn validate(
                 &path.key("body_read_timeout"),
                 s.body_read_timeout.as_deref(),
                 Duration::from_secs(30),
+            ),
+            max_connections,
+            keepalive_timeout: c.duration(
+                &path.key("keepalive_timeout"),
+                s.keepalive_timeout.as_deref(),
+                Duration::from_secs(75),
             ),
         }
     };

@@ -10,7 +10,6 @@
 //! client sent; one without keeps the client's, for the backend's own auth.
 //! Bodies stream both ways.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::time::Sleep;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -30,11 +28,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 mod pool;
+mod upload;
 
 use self::pool::{Http1Pool, Lease};
-use crate::accept::ClientAddr;
+use crate::accept::{ClientAddr, ClientFault};
 use crate::config::Upstream;
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::silence::SilenceTimer;
 use crate::{Body, BoxError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -74,15 +75,18 @@ pub struct Forwarder {
     upstreams: Vec<(Upstream, Connections)>,
     timeout: Duration,
     idle_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Forwarder {
-    /// `timeout` bounds the wait for response headers, `idle_timeout` each
-    /// wait for more of a response body.
+    /// `timeout` bounds the upstream's part of the wait for response headers
+    /// (see `upload`), `idle_timeout` each wait for more of a response
+    /// body.
     pub fn new(
         upstreams: Vec<Upstream>,
         timeout: Duration,
         idle_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Result<Forwarder, rustls::Error> {
         let upstreams = upstreams
             .into_iter()
@@ -99,6 +103,7 @@ impl Forwarder {
             upstreams,
             timeout,
             idle_timeout,
+            metrics,
         })
     }
 
@@ -130,48 +135,91 @@ impl Forwarder {
         *request.version_mut() = Version::HTTP_11;
         prepare_headers(request.headers_mut(), authority, upstream, client.as_ref());
 
-        let sent = tokio::time::timeout(self.timeout, async {
-            match connections {
-                Connections::Http1(pool) => pool
-                    .send(request)
-                    .await
-                    .map(|(response, lease)| (response, Some(lease))),
-                Connections::Tls(client) => match client.request(request).await {
-                    Ok(response) => Ok((response, None)),
-                    Err(error) => Err(BoxError::from(error)),
-                },
-            }
-        })
-        .await;
-        let (mut response, lease) = match sent {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(error)) => {
-                tracing::warn!(upstream = %upstream.name, error = %error_chain(&*error), "upstream request failed");
-                return Err(GatewayError::UpstreamUnreachable);
-            }
-            Err(_) => {
-                tracing::warn!(upstream = %upstream.name, timeout = ?self.timeout, "upstream sent no response in time");
-                return Err(GatewayError::UpstreamTimeout);
-            }
-        };
+        let (mut response, lease) = self.send(upstream, connections, request).await?;
         remove_hop_by_hop(response.headers_mut());
         let idle = self.idle_timeout;
         Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
     }
+
+    /// Sends `request` on `connections`, within `upstream_timeout` of the
+    /// upstream's own time (see `upload`).
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        connections: &Connections,
+        request: Request<Body>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), GatewayError> {
+        // A request without a body has nothing to wait on but the upstream.
+        if request.body().is_end_stream() {
+            return tokio::time::timeout(self.timeout, send_on(connections, request))
+                .await
+                .unwrap_or_else(|_| Err(SendError::TimedOut))
+                .map_err(|error| self.failed(upstream, error, None));
+        }
+        let (parts, body) = request.into_parts();
+        let (body, mut clock) = upload::start(body, self.timeout);
+        let sent = tokio::select! {
+            sent = send_on(connections, Request::from_parts(parts, body)) => sent,
+            () = clock.expired() => Err(SendError::TimedOut),
+        };
+        sent.map_err(|error| self.failed(upstream, error, clock.client_fault()))
+    }
+
+    /// The answer to a send that failed: the client's fault when its body
+    /// failed, else the upstream's.
+    fn failed(
+        &self,
+        upstream: &Upstream,
+        error: SendError,
+        client_fault: Option<ClientFault>,
+    ) -> GatewayError {
+        if let Some(fault) = client_fault {
+            self.metrics.client_body_failed(fault);
+            return fault.into();
+        }
+        match error {
+            SendError::Failed(error) => {
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(&*error), "upstream request failed");
+                GatewayError::UpstreamUnreachable
+            }
+            SendError::TimedOut => {
+                tracing::warn!(upstream = %upstream.name, timeout = ?self.timeout, "upstream sent no response in time");
+                GatewayError::UpstreamTimeout
+            }
+        }
+    }
+}
+
+/// Why a request could not be sent.
+enum SendError {
+    Failed(BoxError),
+    TimedOut,
+}
+
+/// Sends `request` on `connections`, with no timeout of its own.
+async fn send_on(
+    connections: &Connections,
+    request: Request<Body>,
+) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+    match connections {
+        Connections::Http1(pool) => pool
+            .send(request)
+            .await
+            .map(|(response, lease)| (response, Some(lease)))
+            .map_err(SendError::Failed),
+        Connections::Tls(client) => match client.request(request).await {
+            Ok(response) => Ok((response, None)),
+            Err(error) => Err(SendError::Failed(error.into())),
+        },
+    }
 }
 
 /// An upstream response body. It fails once it has sent nothing for
-/// `idle`: a stream may run for as long as it keeps moving, but not hang
-/// forever. At its end, its connection goes back to the pool.
-///
-/// The timer is armed only when the body has to wait, so a body that is
-/// ready whenever it is polled (most small answers) never touches it.
+/// `idle_timeout`: a stream may run for as long as it keeps moving, but not
+/// hang forever. At its end, its connection goes back to the pool.
 struct UpstreamBody {
     inner: Incoming,
-    idle: Duration,
-    /// Allocated on the first wait, then re-armed for each later one.
-    deadline: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    silence: SilenceTimer,
     /// The pooled connection the body arrives on, until the body ends.
     lease: Option<Lease>,
 }
@@ -180,9 +228,7 @@ impl UpstreamBody {
     fn new(inner: Incoming, idle: Duration, lease: Option<Lease>) -> UpstreamBody {
         let mut body = UpstreamBody {
             inner,
-            idle,
-            deadline: None,
-            armed: false,
+            silence: SilenceTimer::new(idle),
             lease,
         };
         // An empty body may never be polled.
@@ -213,7 +259,7 @@ impl HttpBody for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.armed = false;
+            this.silence.moved();
             // The server stops polling once a body says it is at its end.
             let ended = match &frame {
                 None => true,
@@ -225,18 +271,11 @@ impl HttpBody for UpstreamBody {
             }
             return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
         }
-        let until = tokio::time::Instant::now() + this.idle;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-        if !this.armed {
-            deadline.as_mut().reset(until);
-            this.armed = true;
-        }
-        match deadline.as_mut().poll(cx) {
+        match this.silence.poll_expired(cx) {
             Poll::Ready(()) => {
-                tracing::warn!(idle = ?this.idle, "cutting an upstream body that went idle");
-                Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)))))
+                let idle = this.silence.limit();
+                tracing::warn!(?idle, "cutting an upstream body that went idle");
+                Poll::Ready(Some(Err(Box::new(UpstreamIdle(idle)))))
             }
             Poll::Pending => Poll::Pending,
         }

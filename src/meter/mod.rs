@@ -19,6 +19,7 @@ use std::pin::Pin;
 
 use http::HeaderValue;
 
+use crate::accept::ClientFault;
 use crate::error::{Denial, GatewayError};
 use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
@@ -101,7 +102,10 @@ impl Meter {
         }
         let (head, body) = tokio::time::timeout(self.body_read_timeout, self.buffer(request))
             .await
-            .map_err(|_| GatewayError::BodyTimeout)??;
+            .map_err(|_| {
+                self.ledger.metrics.client_body_failed(ClientFault::Late);
+                GatewayError::from(ClientFault::Late)
+            })??;
         let charge = Charge {
             route,
             org,
@@ -342,10 +346,11 @@ impl Meter {
             Box::pin(Limited::new(body, limit).collect());
         let collected = collecting.await.map_err(|error| {
             if error.downcast_ref::<LengthLimitError>().is_some() {
-                too_large
-            } else {
-                GatewayError::ClientBody
+                return too_large;
             }
+            let fault = ClientFault::of(&*error).unwrap_or(ClientFault::Unreadable);
+            self.ledger.metrics.client_body_failed(fault);
+            fault.into()
         })?;
         Ok((head, collected.to_bytes()))
     }

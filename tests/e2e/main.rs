@@ -2,6 +2,7 @@
 //! stand-in upstream.
 
 mod cli;
+mod connections;
 mod enforcement;
 mod errors;
 mod forwarding;

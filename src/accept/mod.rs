@@ -12,15 +12,22 @@
 //! worker accept from the socket, keeps the workers evenly loaded without
 //! `SO_REUSEPORT`, which would let a second gateway bind the same port.
 //!
-//! Each connection speaks HTTP/1.1 or HTTP/2 (by preface), must send its
-//! request headers in time, and shuts down gracefully: on the signal the
+//! Each connection speaks HTTP/1.1 or HTTP/2 (by preface), is one of at
+//! most `server.max_connections` (`limit`), must make its first request in
+//! time and is closed once idle (`conn`), has its request body read as the
+//! client's (`body`), and shuts down gracefully: on the signal the
 //! listener closes, open connections finish their in-flight requests,
 //! whatever is still open when the grace period ends is dropped, and
 //! settlements already started are given the same grace to complete.
 
+mod body;
+mod conn;
+mod limit;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,17 +35,20 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
-use tower_http::add_extension::AddExtension;
 
+pub use self::body::{ClientBodyError, ClientFault, client_body};
+use self::conn::{Activity, ConnectionService, IdleLimits};
+use self::limit::ConnectionLimit;
 use crate::Body;
 use crate::config::ServerConfig;
+use crate::metrics::{BurstLog, Metrics};
 
 /// The whole gateway as one cloneable HTTP service.
 pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
@@ -66,17 +76,25 @@ impl ClientAddr {
 }
 
 /// A connection on its way to a worker.
-type Accepted = (std::net::TcpStream, SocketAddr);
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    at: Instant,
+    /// Its place under `max_connections`, given back when it closes.
+    permit: OwnedSemaphorePermit,
+}
 
 /// Serves `listener` on `server.workers` threads, each running the service
 /// `service_for_worker` builds on it, until `shutdown` completes; then
-/// drains every worker and waits for the `settling` tasks.
+/// drains every worker and waits for the `settling` tasks. Refused
+/// connections and failed accepts are counted in `metrics`.
 ///
 /// Returns an error, with every worker stopped, if one could not start:
 /// the error `service_for_worker` gave, or why a thread or runtime could not.
 pub async fn serve_on_workers<E>(
     listener: std::net::TcpListener,
     server: &ServerConfig,
+    metrics: Arc<Metrics>,
     service_for_worker: impl Fn() -> Result<HttpService, E> + Send + Sync + 'static,
     settling: TaskTracker,
     shutdown: impl Future<Output = ()>,
@@ -125,7 +143,8 @@ where
         }
     }
     if failed.is_none() {
-        accept(&listener, &queues, shutdown).await;
+        let limit = ConnectionLimit::new(max_connections(server), metrics.clone());
+        accept(&listener, &queues, &limit, &metrics, shutdown).await;
     }
     // Closing the socket refuses new connections at once; closing the queues
     // tells each worker to drain.
@@ -139,13 +158,41 @@ where
     failed.map_or(Ok(()), Err)
 }
 
-/// Accepts until `shutdown`, dealing connections to the worker queues in turn.
+/// `server.max_connections`, or the default the descriptor limit allows,
+/// once that limit is raised as far as it goes.
+fn max_connections(server: &ServerConfig) -> usize {
+    let descriptors = limit::raise_descriptor_limit();
+    let max = match (server.max_connections, descriptors) {
+        (Some(max), Some(descriptors)) => {
+            if max > limit::default_max_connections(descriptors) {
+                tracing::warn!(
+                    max_connections = max,
+                    descriptors,
+                    "max_connections is more than the descriptor limit leaves room for; \
+                     accepts may fail before it is reached"
+                );
+            }
+            max
+        }
+        (Some(max), None) => max,
+        (None, Some(descriptors)) => limit::default_max_connections(descriptors),
+        (None, None) => limit::default_max_connections(1024),
+    };
+    tracing::info!(max_connections = max, "connection limit");
+    max
+}
+
+/// Accepts until `shutdown`, dealing connections to the worker queues in
+/// turn; a connection past the limit is closed at once.
 async fn accept(
     listener: &TcpListener,
     queues: &[mpsc::UnboundedSender<Accepted>],
+    limit: &ConnectionLimit,
+    metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     let mut next = 0;
     loop {
         let accepted = tokio::select! {
@@ -155,11 +202,16 @@ async fn accept(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors and the like: pause rather than spin.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Metrics::count(&metrics.accept_errors);
+                backoff.pause(&error).await;
                 continue;
             }
+        };
+        backoff.reset();
+        let at = Instant::now();
+        let Some(permit) = limit.admit() else {
+            drop(stream);
+            continue;
         };
         // Small request/response exchanges must not wait on Nagle's algorithm.
         if let Err(error) = stream.set_nodelay(true) {
@@ -168,7 +220,12 @@ async fn accept(
         let Ok(stream) = stream.into_std() else {
             continue;
         };
-        let mut connection = Some((stream, peer));
+        let mut connection = Some(Accepted {
+            stream,
+            peer,
+            at,
+            permit,
+        });
         // A worker that is gone (its thread panicked) is passed over.
         for _ in 0..queues.len() {
             let queue = &queues[next % queues.len()];
@@ -182,6 +239,48 @@ async fn accept(
             tracing::error!("no worker is left to serve connections");
             return;
         }
+    }
+}
+
+/// The pause after a failed accept: out of descriptors or memory, the
+/// next accept would fail at once too. It doubles from 5 ms to 1 s while
+/// accepts keep failing, as Go's `net/http` does, and the failures are
+/// logged once per burst.
+struct AcceptBackoff {
+    delay: Duration,
+    log: BurstLog,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> AcceptBackoff {
+        AcceptBackoff {
+            delay: Duration::ZERO,
+            log: BurstLog::default(),
+        }
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const LONGEST: Duration = Duration::from_secs(1);
+
+    async fn pause(&mut self, error: &std::io::Error) {
+        self.delay = (self.delay * 2).clamp(Self::FIRST, Self::LONGEST);
+        if let Some(held_back) = self.log.admit() {
+            tracing::warn!(
+                %error,
+                held_back,
+                "accept failed; retrying after a pause of up to {:?}, \
+                 further failures within {:?} are counted, not logged",
+                Self::LONGEST,
+                self.log.window()
+            );
+        }
+        tokio::time::sleep(self.delay).await;
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::ZERO;
     }
 }
 
@@ -226,47 +325,33 @@ impl Worker {
     async fn serve(mut self, service: HttpService) {
         let server = &self.server;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(server.header_read_timeout)
-            .keep_alive(true);
+        // hyper's own header timer is off: it would cut idle keep-alive
+        // connections at `header_read_timeout` and miss silent ones (see
+        // `conn`, which times both).
+        builder.http1().header_read_timeout(None).keep_alive(true);
         builder.http2().timer(TokioTimer::new());
-        let graceful = GracefulShutdown::new();
+        let limits = IdleLimits {
+            first_request: server.header_read_timeout,
+            between_requests: server.keepalive_timeout,
+            // A client gets as long to finish a close as to send a head.
+            close: server.header_read_timeout,
+        };
+        let shutdown = CancellationToken::new();
         // Held so that connections still open when the grace period ends can
         // be cut; finished ones are reaped as new ones arrive.
         let mut open = JoinSet::new();
 
-        while let Some((stream, peer)) = self.connections.recv().await {
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "could not take on a connection");
-                    continue;
-                }
-            };
-            let service =
-                TowerToHyperService::new(AddExtension::new(service.clone(), ClientAddr::new(peer)));
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
+        while let Some(accepted) = self.connections.recv().await {
             while open.try_join_next().is_some() {}
-            open.spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%peer, error = %error, "connection ended with an error");
-                }
-            });
-        }
-
-        let deadline = tokio::time::Instant::now() + server.shutdown_grace;
-        tokio::select! {
-            () = graceful.shutdown() => tracing::debug!("all connections drained"),
-            () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(open = open.len(), "grace period over, dropping open connections");
+            let service = service.clone();
+            if let Some(connection) = connection(&builder, service, accepted, limits, &shutdown) {
+                open.spawn(connection);
             }
         }
-        open.abort_all();
+
+        shutdown.cancel();
+        let deadline = Instant::now() + server.shutdown_grace;
+        drain(open, deadline).await;
         // This runtime drives the settlements its requests started; it must
         // outlive them, or they would be dropped unfinished.
         if tokio::time::timeout_at(deadline, self.settling.wait())
@@ -279,6 +364,67 @@ impl Worker {
             );
         }
     }
+}
+
+/// Waits for the `open` connections to finish closing, and cuts those still
+/// open at `deadline`.
+async fn drain(mut open: JoinSet<()>, deadline: Instant) {
+    let drained = tokio::time::timeout_at(deadline, async {
+        while open.join_next().await.is_some() {}
+    });
+    match drained.await {
+        Ok(()) => tracing::debug!("all connections drained"),
+        Err(_) => {
+            tracing::warn!(
+                open = open.len(),
+                "grace period over, dropping open connections"
+            );
+            open.abort_all();
+        }
+    }
+}
+
+/// The task that serves one accepted connection to its close.
+fn connection(
+    builder: &auto::Builder<TokioExecutor>,
+    service: HttpService,
+    accepted: Accepted,
+    limits: IdleLimits,
+    shutdown: &CancellationToken,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let Accepted {
+        stream,
+        peer,
+        at,
+        permit,
+    } = accepted;
+    let stream = TcpStream::from_std(stream)
+        .map_err(|error| tracing::debug!(%peer, %error, "could not take on a connection"))
+        .ok()?;
+    let activity = Activity::new(at);
+    let service = ConnectionService {
+        service,
+        client: ClientAddr::new(peer),
+        activity: activity.clone(),
+    };
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    let shutdown = shutdown.clone();
+    Some(async move {
+        let ended = conn::drive(
+            connection,
+            |connection| connection.graceful_shutdown(),
+            activity,
+            limits,
+            shutdown,
+        )
+        .await;
+        if let Err(error) = ended {
+            tracing::debug!(%peer, error = %error, "connection ended with an error");
+        }
+        drop(permit);
+    })
 }
 
 /// Waits for the worker threads without blocking the caller's runtime.

@@ -1,0 +1,303 @@
+//! One client connection, from accept to close: whether a request is in
+//! flight on it, and how long it may sit without one.
+//!
+//! A connection that has not made a request within `header_read_timeout` of
+//! being accepted is closed, whether it sent nothing, part of a header or
+//! only the HTTP/2 preface; one that has answered its requests is closed
+//! once it has been idle for `keepalive_timeout` (HTTP/2: a GOAWAY). This is
+//! tracked here, at the service, because hyper cannot: hyper-util's `auto`
+//! connection reads the first bytes to choose the protocol with no timer at
+//! all, and hyper 1.12's HTTP/1.1 `header_read_timeout` starts only after
+//! that, is re-armed for the wait between requests (so it would cut idle
+//! keep-alive connections at the header timeout), and HTTP/2 has neither.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+use super::{ClientAddr, HttpService};
+use crate::Body;
+
+/// What one connection is doing; its clones are handed to its requests.
+#[derive(Clone)]
+pub struct Activity {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    phase: Mutex<Phase>,
+    /// Told when the last request in flight finishes.
+    idle: Notify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// This many requests are in flight.
+    Busy(usize),
+    /// No request in flight since `since`; `served`: not since accept, but
+    /// since the last answer.
+    Idle { since: Instant, served: bool },
+}
+
+/// How long a connection may be idle: before its first request, and
+/// between requests; and how long it then has to finish closing.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleLimits {
+    pub first_request: Duration,
+    pub between_requests: Duration,
+    pub close: Duration,
+}
+
+impl Activity {
+    /// A connection accepted at `accepted`, with no request yet.
+    pub fn new(accepted: Instant) -> Activity {
+        Activity {
+            shared: Arc::new(Shared {
+                phase: Mutex::new(Phase::Idle {
+                    since: accepted,
+                    served: false,
+                }),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    /// A request has arrived; it is in flight until the guard is dropped,
+    /// which its response body does once it is sent or abandoned.
+    pub fn begin(&self) -> InFlight {
+        let mut phase = self.lock();
+        *phase = match *phase {
+            Phase::Busy(n) => Phase::Busy(n + 1),
+            Phase::Idle { .. } => Phase::Busy(1),
+        };
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has been idle longer than `limits`
+    /// allow.
+    pub async fn idle_too_long(&self, limits: IdleLimits) {
+        loop {
+            let phase = *self.lock();
+            match phase {
+                // A permit left by an earlier finish only makes this look again.
+                Phase::Busy(_) => self.shared.idle.notified().await,
+                Phase::Idle { since, served } => {
+                    let limit = match served {
+                        false => limits.first_request,
+                        true => limits.between_requests,
+                    };
+                    tokio::time::sleep_until(since + limit).await;
+                    if *self.lock() == phase {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {
+        // A phase is valid whatever a panicking holder was doing.
+        self.shared
+            .phase
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A request in flight on its connection.
+pub struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut phase = self.0.lock();
+        *phase = match *phase {
+            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+            _ => {
+                self.0.shared.idle.notify_one();
+                Phase::Idle {
+                    since: Instant::now(),
+                    served: true,
+                }
+            }
+        };
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+pub struct Answer<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Answer<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Answer<B> {
+        Answer {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Answer<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The gateway's service on one connection: each request carries the
+/// client's address, and is in flight until its answer has been sent.
+#[derive(Clone)]
+pub struct ConnectionService {
+    pub service: HttpService,
+    pub client: ClientAddr,
+    pub activity: Activity,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnectionService {
+    type Response = Response<Answer<Body>>;
+    type Error = Infallible;
+    type Future = Answering;
+
+    fn call(&self, mut request: Request<Incoming>) -> Answering {
+        request.extensions_mut().insert(self.client.clone());
+        Answering {
+            answer: self.service.clone().oneshot(request),
+            in_flight: Some(self.activity.begin()),
+        }
+    }
+}
+
+/// A request on its way to its answer.
+pub struct Answering {
+    answer: Oneshot<HttpService, Request<Incoming>>,
+    in_flight: Option<InFlight>,
+}
+
+impl Future for Answering {
+    type Output = Result<Response<Answer<Body>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(Pin::new(&mut self.answer).poll(cx))?;
+        // Not polled again once ready; if it were, it would wait forever
+        // rather than panic.
+        let Some(in_flight) = self.in_flight.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(response.map(|body| Answer::new(body, in_flight))))
+    }
+}
+
+/// Why a connection is being closed.
+enum Closing {
+    Idle,
+    Shutdown,
+}
+
+/// Drives `connection` to its end. On `shutdown`, or once it has been idle
+/// too long, it is asked to close (`close`: hyper's graceful shutdown, which
+/// finishes what is in flight); after an idle close, a client that has not
+/// let it finish within `limits.close` (an HTTP/2 client that never answers
+/// the GOAWAY's ping) is dropped. After a shutdown, the worker's grace
+/// period bounds the wait.
+pub async fn drive<C, E>(
+    connection: C,
+    close: impl FnOnce(Pin<&mut C>),
+    activity: Activity,
+    limits: IdleLimits,
+    shutdown: CancellationToken,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let closing = tokio::select! {
+        ended = connection.as_mut() => return ended,
+        () = activity.idle_too_long(limits) => Closing::Idle,
+        () = shutdown.cancelled() => Closing::Shutdown,
+    };
+    close(connection.as_mut());
+    match closing {
+        Closing::Idle => tokio::time::timeout(limits.close, connection)
+            .await
+            .unwrap_or(Ok(())),
+        Closing::Shutdown => connection.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: IdleLimits = IdleLimits {
+        first_request: Duration::from_secs(1),
+        between_requests: Duration::from_secs(5),
+        close: Duration::from_secs(1),
+    };
+
+    /// Whether the connection counts as idle too long after `advance` more.
+    async fn too_long_after(activity: &Activity, advance: Duration) -> bool {
+        tokio::time::advance(advance).await;
+        let idle = activity.idle_too_long(LIMITS);
+        tokio::time::timeout(Duration::ZERO, idle).await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_idle_too_long_at_the_first_limit_from_accept() {
+        let activity = Activity::new(Instant::now());
+        assert!(!too_long_after(&activity, Duration::from_millis(999)).await);
+        assert!(too_long_after(&activity, Duration::from_millis(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_keeps_the_connection_and_its_answer_starts_the_second_limit() {
+        let activity = Activity::new(Instant::now());
+        let first = activity.begin();
+        let second = activity.begin();
+        assert!(!too_long_after(&activity, Duration::from_secs(60)).await);
+        drop(first);
+        assert!(!too_long_after(&activity, Duration::from_secs(60)).await);
+        drop(second);
+        assert!(!too_long_after(&activity, Duration::from_millis(4999)).await);
+        assert!(too_long_after(&activity, Duration::from_millis(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_already_waiting_follows_requests_that_come_and_go() {
+        let activity = Activity::new(Instant::now());
+        let watching = activity.clone();
+        let watch = tokio::spawn(async move { watching.idle_too_long(LIMITS).await });
+        tokio::time::advance(Duration::from_millis(500)).await;
+        drop(activity.begin());
+        tokio::time::advance(Duration::from_millis(4000)).await;
+        tokio::task::yield_now().await;
+        assert!(!watch.is_finished(), "the answer restarted the idle time");
+        let finished = tokio::time::timeout(Duration::from_millis(1001), watch).await;
+        assert!(finished.is_ok());
+    }
+}
