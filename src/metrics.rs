@@ -4,7 +4,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::accept::ClientFault;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -63,7 +62,7 @@ impl Metrics {
     /// Counts a request body the client got wrong and logs it, at most once
     /// per burst: a client's fault is not the operator's, and a flood of
     /// them must not flood the log.
-    pub fn client_body_failed(&self, fault: ClientFault) {
+    pub fn client_body_failed(&self, fault: impl std::fmt::Display) {
         Metrics::count(&self.client_body_faults);
         if let Some(held_back) = self.client_fault_log.admit() {
             tracing::info!(
