@@ -86,7 +86,7 @@ impl App {
             clock: self.clock.clone(),
         };
         Ok(stack::build(Gateway::new(
-            Router::new(&config.routes),
+            Router::new(&config.routes, config.server.paths),
             Identifier::new(config.identity.clone()),
             meter,
             Forwarder::new(
