@@ -5,7 +5,9 @@
 //!   estimate has to do anyway);
 //! - scanning an SSE stream for usage, passing it through or rewriting it,
 //!   against copying the same pieces;
-//! - routing among the reference config's eight routes, and the quota decision.
+//! - routing among the reference config's eight routes; normalizing a path
+//!   before it (the common already-normal path, against copying it, and one
+//!   that needs work); and the quota decision.
 
 use std::hint::black_box;
 
@@ -16,7 +18,8 @@ use tollgate::llm::estimate::{self, EstimateRules};
 use tollgate::llm::sse::SseScanner;
 use tollgate::llm::{Api, CompletionBound};
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
-use tollgate::route::{Route, Router};
+use tollgate::route::path::{AmbiguousPaths, normalize};
+use tollgate::route::{PathRules, Route, Router};
 
 /// A chat completions body of 4 KB (4,091 bytes): a system prompt, a few
 /// turns, a tool. The same content and size as the load benchmark's body
@@ -122,36 +125,39 @@ fn routing_and_decision(c: &mut Criterion) {
         on_store_error: None,
         refund_statuses: None,
     };
-    let router = Router::new(&[
-        route(
-            "playbook-execute",
-            Some(Method::POST),
-            "/api/v1/playbooks/{id}/execute",
-        ),
-        route(
-            "brief-generate",
-            Some(Method::POST),
-            "/api/v1/content/briefs/generate",
-        ),
-        route(
-            "content-rewrite",
-            Some(Method::POST),
-            "/api/v1/content/rewrite",
-        ),
-        route(
-            "member-add",
-            Some(Method::POST),
-            "/api/v1/orgs/{org}/members",
-        ),
-        route(
-            "member-remove",
-            Some(Method::DELETE),
-            "/api/v1/orgs/{org}/members/{member}",
-        ),
-        route("openai-chat", Some(Method::POST), "/v1/chat/completions"),
-        route("anthropic-messages", Some(Method::POST), "/v1/messages"),
-        route("everything-else", None, "/{*rest}"),
-    ]);
+    let router = Router::new(
+        &[
+            route(
+                "playbook-execute",
+                Some(Method::POST),
+                "/api/v1/playbooks/{id}/execute",
+            ),
+            route(
+                "brief-generate",
+                Some(Method::POST),
+                "/api/v1/content/briefs/generate",
+            ),
+            route(
+                "content-rewrite",
+                Some(Method::POST),
+                "/api/v1/content/rewrite",
+            ),
+            route(
+                "member-add",
+                Some(Method::POST),
+                "/api/v1/orgs/{org}/members",
+            ),
+            route(
+                "member-remove",
+                Some(Method::DELETE),
+                "/api/v1/orgs/{org}/members/{member}",
+            ),
+            route("openai-chat", Some(Method::POST), "/v1/chat/completions"),
+            route("anthropic-messages", Some(Method::POST), "/v1/messages"),
+            route("everything-else", None, "/{*rest}"),
+        ],
+        PathRules::default(),
+    );
     let mut group = c.benchmark_group("per request");
     group.bench_function("route: first of eight", |b| {
         b.iter(|| {
@@ -160,6 +166,26 @@ fn routing_and_decision(c: &mut Criterion) {
     });
     group.bench_function("route: catch-all, last", |b| {
         b.iter(|| black_box(router.find(&Method::GET, black_box("/api/v2/reports/weekly"))))
+    });
+    // What the fast path saves: a normalizer that always builds its result.
+    group.bench_function("baseline: copy a typical path", |b| {
+        b.iter(|| black_box(black_box("/api/v1/playbooks/pb_1/execute").to_string()))
+    });
+    group.bench_function("normalize a typical path", |b| {
+        b.iter(|| {
+            black_box(normalize(
+                black_box("/api/v1/playbooks/pb_1/execute"),
+                AmbiguousPaths::Reject,
+            ))
+        })
+    });
+    group.bench_function("normalize a path with escapes and dot segments", |b| {
+        b.iter(|| {
+            black_box(normalize(
+                black_box("//api/v1/./x/../playbooks/pb_1/%65xecute"),
+                AmbiguousPaths::Reject,
+            ))
+        })
     });
     let limits = Limits::UNLIMITED
         .with(Dimension::Tokens, 100_000)

@@ -92,7 +92,7 @@ impl App {
             self.metrics.clone(),
         )?;
         let gateway = Gateway::new(
-            Router::new(&config.routes),
+            Router::new(&config.routes, config.server.paths),
             Identifier::new(config.identity.clone()),
             meter,
             forwarder,

@@ -16,11 +16,14 @@ use crate::accept::ClientFault;
 use crate::org::OrgPolicy;
 use crate::period::Period;
 use crate::quota::Exceeded;
+use crate::route::{PathError, TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("no route matches this method and path")]
     NoRoute,
+    #[error(transparent)]
+    Target(#[from] TargetError),
     #[error("this route is metered and needs a gateway API key or a verified org")]
     Unauthenticated,
     #[error("the bearer token was not accepted: {0}")]
@@ -76,7 +79,8 @@ impl GatewayError {
             GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
             | GatewayError::UnknownApiKey => StatusCode::UNAUTHORIZED,
-            GatewayError::InvalidOrgId
+            GatewayError::Target(_)
+            | GatewayError::InvalidOrgId
             | GatewayError::DuplicateHeader(_)
             | GatewayError::InvalidBody(_)
             | GatewayError::ClientBody => StatusCode::BAD_REQUEST,
@@ -94,6 +98,10 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "NOT_FOUND",
+            GatewayError::Target(TargetError::Path(PathError::Ambiguous(_))) => "AMBIGUOUS_PATH",
+            GatewayError::Target(TargetError::Path(PathError::BadEscape))
+            | GatewayError::Target(TargetError::Unforwardable) => "INVALID_PATH",
+            GatewayError::Target(TargetError::MethodCase(_)) => "INVALID_METHOD",
             GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
             | GatewayError::UnknownApiKey => "UNAUTHORIZED",

@@ -9,7 +9,10 @@
 //!
 //!    Around the steps below, [`stack`]: the tower layers, and the gateway
 //!    service that runs the steps in order.
-//! 2. [`route`]: method + path to a configured route (404 when none).
+//! 2. [`route`]: method + path to a configured route (404 when none), on
+//!    the path in the canonical form it is also forwarded in, with no
+//!    method-override header left (400 for an ambiguous path or a standard
+//!    method in another letter case).
 //! 3. [`identify`]: the org that pays: gateway API key, verified JWT or an
 //!    org header from a trusted peer (401; 400 for a repeated credential).
 //! 4. [`meter`]: buffer the body (413, 408), price it (an estimate of an

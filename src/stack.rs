@@ -106,7 +106,7 @@ impl Gateway {
         let peer = client.as_ref().map(|c| c.ip);
         let route = steps
             .router
-            .find(request.method(), request.uri().path())
+            .route(&mut request)?
             .ok_or(GatewayError::NoRoute)?;
 
         let Some(cost) = &route.cost else {

@@ -19,7 +19,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::org::{OrgDirectory, OrgId};
-use crate::route::Route;
+use crate::route::{PathRules, Route};
 use crate::store::OnStoreError;
 use crate::store::RedisTarget;
 
@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// A connection with no request in flight for this long is closed.
     pub keepalive_timeout: Duration,
+    /// How request paths are read before routing.
+    pub paths: PathRules,
 }
 
 #[derive(Clone, Debug)]
@@ -605,8 +607,8 @@ mod tests {
                 "2: server.workers: invalid type: string \"two\", expected i64",
                 "3: server.colour: unknown field `colour`, expected one of `listen`, \
                  `max_body_bytes`, `upstream_timeout`, `idle_timeout`, `shutdown_grace`, \
-                 `header_read_timeout`, `body_read_timeout`, `workers`, `max_connections`, \
-                 `keepalive_timeout`, `tls`",
+                 `header_read_timeout`, `body_read_timeout`, `ambiguous_paths`, `path_case`, \
+                 `workers`, `max_connections`, `keepalive_timeout`, `tls`",
                 "6: orgs.o.limits.tokens: invalid type: string \"lots\", expected i64",
                 "7: orgs.o.plann: unknown field `plann`; did you mean `plan`?",
             ]
@@ -645,6 +647,28 @@ mod tests {
         ] {
             assert_eq!(source.trusts(peer.parse().unwrap()), trusted, "{peer}");
         }
+    }
+
+    #[test]
+    fn paths_are_read_strictly_by_default_and_each_rule_takes_its_two_words() {
+        use crate::route::{AmbiguousPaths, PathCase};
+        let config = Config::parse("", "t.toml", &env).unwrap();
+        assert_eq!(config.server.paths.ambiguous, AmbiguousPaths::Reject);
+        assert_eq!(config.server.paths.case, PathCase::Insensitive);
+
+        let text = "[server]\nambiguous_paths = \"forward\"\npath_case = \"sensitive\"\n";
+        let config = Config::parse(text, "t.toml", &env).unwrap();
+        assert_eq!(config.server.paths.ambiguous, AmbiguousPaths::Forward);
+        assert_eq!(config.server.paths.case, PathCase::Sensitive);
+
+        let found = problems("[server]\nambiguous_paths = \"decode\"\npath_case = \"lower\"\n");
+        assert_eq!(
+            found,
+            [
+                "2: server.ambiguous_paths: \"decode\": use \"reject\" or \"forward\"",
+                "3: server.path_case: \"lower\": use \"insensitive\" or \"sensitive\"",
+            ]
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
+    pub ambiguous_paths: Option<String>,
+    pub path_case: Option<String>,
     pub workers: Option<i64>,
     pub max_connections: Option<i64>,
     pub keepalive_timeout: Option<String>,

@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawUpstream};
+use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawUpstream};
 use super::{
     ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, Problem,
@@ -24,7 +24,7 @@ use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
-use crate::route::{Cost, Route};
+use crate::route::{AmbiguousPaths, Cost, PathCase, PathRules, Route};
 use crate::store::OnStoreError;
 use crate::store::RedisTarget;
 
@@ -264,6 +264,7 @@ pub(super) fn validate(
                 s.keepalive_timeout.as_deref(),
                 Duration::from_secs(75),
             ),
+            paths: path_rules(&mut c, &path, s),
         }
     };
 
@@ -349,6 +350,33 @@ pub(super) fn validate(
         })
     } else {
         Err(c.problems)
+    }
+}
+
+/// `[server] ambiguous_paths` and `path_case`.
+fn path_rules(c: &mut Checker<'_>, path: &KeyPath, s: &RawServer) -> PathRules {
+    let defaults = PathRules::default();
+    PathRules {
+        ambiguous: c.parsed(
+            &path.key("ambiguous_paths"),
+            s.ambiguous_paths.as_deref(),
+            defaults.ambiguous,
+            |word| match word {
+                "reject" => Ok(AmbiguousPaths::Reject),
+                "forward" => Ok(AmbiguousPaths::Forward),
+                other => Err(format!("{other:?}: use \"reject\" or \"forward\"")),
+            },
+        ),
+        case: c.parsed(
+            &path.key("path_case"),
+            s.path_case.as_deref(),
+            defaults.case,
+            |word| match word {
+                "insensitive" => Ok(PathCase::Insensitive),
+                "sensitive" => Ok(PathCase::Sensitive),
+                other => Err(format!("{other:?}: use \"insensitive\" or \"sensitive\"")),
+            },
+        ),
     }
 }
 

@@ -23,12 +23,17 @@ use tollgate::org::OrgId;
 use tollgate::quota::{Amounts, Dimension};
 use tollgate::{App, Config};
 
+pub mod backends;
 pub mod provider;
 pub mod redis;
 
 /// What the stand-in upstream saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    pub method: http::Method,
+    /// The request target as it arrived, undecoded: what a backend reads
+    /// its path from ([`backends`] reads it as each would).
+    pub target: String,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -124,6 +129,11 @@ async fn answer(
     }
     let reply = serde_json::json!({"ok": status.is_success(), "path": head.uri.path(), "received_bytes": body.len()});
     state.seen.lock().unwrap().push(Seen {
+        method: head.method.clone(),
+        target: head
+            .uri
+            .path_and_query()
+            .map_or_else(|| head.uri.to_string(), |pq| pq.as_str().to_string()),
         path: head.uri.path().to_string(),
         headers: head.headers,
         body,
@@ -283,6 +293,49 @@ pub async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response
         .send()
         .await
         .unwrap()
+}
+
+/// A raw HTTP/1.1 answer: its status and body.
+pub struct RawAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Sends `method target` to `gateway` byte for byte, as a hostile client
+/// would: an HTTP client library would resolve dot segments and fix escapes
+/// before sending.
+pub async fn send_raw(
+    gateway: &Gateway,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> RawAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nhost: {}\r\ncontent-length: 0\r\nconnection: close\r\n",
+        gateway.addr
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    within(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    RawAnswer {
+        status,
+        body: body.to_string(),
+    }
 }
 
 pub fn client() -> reqwest::Client {

@@ -3,15 +3,28 @@
 //! Routes are tried in config order and the first whose method and path
 //! match wins, so a catch-all placed last never shadows the routes above it.
 //! Each route's path is a `matchit` pattern (`{param}`, `{*rest}`).
+//!
+//! What is matched is what the backend will run: the path in its canonical
+//! form ([`path`]), which is also the path forwarded, and the method with no
+//! override header beside it ([`method`]). A path that differs from a metered
+//! route only in letter case or a trailing slash, which Express and others
+//! route to the same handler, is metered by that route ([`PathCase`]).
 
+mod method;
+pub mod path;
+
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::Method;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Uri};
 
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
 use crate::quota::Amounts;
 use crate::store::OnStoreError;
+
+pub use self::path::{Ambiguity, AmbiguousPaths, PathError};
 
 /// A configured route: what a request matching it costs and where it goes.
 #[derive(Clone, Debug)]
@@ -52,38 +65,189 @@ pub struct Cost {
     pub estimate_tokens: bool,
 }
 
+/// Whether letter case tells paths apart when a metered route is sought.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathCase {
+    /// `/API/v1/X` is metered by a route for `/api/v1/x`, as Express (and
+    /// any case-insensitive backend) would run that route's handler. A
+    /// case-sensitive backend answers 404, and a failed call is refunded.
+    #[default]
+    Insensitive,
+    /// For backends known to route case-sensitively.
+    Sensitive,
+}
+
+/// How request paths are read: `[server] ambiguous_paths` and `path_case`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathRules {
+    pub ambiguous: AmbiguousPaths,
+    pub case: PathCase,
+}
+
+/// Why a request's method and path cannot be routed as sent.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("methods are case-sensitive: send this one as {0}")]
+    MethodCase(Method),
+    #[error("the normalized path could not be forwarded")]
+    Unforwardable,
+}
+
 pub struct Router {
-    routes: Vec<(matchit::Router<()>, Arc<Route>)>,
+    routes: Vec<Entry>,
+    rules: PathRules,
+    /// Every method a route names, for [`method::miscased`].
+    methods: Vec<Method>,
+}
+
+struct Entry {
+    route: Arc<Route>,
+    exact: matchit::Router<()>,
+    loose: Loose,
+}
+
+/// How a route matches a path's loose key ([`loose_key`]).
+enum Loose {
+    /// Not at all: only metered routes are sought loosely.
+    Unmetered,
+    /// As `exact` does: the pattern is its own loose form.
+    Same,
+    /// By the matcher of the pattern's loose form.
+    Own(matchit::Router<()>),
+}
+
+impl Entry {
+    fn allows(&self, method: &Method) -> bool {
+        self.route.method.as_ref().is_none_or(|m| m == method)
+    }
+
+    /// Whether this metered route takes `path` by its loose key `key` but
+    /// not as it is; `key_differs` tells whether `key` is not `path`.
+    fn matches_loosely(&self, path: &str, key: &str, key_differs: bool) -> bool {
+        let loose = match &self.loose {
+            Loose::Unmetered => return false,
+            Loose::Same if !key_differs => return false,
+            Loose::Same => self.exact.at(key).is_ok(),
+            Loose::Own(matcher) => matcher.at(key).is_ok(),
+        };
+        loose && self.exact.at(path).is_err()
+    }
 }
 
 impl Router {
     /// Builds the router from validated routes, whose patterns
     /// [`check_pattern`] has accepted.
-    pub fn new(config: &[Route]) -> Router {
+    pub fn new(config: &[Route], rules: PathRules) -> Router {
         let routes = config
             .iter()
             .filter_map(|route| {
-                let mut matcher = matchit::Router::new();
-                matcher.insert(route.path.as_str(), ()).ok()?;
-                // A trailing catch-all needs at least one character in matchit;
-                // `/{*rest}` must also match `/` itself.
-                if let Some(at) = route.path.find("{*") {
-                    let _ = matcher.insert(&route.path[..at], ());
-                }
-                Some((matcher, Arc::new(route.clone())))
+                let loose = match &route.cost {
+                    None => Loose::Unmetered,
+                    Some(_) => match loose_key(&route.path, rules.case) {
+                        Cow::Borrowed(_) => Loose::Same,
+                        Cow::Owned(pattern) => matcher(&pattern).map_or(Loose::Same, Loose::Own),
+                    },
+                };
+                Some(Entry {
+                    route: Arc::new(route.clone()),
+                    exact: matcher(&route.path)?,
+                    loose,
+                })
             })
             .collect();
-        Router { routes }
+        let methods = config.iter().filter_map(|r| r.method.clone()).collect();
+        Router {
+            routes,
+            rules,
+            methods,
+        }
     }
 
+    /// The route `request` takes, once its method is checked, its override
+    /// headers are gone and its path is in the normal form it is forwarded
+    /// with; `None` when no route matches.
+    pub fn route<B>(&self, request: &mut Request<B>) -> Result<Option<&Arc<Route>>, TargetError> {
+        if let Some(meant) = method::miscased(request.method(), &self.methods) {
+            return Err(TargetError::MethodCase(meant.clone()));
+        }
+        method::remove_overrides(request.headers_mut());
+        let normal = path::normalize(request.uri().path(), self.rules.ambiguous)?;
+        let route = self.find(request.method(), normal.routed());
+        if let Cow::Owned(forwarded) = normal.forwarded {
+            replace_path(request.uri_mut(), forwarded)?;
+        }
+        Ok(route)
+    }
+
+    /// The route for `method` and a path in normal form: the first in
+    /// config order that matches it, unless that one is unmetered (or there
+    /// is none) and a metered route matches the path's loose key, though
+    /// not the path itself. Metering wins there, as the backend may well run
+    /// the metered handler.
     pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
+        let exact = self
+            .routes
+            .iter()
+            .find(|entry| entry.allows(method) && entry.exact.at(path).is_ok());
+        match exact {
+            Some(entry) if entry.route.cost.is_some() => Some(&entry.route),
+            _ => self
+                .find_loosely(method, path)
+                .or(exact.map(|entry| &entry.route)),
+        }
+    }
+
+    fn find_loosely(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
+        let key = loose_key(path, self.rules.case);
+        let key_differs = matches!(key, Cow::Owned(_));
         self.routes
             .iter()
-            .find(|(matcher, route)| {
-                route.method.as_ref().is_none_or(|m| m == method) && matcher.at(path).is_ok()
-            })
-            .map(|(_, route)| route)
+            .find(|entry| entry.allows(method) && entry.matches_loosely(path, &key, key_differs))
+            .map(|entry| &entry.route)
     }
+}
+
+/// A matcher of `pattern`.
+fn matcher(pattern: &str) -> Option<matchit::Router<()>> {
+    let mut matcher = matchit::Router::new();
+    matcher.insert(pattern, ()).ok()?;
+    // A trailing catch-all needs at least one character in matchit;
+    // `/{*rest}` must also match `/` itself.
+    if let Some(at) = pattern.find("{*") {
+        let _ = matcher.insert(&pattern[..at], ());
+    }
+    Some(matcher)
+}
+
+/// A path or pattern as a loose match compares it: without a trailing
+/// slash, and in lower case unless case is told apart. Borrowed when that
+/// is `text` itself, as for nearly every path.
+fn loose_key(text: &str, case: PathCase) -> Cow<'_, str> {
+    let trimmed = match text.strip_suffix('/') {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => text,
+    };
+    let fold = case == PathCase::Insensitive && trimmed.bytes().any(|b| b.is_ascii_uppercase());
+    match (fold, trimmed.len() == text.len()) {
+        (true, _) => Cow::Owned(trimmed.to_ascii_lowercase()),
+        (false, true) => Cow::Borrowed(text),
+        (false, false) => Cow::Owned(trimmed.to_string()),
+    }
+}
+
+/// Puts `path` in place of `uri`'s path, keeping its query.
+fn replace_path(uri: &mut Uri, path: String) -> Result<(), TargetError> {
+    let mut parts = std::mem::take(uri).into_parts();
+    let path_and_query = match parts.path_and_query.as_ref().and_then(PathAndQuery::query) {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(path_and_query).map_err(|_| TargetError::Unforwardable)?);
+    *uri = Uri::from_parts(parts).map_err(|_| TargetError::Unforwardable)?;
+    Ok(())
 }
 
 /// Whether `pattern` is a path pattern the router accepts.
@@ -234,19 +398,22 @@ mod tests {
     }
 
     fn router() -> Router {
-        Router::new(&[
-            route(
-                "execute",
-                Some(Method::POST),
-                "/api/v1/playbooks/{id}/execute",
-            ),
-            route(
-                "members",
-                Some(Method::DELETE),
-                "/api/v1/orgs/{org}/members/{member}",
-            ),
-            route("everything-else", None, "/{*rest}"),
-        ])
+        Router::new(
+            &[
+                route(
+                    "execute",
+                    Some(Method::POST),
+                    "/api/v1/playbooks/{id}/execute",
+                ),
+                route(
+                    "members",
+                    Some(Method::DELETE),
+                    "/api/v1/orgs/{org}/members/{member}",
+                ),
+                route("everything-else", None, "/{*rest}"),
+            ],
+            PathRules::default(),
+        )
     }
 
     fn name(method: Method, path: &str) -> Option<String> {
@@ -268,7 +435,7 @@ mod tests {
     #[test]
     fn a_catch_all_matches_its_own_prefix() {
         assert_eq!(name(Method::GET, "/").as_deref(), Some("everything-else"));
-        let router = Router::new(&[route("v1", None, "/v1/{*rest}")]);
+        let router = Router::new(&[route("v1", None, "/v1/{*rest}")], PathRules::default());
         assert!(router.find(&Method::GET, "/v1/").is_some());
         assert!(router.find(&Method::GET, "/v2/").is_none());
     }
@@ -283,10 +450,13 @@ mod tests {
 
     #[test]
     fn routes_are_tried_in_config_order() {
-        let router = Router::new(&[
-            route("first", None, "/{*rest}"),
-            route("second", None, "/exact"),
-        ]);
+        let router = Router::new(
+            &[
+                route("first", None, "/{*rest}"),
+                route("second", None, "/exact"),
+            ],
+            PathRules::default(),
+        );
         assert_eq!(
             router.find(&Method::GET, "/exact").map(|r| &*r.name),
             Some("first")
@@ -295,9 +465,172 @@ mod tests {
 
     #[test]
     fn no_route_matches_outside_the_patterns() {
-        let router = Router::new(&[route("only", Some(Method::POST), "/v1/messages")]);
+        let router = Router::new(
+            &[route("only", Some(Method::POST), "/v1/messages")],
+            PathRules::default(),
+        );
         assert!(router.find(&Method::POST, "/v1/other").is_none());
         assert!(router.find(&Method::GET, "/v1/messages").is_none());
+    }
+
+    fn metered(name: &str, method: Option<Method>, path: &str) -> Route {
+        Route {
+            cost: Some(Cost {
+                fixed: Amounts::ZERO.with(crate::quota::Dimension::PlaybookRuns, 1),
+                estimate_tokens: false,
+            }),
+            ..route(name, method, path)
+        }
+    }
+
+    fn metering_router(case: PathCase) -> Router {
+        let rules = PathRules {
+            case,
+            ..PathRules::default()
+        };
+        Router::new(
+            &[
+                metered(
+                    "execute",
+                    Some(Method::POST),
+                    "/api/v1/playbooks/{id}/execute",
+                ),
+                metered("upper", Some(Method::POST), "/v1/Reports/"),
+                route("status", None, "/api/v1/playbooks/{id}/status"),
+                route("everything-else", None, "/{*rest}"),
+            ],
+            rules,
+        )
+    }
+
+    fn found(router: &Router, method: Method, path: &str) -> Option<String> {
+        router.find(&method, path).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn a_path_differing_from_a_metered_route_in_case_or_a_trailing_slash_is_metered_by_it() {
+        let router = metering_router(PathCase::Insensitive);
+        for (path, expected) in [
+            ("/API/v1/playbooks/pb1/execute", "execute"),
+            ("/api/v1/playbooks/pb1/EXECUTE", "execute"),
+            ("/api/v1/playbooks/PB1/execute/", "execute"),
+            ("/v1/reports", "upper"),
+            ("/V1/REPORTS/", "upper"),
+            ("/v1/Reports", "upper"),
+        ] {
+            assert_eq!(
+                found(&router, Method::POST, path).as_deref(),
+                Some(expected),
+                "{path}"
+            );
+        }
+        // The method still has to match.
+        assert_eq!(
+            found(&router, Method::GET, "/API/v1/playbooks/pb1/execute").as_deref(),
+            Some("everything-else")
+        );
+    }
+
+    #[test]
+    fn under_sensitive_path_case_only_a_trailing_slash_is_tolerated() {
+        let router = metering_router(PathCase::Sensitive);
+        assert_eq!(
+            found(&router, Method::POST, "/api/v1/playbooks/pb1/execute/").as_deref(),
+            Some("execute")
+        );
+        assert_eq!(
+            found(&router, Method::POST, "/v1/Reports").as_deref(),
+            Some("upper")
+        );
+        for path in ["/API/v1/playbooks/pb1/execute", "/v1/reports/"] {
+            assert_eq!(
+                found(&router, Method::POST, path).as_deref(),
+                Some("everything-else"),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unmetered_route_keeps_the_paths_it_matches_exactly_and_only_those() {
+        let router = Router::new(
+            &[
+                route("unmetered", None, "/a/{x}/c"),
+                metered("metered", None, "/a/b/{y}"),
+            ],
+            PathRules::default(),
+        );
+        assert_eq!(
+            found(&router, Method::GET, "/a/b/c").as_deref(),
+            Some("unmetered")
+        );
+        assert_eq!(
+            found(&router, Method::GET, "/a/B/c").as_deref(),
+            Some("metered")
+        );
+        assert_eq!(
+            found(&router, Method::GET, "/a/b/x").as_deref(),
+            Some("metered")
+        );
+    }
+
+    fn request(method: &str, target: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .header("x-http-method-override", "PUT")
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_request_is_routed_and_forwarded_with_its_normal_path_and_its_query_unchanged() {
+        let router = metering_router(PathCase::Insensitive);
+        let mut sent = request("POST", "//api/v1/x/../playbooks/pb1/%65xecute?a=%2F&b=..");
+        let route = router.route(&mut sent).unwrap().map(|r| r.name.to_string());
+        assert_eq!(route.as_deref(), Some("execute"));
+        assert_eq!(sent.uri(), "/api/v1/playbooks/pb1/execute?a=%2F&b=..");
+        assert!(sent.headers().get("x-http-method-override").is_none());
+
+        let mut sent = request("GET", "http://gateway.example/a/./b");
+        router.route(&mut sent).unwrap();
+        assert_eq!(sent.uri(), "http://gateway.example/a/b");
+    }
+
+    #[test]
+    fn an_ambiguous_path_or_a_miscased_method_is_refused_before_routing() {
+        let router = metering_router(PathCase::Insensitive);
+        let mut sent = request("POST", "/api/v1/playbooks/pb1%2Fexecute");
+        assert!(matches!(
+            router.route(&mut sent),
+            Err(TargetError::Path(PathError::Ambiguous(
+                Ambiguity::EncodedSlash
+            )))
+        ));
+        let mut sent = request("post", "/api/v1/playbooks/pb1/execute");
+        assert!(matches!(
+            router.route(&mut sent),
+            Err(TargetError::MethodCase(Method::POST))
+        ));
+    }
+
+    #[test]
+    fn a_forwarded_ambiguous_path_is_routed_as_decoded() {
+        let rules = PathRules {
+            ambiguous: AmbiguousPaths::Forward,
+            case: PathCase::Insensitive,
+        };
+        let router = Router::new(
+            &[
+                metered("execute", Some(Method::POST), "/playbooks/{id}/execute"),
+                route("everything-else", None, "/{*rest}"),
+            ],
+            rules,
+        );
+        let mut sent = request("POST", "/playbooks/pb1%2fexecute");
+        let route = router.route(&mut sent).unwrap().map(|r| r.name.to_string());
+        assert_eq!(route.as_deref(), Some("execute"));
+        assert_eq!(sent.uri(), "/playbooks/pb1%2Fexecute");
     }
 
     fn shadows(earlier: (Option<Method>, &str), later: (Option<Method>, &str)) -> bool {
@@ -417,8 +750,8 @@ mod tests {
                     continue;
                 }
                 shadowed += 1;
-                let both = Router::new(&[route("earlier", None, earlier)]);
-                let only = Router::new(&[route("later", None, later)]);
+                let both = Router::new(&[route("earlier", None, earlier)], PathRules::default());
+                let only = Router::new(&[route("later", None, later)], PathRules::default());
                 for path in paths {
                     let later_matches = only.find(&Method::GET, path).is_some();
                     let earlier_matches = both.find(&Method::GET, path).is_some();
