@@ -4,7 +4,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Reservations made and not yet settled.
