@@ -85,7 +85,13 @@ impl Normal<'_> {
 pub fn normalize(path: &str, ambiguous: AmbiguousPaths) -> Result<Normal<'_>, PathError> {
     // One not starting with `/` is `*` or a CONNECT's authority, which no
     // route matches: it stays as it is.
-    let forwarded = if !path.starts_with('/') || is_normal(path.as_bytes(), ambiguous) {
+    if !path.starts_with('/') {
+        return Ok(Normal {
+            forwarded: Cow::Borrowed(path),
+            routed: None,
+        });
+    }
+    let forwarded = if is_normal(path.as_bytes(), ambiguous) {
         Cow::Borrowed(path)
     } else {
         Cow::Owned(resolve(path, ambiguous)?)
@@ -133,7 +139,7 @@ fn resolve(path: &str, ambiguous: AmbiguousPaths) -> Result<String, PathError> {
     // Holds the segments kept so far, each after its `/`.
     let mut out = String::with_capacity(path.len());
     let mut trailing_slash = false;
-    let mut segments = path[1..].split('/').peekable();
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
         let start = out.len();
@@ -264,6 +270,16 @@ fn stays_escaped(value: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_not_starting_with_a_slash_is_left_as_it_is_under_either_rule() {
+        for rule in [AmbiguousPaths::Reject, AmbiguousPaths::Forward] {
+            for path in ["*", "", "\u{45c}%2F", "example.com:443"] {
+                let normal = normalize(path, rule).unwrap();
+                assert_eq!((&*normal.forwarded, normal.routed()), (path, path));
+            }
+        }
+    }
     use proptest::prelude::*;
 
     fn normal(path: &str) -> Result<String, PathError> {
