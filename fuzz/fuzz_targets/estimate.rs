@@ -1,6 +1,9 @@
 //! Any body on an estimate route: parsed, estimated, given a bound and a
 //! request for stream usage, written back. Nothing panics, a written body
-//! parses again, and its estimate never goes below the original prompt's.
+//! parses and estimates again, and writing it once more changes nothing.
+//! (Its estimate may differ a little from the original's: a number such as
+//! 1111000000001319935345 is written back as 1.111e21, shortening a schema's
+//! text, so the original, what was reserved, is the larger.)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +37,7 @@ fuzz_target!(|input: (u8, &[u8])| {
     request::ask_for_stream_usage(api, &mut json);
     let written = serde_json::to_vec(&json).expect("a parsed body is written back");
     let again = estimate::parse(&written).expect("a written body parses");
-    let after = estimate::estimate(api, &again, &RULES).expect("a written body estimates");
-    assert!(after.prompt_tokens >= before.prompt_tokens);
+    estimate::estimate(api, &again, &RULES).expect("a written body estimates");
+    let rewritten = serde_json::to_vec(&again).expect("a parsed body is written back");
+    assert_eq!(rewritten, written, "writing a body back is not a fixed point");
 });

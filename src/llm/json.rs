@@ -209,4 +209,18 @@ mod tests {
         let json: Json<'_> = serde_json::from_str(r#"{"n":1,"n":2}"#).unwrap();
         assert_eq!(json.get("n").and_then(Json::as_i64), Some(2));
     }
+
+    #[test]
+    fn a_rewritten_body_keeps_every_number_it_read() {
+        // Without exact float parsing the first of these read back as
+        // another double, so a body the gateway rewrote (to add a bound, say)
+        // would reach the provider with numbers the client never sent.
+        let body = r#"{"big":1111000000001319935345,"tiny":2.2250738585072014e-308,"t":0.7}"#;
+        let once: Json<'_> = serde_json::from_str(body).unwrap();
+        let written = serde_json::to_string(&once).unwrap();
+        let twice: Json<'_> = serde_json::from_str(&written).unwrap();
+        assert_eq!(once, twice);
+        assert_eq!(serde_json::to_string(&twice).unwrap(), written);
+        assert!(written.ends_with(r#""t":0.7}"#), "{written}");
+    }
 }
