@@ -69,72 +69,78 @@ pub const BOUND_KEYS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_o
 const CHOICE_KEYS: [&str; 2] = ["n", "best_of"];
 
 /// Top-level members that are settings, not text sent to the model.
-const SETTINGS: [&str; 39] = [
-    "model",
-    "max_completion_tokens",
-    "max_tokens",
-    "max_output_tokens",
-    "n",
-    "best_of",
-    "stream",
-    "stream_options",
-    "temperature",
-    "top_p",
-    "top_k",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "seed",
-    "stop",
-    "stop_sequences",
-    "user",
-    "metadata",
-    "service_tier",
-    "store",
-    "parallel_tool_calls",
-    "reasoning_effort",
-    "reasoning",
-    "thinking",
-    "modalities",
-    "audio",
-    "truncation",
-    "include",
-    "previous_response_id",
-    "background",
-    "safety_identifier",
-    "prompt_cache_key",
-    "encoding_format",
-    "dimensions",
-];
+fn is_setting(key: &str) -> bool {
+    // A `match`, not a list's `contains`: it dispatches on the length
+    // rather than comparing every entry, for every member of every body.
+    matches!(
+        key,
+        "model"
+            | "max_completion_tokens"
+            | "max_tokens"
+            | "max_output_tokens"
+            | "n"
+            | "best_of"
+            | "stream"
+            | "stream_options"
+            | "temperature"
+            | "top_p"
+            | "top_k"
+            | "frequency_penalty"
+            | "presence_penalty"
+            | "repetition_penalty"
+            | "logit_bias"
+            | "logprobs"
+            | "top_logprobs"
+            | "echo"
+            | "seed"
+            | "stop"
+            | "stop_sequences"
+            | "user"
+            | "metadata"
+            | "service_tier"
+            | "store"
+            | "parallel_tool_calls"
+            | "reasoning_effort"
+            | "reasoning"
+            | "thinking"
+            | "modalities"
+            | "audio"
+            | "truncation"
+            | "include"
+            | "previous_response_id"
+            | "background"
+            | "safety_identifier"
+            | "prompt_cache_key"
+            | "encoding_format"
+            | "dimensions"
+    )
+}
 
 /// Top-level members sent to the model as their JSON text.
-const SCHEMAS: [&str; 6] = [
-    "tools",
-    "functions",
-    "tool_choice",
-    "response_format",
-    "text",
-    "prediction",
-];
+fn is_schema(key: &str) -> bool {
+    matches!(
+        key,
+        "tools" | "functions" | "tool_choice" | "response_format" | "text" | "prediction"
+    )
+}
 
 /// Members inside the prompt that label it rather than say anything.
-const LABELS: [&str; 11] = [
-    "type",
-    "role",
-    "id",
-    "tool_call_id",
-    "tool_use_id",
-    "call_id",
-    "cache_control",
-    "media_type",
-    "detail",
-    "status",
-    "signature",
-];
+fn is_label(key: &str) -> bool {
+    matches!(
+        key,
+        "type"
+            | "role"
+            | "id"
+            | "tool_call_id"
+            | "tool_use_id"
+            | "call_id"
+            | "cache_control"
+            | "media_type"
+            | "detail"
+            | "status"
+            | "signature"
+    )
+}
 
 /// Content blocks that are images, each counted as `image_tokens`.
 const IMAGE_TYPES: [&str; 3] = ["image", "image_url", "input_image"];
@@ -160,9 +166,9 @@ pub fn estimate(
 ) -> Result<Estimate, EstimateError> {
     let mut prompt_tokens = 0i64;
     for (key, value) in request.iter() {
-        let tokens = if SETTINGS.contains(&key) {
+        let tokens = if is_setting(key) {
             0
-        } else if SCHEMAS.contains(&key) {
+        } else if is_schema(key) {
             text_tokens(json_chars(value))
         } else {
             prompt_tokens_of(value, rules.image_tokens, false)
@@ -260,7 +266,7 @@ impl Piece {
                 }
                 for (key, member) in block.iter() {
                     match (key, member) {
-                        (label, _) if LABELS.contains(&label) => {}
+                        (label, _) if is_label(label) => {}
                         ("input", Json::Object(_)) => self.chars += json_chars(member),
                         _ => self.read(member),
                     }
