@@ -12,4 +12,5 @@ mod llm;
 mod llm_bounds;
 mod redis_gateway;
 mod store_conformance;
+mod store_outage;
 mod support;
