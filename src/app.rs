@@ -2,16 +2,17 @@
 //! that runs them.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::Utc;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::HttpService;
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Outbox};
 use crate::meter::{Clock, Meter};
 use crate::metrics::Metrics;
 use crate::org::OrgId;
@@ -30,6 +31,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     clock: Clock,
     settling: TaskTracker,
+    /// The one outbox of the process, shared by every worker.
+    outbox: Arc<Outbox>,
 }
 
 /// Why a valid config could not be turned into a running gateway.
@@ -52,12 +55,19 @@ impl App {
 
     /// [`App::new`] with a clock of the caller's, for tests that move time.
     pub fn with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
+        let metrics = Arc::<Metrics>::default();
+        let outbox = Outbox::new(
+            config.store.max_pending_settlements,
+            config.store.settle_retry_for,
+            metrics.clone(),
+        );
         Ok(App {
             store: open_store(&config)?,
             config: Arc::new(config),
-            metrics: Arc::default(),
+            metrics,
             clock,
             settling: TaskTracker::new(),
+            outbox: Arc::new(outbox),
         })
     }
 
@@ -78,6 +88,7 @@ impl App {
                 store_timeout: config.store.timeout,
                 metrics: self.metrics.clone(),
                 settling: self.settling.clone(),
+                outbox: self.outbox.clone(),
             },
             orgs: config.orgs.clone(),
             max_body_bytes: config.server.max_body_bytes,
@@ -104,6 +115,12 @@ impl App {
         &self.metrics
     }
 
+    /// Settlements not yet confirmed by the store: those on their first
+    /// attempt, and those waiting in the outbox.
+    pub fn unsettled(&self) -> usize {
+        self.settling.len() + self.outbox.len()
+    }
+
     /// `org`'s counters in its current billing period.
     pub async fn usage(&self, org: &OrgId) -> Result<Amounts, StoreError> {
         let period = self.config.orgs.policy(org).period((self.clock)());
@@ -112,14 +129,23 @@ impl App {
 
     /// Serves on `listener` with `server.workers` threads until `shutdown`
     /// completes, then drains: open requests get `shutdown_grace` to finish,
-    /// and settlements already begun get the same to reach the store.
+    /// and settlements already begun, and those in the outbox, get what is
+    /// left of it to reach the store.
+    ///
+    /// The outbox is retried on this runtime, the one that accepts
+    /// connections (see [`crate::ledger::outbox`]), through the app's own
+    /// store handle.
     pub async fn serve(
         &self,
         listener: std::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
+        let outbox = self.outbox.clone();
+        let (store, timeout) = (self.store.clone(), self.config.store.timeout);
+        let retrying = tokio::spawn(async move { outbox.run(store, timeout).await });
+        let (shutdown, asked) = noting_when(shutdown);
         let app = self.clone();
-        crate::accept::serve_on_workers(
+        let served = crate::accept::serve_on_workers(
             listener,
             &self.config.server,
             self.metrics.clone(),
@@ -127,8 +153,27 @@ impl App {
             self.settling.clone(),
             shutdown,
         )
-        .await
+        .await;
+        let asked = asked.get().copied().unwrap_or_else(Instant::now);
+        self.outbox
+            .drain(asked + self.config.server.shutdown_grace)
+            .await;
+        retrying.abort();
+        served
     }
+}
+
+/// `shutdown`, and when it completed, once it has.
+fn noting_when(
+    shutdown: impl Future<Output = ()>,
+) -> (impl Future<Output = ()>, Arc<OnceLock<Instant>>) {
+    let when = Arc::new(OnceLock::new());
+    let noted = when.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = noted.set(Instant::now());
+    };
+    (shutdown, when)
 }
 
 fn open_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StoreError> {
@@ -138,6 +183,7 @@ fn open_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StoreError> {
             target,
             &config.store.key_prefix,
             config.store.timeout,
+            config.store.settle_retry_for,
         )?),
     })
 }

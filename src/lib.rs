@@ -27,7 +27,8 @@
 //!    ([`settle::tap`], reading it by [`llm`]).
 //!
 //!    Between the two, [`ledger`]: a reservation, from the store call that
-//!    meter starts to the one settlement that settle makes.
+//!    meter starts to the one settlement that settle makes, and the outbox
+//!    where what the store did not confirm waits to be retried.
 //!
 //! Beside the path: [`llm`] (the provider formats: the request side for
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and

@@ -23,6 +23,20 @@ pub struct Metrics {
     pub refunds: AtomicU64,
     /// Estimate-route reservations corrected to the usage the provider reported.
     pub reconciliations: AtomicU64,
+    /// Metered requests forwarded because the store failed, with their
+    /// cost queued in the outbox to be charged (`on_error = "defer"`).
+    pub deferred_charges: AtomicU64,
+    /// Settlements the store did not confirm, queued in the outbox.
+    pub settlements_queued: AtomicU64,
+    /// Settlements and deferred charges applied from the outbox.
+    pub settlements_retried: AtomicU64,
+    /// Settlements and deferred charges given up (each logged with its org
+    /// and amounts): the outbox was full, the store did not confirm one
+    /// within `store.settle_retry_for`, a key of its org was damaged, or the
+    /// shutdown's grace period ended.
+    pub settlements_given_up: AtomicU64,
+    /// Settlements and deferred charges waiting in the outbox now.
+    pub settlements_pending: AtomicI64,
     /// Paces the log lines about store failures.
     pub store_error_log: BurstLog,
     /// Connections closed as soon as they were accepted, past

@@ -102,6 +102,15 @@ impl Amounts {
         out
     }
 
+    /// `self + other`, per dimension, saturating.
+    pub fn plus(&self, other: &Amounts) -> Amounts {
+        let mut out = Amounts::ZERO;
+        for d in Dimension::ALL {
+            out.set(d, self.get(d).saturating_add(other.get(d)));
+        }
+        out
+    }
+
     pub fn negated(&self) -> Amounts {
         Amounts::ZERO.minus(self)
     }

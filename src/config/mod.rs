@@ -64,6 +64,10 @@ pub struct StoreConfig {
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: OnStoreError,
+    /// How long a settlement the store did not confirm is retried.
+    pub settle_retry_for: Duration,
+    /// How many settlements may wait to be retried at once.
+    pub max_pending_settlements: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -593,6 +597,38 @@ mod tests {
         let set = server("[server]\nmax_connections = 500\nkeepalive_timeout = \"5s\"\n");
         assert_eq!(set.max_connections, Some(500));
         assert_eq!(set.keepalive_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_outbox_retries_ten_minutes_and_holds_a_hundred_thousand_unless_set() {
+        let store = |text: &str| Config::parse(text, "t.toml", &env).unwrap().store;
+        let unset = store("");
+        assert_eq!(unset.on_error, OnStoreError::Allow);
+        assert_eq!(unset.settle_retry_for, Duration::from_secs(600));
+        assert_eq!(unset.max_pending_settlements, 100_000);
+        let set = store(
+            "[store]\non_error = \"defer\"\nsettle_retry_for = \"30s\"\n\
+             max_pending_settlements = 5\n",
+        );
+        assert_eq!(set.on_error, OnStoreError::Defer);
+        assert_eq!(set.settle_retry_for, Duration::from_secs(30));
+        assert_eq!(set.max_pending_settlements, 5);
+    }
+
+    #[test]
+    fn an_empty_outbox_a_zero_retry_window_and_an_unknown_policy_are_refused() {
+        let found = problems(
+            "[store]\nmax_pending_settlements = 0\nsettle_retry_for = \"0s\"\n\
+             on_error = \"later\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "2: store.max_pending_settlements: must be between 1 and 5000000 (got 0)",
+                "3: store.settle_retry_for: must be longer than zero",
+                "4: store.on_error: \"later\": use \"allow\", \"deny\" or \"defer\"",
+            ]
+        );
     }
 
     #[test]

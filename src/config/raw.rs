@@ -64,6 +64,8 @@ pub struct RawStore {
     pub key_prefix: Option<String>,
     pub timeout: Option<String>,
     pub on_error: Option<String>,
+    pub settle_retry_for: Option<String>,
+    pub max_pending_settlements: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -105,7 +105,8 @@ impl Checker<'_> {
         self.parsed(path, raw, None, |word| match word {
             "allow" => Ok(Some(OnStoreError::Allow)),
             "deny" => Ok(Some(OnStoreError::Deny)),
-            other => Err(format!("{other:?}: use \"allow\" or \"deny\"")),
+            "defer" => Ok(Some(OnStoreError::Defer)),
+            other => Err(format!("{other:?}: use \"allow\", \"deny\" or \"defer\"")),
         })
     }
 
@@ -320,6 +321,16 @@ pub(super) fn validate(
             on_error: c
                 .on_store_error(&path.key("on_error"), s.on_error.as_deref())
                 .unwrap_or(OnStoreError::Allow),
+            settle_retry_for: c.duration(
+                &path.key("settle_retry_for"),
+                s.settle_retry_for.as_deref(),
+                Duration::from_secs(10 * 60),
+            ),
+            max_pending_settlements: pending_bound(
+                &mut c,
+                &path.key("max_pending_settlements"),
+                s.max_pending_settlements,
+            ),
         }
     };
 
@@ -377,6 +388,27 @@ fn path_rules(c: &mut Checker<'_>, path: &KeyPath, s: &RawServer) -> PathRules {
                 other => Err(format!("{other:?}: use \"insensitive\" or \"sensitive\"")),
             },
         ),
+    }
+}
+
+/// Settlements the outbox holds unless told otherwise.
+const DEFAULT_PENDING_SETTLEMENTS: usize = 100_000;
+
+/// More settlements waiting than this is a typo: at about 200 bytes each,
+/// it is a gigabyte of memory.
+const MAX_PENDING_SETTLEMENTS: i64 = 5_000_000;
+
+fn pending_bound(c: &mut Checker<'_>, path: &KeyPath, raw: Option<i64>) -> usize {
+    match raw {
+        None => DEFAULT_PENDING_SETTLEMENTS,
+        Some(n) if (1..=MAX_PENDING_SETTLEMENTS).contains(&n) => n as usize,
+        Some(n) => {
+            c.problem(
+                path,
+                format!("must be between 1 and {MAX_PENDING_SETTLEMENTS} (got {n})"),
+            );
+            DEFAULT_PENDING_SETTLEMENTS
+        }
     }
 }
 

@@ -49,7 +49,8 @@ pub struct Meter {
 pub struct Admitted {
     pub request: Request<Body>,
     /// `None` when nothing was counted: mode `off`, or the store failed and
-    /// `on_error = "allow"` let the request through.
+    /// `on_error = "allow"` let the request through. With `on_error =
+    /// "defer"`, a deferred reservation.
     pub reservation: Option<Reservation>,
     /// Shadow mode: the limit this request went past.
     pub over: Option<Exceeded>,
@@ -298,27 +299,43 @@ impl Meter {
                     period: charge.period,
                 })))
             }
-            Err(error) => self.store_failed(route, request, &error),
+            Err(error) => {
+                self.ledger.metrics.store_failed("reserve", &error);
+                self.store_failed(route, request, pending, reading)
+            }
         }
     }
 
+    /// The store did not answer: `store.on_error` (or the route's) decides.
+    /// The `pending` reservation is refunded should the store apply it later.
     fn store_failed(
         &self,
         route: &Route,
         request: Request<Body>,
-        error: &dyn std::error::Error,
+        pending: PendingReservation,
+        reading: Option<Reading>,
     ) -> Result<Admitted, GatewayError> {
-        self.ledger.metrics.store_failed("reserve", &error);
-        match route.on_store_error.unwrap_or(self.on_store_error) {
+        let metrics = &self.ledger.metrics;
+        let deferred = match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
-                Metrics::count(&self.ledger.metrics.fail_open_passes);
-                Ok(Admitted::uncounted(request))
+                Metrics::count(&metrics.fail_open_passes);
+                return Ok(Admitted::uncounted(request));
             }
-            OnStoreError::Deny => {
-                Metrics::count(&self.ledger.metrics.fail_closed_denials);
-                Err(GatewayError::StoreUnavailable)
-            }
-        }
+            OnStoreError::Deny => None,
+            // A full outbox refuses the request rather than let it through
+            // uncounted: "defer" never loses a charge it forwarded.
+            OnStoreError::Defer => pending.defer(),
+        };
+        let Some(reservation) = deferred else {
+            Metrics::count(&metrics.fail_closed_denials);
+            return Err(GatewayError::StoreUnavailable);
+        };
+        Ok(Admitted {
+            request,
+            reservation: Some(reservation),
+            over: None,
+            reading,
+        })
     }
 
     /// Reads the whole body, refusing one over `max_body_bytes` before

@@ -14,7 +14,9 @@ use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, decide};
 
 /// How long a settled reservation id is remembered, so that a repeated
-/// settlement is recognised.
+/// settlement is recognised. Not sized from `store.settle_retry_for`: a
+/// settlement here fails only on a poisoned lock, which stays poisoned, so
+/// none is applied by a retry.
 const SETTLED_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Default)]

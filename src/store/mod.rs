@@ -35,6 +35,9 @@ pub enum OnStoreError {
     Allow,
     /// Answer 503.
     Deny,
+    /// Forward it, and charge its cost once the store answers again,
+    /// without a limit check (see [`crate::ledger::outbox`]).
+    Defer,
 }
 
 /// Names one reservation across every gateway instance sharing a store.

@@ -12,7 +12,8 @@
 //! write there (say, a counter set by hand to `nan`: a counter must hold a
 //! decimal integer within [`MAX_AMOUNT`](crate::quota::MAX_AMOUNT) either way) fails only the items
 //! that touch it, with [`StoreError::DamagedKey`], never the rest of their
-//! call.
+//! call. There, too, a reservation call whose reply was lost is asked about
+//! afterwards, so that its outcome is known either way ([`CallRecord`]).
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
@@ -25,14 +26,20 @@
 //! - `{prefix}:{org}:settled:{unix time}` for settlement markers: a hash
 //!   whose fields are the ids of the reservations whose settlements were
 //!   made in the [`SETTLED_BUCKET_SECONDS`] from that time on, kept
-//!   [`SETTLED_MARKER_SECONDS`] (or longer) after its last write;
+//!   `store.settle_retry_for` and [`SETTLED_MARKER_MARGIN_SECONDS`] after
+//!   its last write;
 //! - `{prefix}:{org}:reserved:{reservation id}` on a cluster only: the reply
 //!   to a reservation, kept a few seconds, since the cluster client resends a
-//!   call whose connection failed and the script must not run twice.
+//!   call whose connection failed and the script must not run twice;
+//! - `{prefix}:calls:{connection id}` on a single server only: the number
+//!   and reply of a connection's last reservation call ([`CallRecord`]),
+//!   kept as long as settlement markers after its last write.
 //!
 //! [`quota::decide`]: crate::quota::decide
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -41,12 +48,13 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
-use redis::{IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
+use redis::{ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 pub mod reply;
 
-use super::{QuotaStore, ReserveRequest, Settlement, StoreError};
+use super::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
 use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Mode};
@@ -55,11 +63,12 @@ use crate::quota::{Amounts, Decision, Dimension, Mode};
 /// be read during the whole next one.
 pub const PERIOD_KEY_GRACE: chrono::TimeDelta = chrono::TimeDelta::days(35);
 
-/// How long a settlement marker is kept at least. A settlement is retried
-/// within seconds (a few attempts, each bounded by the store timeout), so
-/// this is far longer than any retry, yet short enough that one marker per
-/// reconciled request does not pile up in Redis' memory.
-const SETTLED_MARKER_SECONDS: u64 = 10 * 60;
+/// How much longer than `store.settle_retry_for` a settlement marker is
+/// kept. The outbox sends no attempt of a settlement after its retry
+/// window; this covers an attempt that waits past it in Redis' socket (a
+/// stalled Redis runs it when it resumes). See [`crate::ledger::outbox`]
+/// for the whole argument.
+const SETTLED_MARKER_MARGIN_SECONDS: u64 = 10 * 60;
 
 /// Settlement markers are kept by the time the settlement was made, one
 /// hash per org per this many seconds: a field costs Redis less to write,
@@ -81,7 +90,7 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 /// touch it.
 ///
 /// The scripts' shared part (src/store/redis/ledger.lua), then each one's
-/// own (reserve.lua, settle.lua beside it).
+/// own (reserve.lua, settle.lua, ask.lua beside it).
 fn script(own: &str) -> Script {
     Script::new(&[include_str!("redis/ledger.lua"), own].concat())
 }
@@ -89,6 +98,8 @@ fn script(own: &str) -> Script {
 static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/reserve.lua")));
 
 static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/settle.lua")));
+
+static ASK: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/ask.lua")));
 
 /// Where the store connects.
 #[derive(Clone, Debug)]
@@ -107,6 +118,8 @@ enum Connection {
 
 pub struct RedisStore {
     redis: Redis,
+    /// How long a call may wait in its queue before it is sent.
+    timeout: Duration,
     /// On a single server: where reservations and settlements queue for the
     /// tasks that send them, so that those arriving together travel as one
     /// script call. Under load that cuts the calls Redis runs, and the round
@@ -123,8 +136,9 @@ struct Queues {
 /// The most reservations (or settlements) sent in one script call.
 const MAX_BATCH: usize = 64;
 
-/// A call waiting to be sent, and where its outcome goes.
-type Queued<C, O> = (C, oneshot::Sender<Result<O, StoreError>>);
+/// A call waiting to be sent, where its outcome goes, and when it is too
+/// late to send it.
+type Queued<C, O> = (C, Outcome<O>, Instant);
 
 /// The connection and the key layout: everything a call to Redis needs.
 #[derive(Clone)]
@@ -134,21 +148,48 @@ struct Redis {
     /// Seconds a reservation's reply is remembered so that a resent call is
     /// not applied twice; 0 where the connection never resends.
     remember_reply_seconds: u64,
-    /// Seconds a settlement marker is kept.
+    /// Seconds a settlement marker is kept, and a call record.
     settled_marker_seconds: u64,
+    /// How long a lost reply's call is asked about: while its record is
+    /// sure to be kept.
+    ask_for: Duration,
+    /// On a single server, where the reservation calls are recorded; `None`
+    /// on a cluster, whose client remembers each reservation's reply instead.
+    calls: Option<Arc<CallRecord>>,
+}
+
+/// The record, in Redis, of the last reserve script call of one
+/// connection's sender: the call's number and its reply. A call whose reply
+/// was lost (the connection cut, Redis killed, after the script ran or
+/// before) is asked about there ([`Redis::ask`]), so that a reservation
+/// Redis applied is refunded and one it did not is known never to be
+/// applied. Calls go one at a time (`send_batches`), so the record always
+/// holds the last one; one write per call, however many reservations it
+/// carries, and one key per connection.
+struct CallRecord {
+    key: String,
+    /// The number of the last call sent.
+    sequence: AtomicU64,
 }
 
 impl RedisStore {
     /// Prepares the connection; it is made on first use, so the gateway
     /// starts (and fails open or closed per `on_error`) while Redis is down.
     ///
-    /// The gateway bounds each call by `timeout` itself; the connection's
-    /// own response timeout is longer, so that a call the gateway stopped
-    /// waiting for still gets its reply and a late reservation can be undone.
+    /// The gateway bounds its wait for each call by `timeout` itself, and a
+    /// call that could not be sent within it is not sent. A call sent is
+    /// waited for longer in the background, so that a reservation the
+    /// gateway stopped waiting for still gets its reply and can be undone:
+    /// on a single server for as long as the reply takes (a stalled Redis
+    /// holds at most one call of each kind per connection, as calls go one
+    /// at a time), on a cluster, whose client resends, for ten timeouts.
+    /// Settlement markers outlive `settle_retry_for`, the longest a
+    /// settlement is retried.
     pub fn new(
         target: &RedisTarget,
         prefix: &str,
         timeout: Duration,
+        settle_retry_for: Duration,
     ) -> Result<RedisStore, StoreError> {
         // Each call is a small request awaiting a small reply: never delay it.
         let tcp = TcpSettings::default().set_nodelay(true);
@@ -164,7 +205,7 @@ impl RedisStore {
                 let client = redis::Client::open(info).map_err(backend)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(Some(response_timeout))
+                    .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
                 Connection::Single(
@@ -189,14 +230,20 @@ impl RedisStore {
             RedisTarget::Single(_) => 0,
             RedisTarget::Cluster(_) => response_timeout.as_secs() * 3 + 1,
         };
-        let redis = Redis {
+        let mut redis = Redis {
             connection,
             prefix: prefix.into(),
             remember_reply_seconds,
-            settled_marker_seconds: SETTLED_MARKER_SECONDS.max(response_timeout.as_secs() * 10),
+            settled_marker_seconds: settle_retry_for.as_secs() + SETTLED_MARKER_MARGIN_SECONDS,
+            ask_for: settle_retry_for,
+            calls: None,
         };
         let queues = match (target, tokio::runtime::Handle::try_current()) {
             (RedisTarget::Single(_), Ok(runtime)) => {
+                redis.calls = Some(Arc::new(CallRecord {
+                    key: format!("{prefix}:calls:{}", ReservationId::next().hex()),
+                    sequence: AtomicU64::new(0),
+                }));
                 let (reservations, queued) = mpsc::unbounded_channel();
                 runtime.spawn(send_batches(redis.clone(), queued, Redis::reserve_all));
                 let (settlements, queued) = mpsc::unbounded_channel();
@@ -208,7 +255,11 @@ impl RedisStore {
             }
             _ => None,
         };
-        Ok(RedisStore { redis, queues })
+        Ok(RedisStore {
+            redis,
+            timeout,
+            queues,
+        })
     }
 }
 
@@ -225,7 +276,10 @@ impl RedisStore {
         Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>>,
     {
         match &self.queues {
-            Some(queues) => queue(queue_of(queues), call.clone()).await,
+            Some(queues) => {
+                let too_late = Instant::now() + self.timeout;
+                queue(queue_of(queues), call.clone(), too_late).await
+            }
             None => only(send(self.redis.clone(), vec![call.clone()]).await?)?,
         }
     }
@@ -235,7 +289,10 @@ impl RedisStore {
 /// one script call at a time: the calls that queue while one is under way
 /// go together in the next. (On the load benchmark a second call in flight
 /// halved the batches, and cost more in Redis' CPU, on the same machine,
-/// than it saved in waiting.) Ends with the store.
+/// than it saved in waiting.) A call not sent within the store timeout is
+/// not sent at all: its caller has gone on without it, and the calls queued
+/// behind a stalled Redis must not all land on it once it is back. Ends
+/// with the store.
 async fn send_batches<C, O, Sent>(
     redis: Redis,
     mut queued: mpsc::UnboundedReceiver<Queued<C, O>>,
@@ -245,34 +302,106 @@ async fn send_batches<C, O, Sent>(
     O: Send + 'static,
     Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
 {
-    while let Some(first) = queued.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queued.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    let mut waiting = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            let Some(first) = queued.recv().await else {
+                return;
+            };
+            waiting.push_back(first);
+        }
+        while let Ok(next) = queued.try_recv() {
+            waiting.push_back(next);
+        }
+        let (calls, outcomes): (Vec<C>, Vec<_>) = batch(&mut waiting).into_iter().unzip();
+        if calls.is_empty() {
+            continue;
+        }
+        // A request that stopped waiting after its call was sent still
+        // awaits the outcome in the background (ledger::PendingReservation).
+        let sent = meanwhile(send(redis.clone(), calls), &mut queued, &mut waiting).await;
+        deliver(outcomes, sent);
+    }
+}
+
+type Outcome<O> = oneshot::Sender<Result<O, StoreError>>;
+
+/// Up to [`MAX_BATCH`] calls from the front of `waiting`; those past their
+/// time are answered instead.
+fn batch<C, O>(waiting: &mut VecDeque<Queued<C, O>>) -> Vec<(C, Outcome<O>)> {
+    let now = Instant::now();
+    let mut batch = Vec::new();
+    while batch.len() < MAX_BATCH {
+        let Some((call, outcome, too_late)) = waiting.pop_front() else {
+            break;
+        };
+        if now < too_late {
+            batch.push((call, outcome));
+        } else {
+            let _ = outcome.send(Err(StoreError::Timeout));
+        }
+    }
+    batch
+}
+
+/// Awaits `sent`, meanwhile taking in the calls that queue and answering
+/// each as its time passes, so that a call held up by a stalled Redis holds
+/// up no caller behind it longer than the store timeout.
+async fn meanwhile<C, O, T>(
+    sent: impl Future<Output = T>,
+    queued: &mut mpsc::UnboundedReceiver<Queued<C, O>>,
+    waiting: &mut VecDeque<Queued<C, O>>,
+) -> T {
+    let mut sent = std::pin::pin!(sent);
+    let mut expiry = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+    let mut open = true;
+    loop {
+        // Set only when the first waiting call changes: calls time out in
+        // the order they queued.
+        if let Some(&(_, _, too_late)) = waiting.front()
+            && expiry.deadline() != too_late
+        {
+            expiry.as_mut().reset(too_late);
+        }
+        tokio::select! {
+            biased;
+            result = &mut sent => return result,
+            next = queued.recv(), if open => match next {
+                Some(next) => waiting.push_back(next),
+                None => open = false,
+            },
+            () = &mut expiry, if !waiting.is_empty() => {
+                let now = Instant::now();
+                while let Some((_, _, too_late)) = waiting.front()
+                    && *too_late <= now
+                {
+                    if let Some((_, outcome, _)) = waiting.pop_front() {
+                        let _ = outcome.send(Err(StoreError::Timeout));
+                    }
+                }
             }
         }
-        let (calls, outcomes): (Vec<C>, Vec<_>) = batch.into_iter().unzip();
-        // A request that stops waiting still awaits its outcome in the
-        // background (settle::PendingReservation), so every one is sent.
-        match send(redis.clone(), calls).await {
-            Ok(results) if results.len() == outcomes.len() => {
-                for (outcome, result) in outcomes.into_iter().zip(results) {
-                    let _ = outcome.send(result);
-                }
+    }
+}
+
+/// Hands each caller its outcome from a batch's `sent` result.
+fn deliver<O>(outcomes: Vec<Outcome<O>>, sent: Result<Vec<Result<O, StoreError>>, StoreError>) {
+    match sent {
+        Ok(results) if results.len() == outcomes.len() => {
+            for (outcome, result) in outcomes.into_iter().zip(results) {
+                let _ = outcome.send(result);
             }
-            Ok(_) => {
-                for outcome in outcomes {
-                    let _ = outcome.send(Err(StoreError::Backend(
-                        "a reply for each call was expected".into(),
-                    )));
-                }
+        }
+        Ok(_) => {
+            for outcome in outcomes {
+                let _ = outcome.send(Err(StoreError::Backend(
+                    "a reply for each call was expected".into(),
+                )));
             }
-            Err(error) => {
-                for outcome in outcomes {
-                    let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
-                }
+        }
+        Err(error) => {
+            for outcome in outcomes {
+                let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
             }
         }
     }
@@ -282,10 +411,11 @@ async fn send_batches<C, O, Sent>(
 async fn queue<C, O>(
     queue: &mpsc::UnboundedSender<Queued<C, O>>,
     call: C,
+    too_late: Instant,
 ) -> Result<O, StoreError> {
     let (sender, outcome) = oneshot::channel();
     let gone = || StoreError::Backend("the store's call queue is gone".into());
-    queue.send((call, sender)).map_err(|_| gone())?;
+    queue.send((call, sender, too_late)).map_err(|_| gone())?;
     outcome.await.map_err(|_| gone())?
 }
 
@@ -299,14 +429,41 @@ fn only<O>(outcomes: Vec<O>) -> Result<O, StoreError> {
 
 impl Redis {
     /// Runs `requests` through one reserve script call, in order; a
-    /// decision for each, or the error that kept it from being made.
+    /// decision for each, or the error that kept it from being made. On a
+    /// single server the call is numbered and recorded, and if its reply is
+    /// lost, its outcome is asked for.
     async fn reserve_all(
         self,
         requests: Vec<ReserveRequest>,
     ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+        let sequence = self
+            .calls
+            .as_ref()
+            .map(|calls| calls.sequence.fetch_add(1, Ordering::Relaxed) + 1);
+        let invocation = self.reserve_invocation(&requests, sequence);
+        match (self.invoke_raw::<String>(&invocation).await, sequence) {
+            (Ok(text), _) => reply::reserve(&text, &requests),
+            (Err(error), Some(sequence)) if reply_lost(&error) => {
+                self.ask(sequence, &requests, error).await
+            }
+            (Err(error), _) => Err(backend(error)),
+        }
+    }
+
+    fn reserve_invocation(
+        &self,
+        requests: &[ReserveRequest],
+        sequence: Option<u64>,
+    ) -> ScriptInvocation<'static> {
         let mut invocation = RESERVE.prepare_invoke();
-        invocation.arg(self.remember_reply_seconds);
-        for request in &requests {
+        invocation
+            .arg(self.remember_reply_seconds)
+            .arg(sequence.unwrap_or(0))
+            .arg(self.settled_marker_seconds);
+        if let Some(calls) = &self.calls {
+            invocation.key(&calls.key);
+        }
+        for request in requests {
             let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
             if self.remember_reply_seconds > 0 {
                 invocation.key(self.org_key(&request.org, &["reserved", &request.id.hex()]));
@@ -327,8 +484,46 @@ impl Redis {
                     .arg(gauge_flag(dimension));
             }
         }
-        let text: String = self.invoke(&invocation).await?;
-        reply::reserve(&text, &requests)
+        invocation
+    }
+
+    /// The outcome of reserve call `sequence`, whose reply was `lost`: its
+    /// recorded reply if it ran; if it did not, it is recorded as not run
+    /// (so that it runs nothing should Redis still receive it) and each
+    /// request fails. Asked again until Redis answers, pausing from 50ms
+    /// doubling up to a second, for `settle_retry_for` (the record is kept
+    /// longer); the calls queued meanwhile wait, and those past the store
+    /// timeout are not sent.
+    async fn ask(
+        &self,
+        sequence: u64,
+        requests: &[ReserveRequest],
+        lost: RedisError,
+    ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+        let Some(calls) = &self.calls else {
+            return Err(backend(lost));
+        };
+        let until = Instant::now() + self.ask_for;
+        let mut pause = Duration::from_millis(50);
+        let mut invocation = ASK.prepare_invoke();
+        invocation
+            .key(&calls.key)
+            .arg(sequence)
+            .arg(self.settled_marker_seconds);
+        loop {
+            match self.invoke_raw::<String>(&invocation).await {
+                Ok(text) if text == NOT_RUN => return Err(backend(lost)),
+                Ok(text) => return reply::reserve(&text, requests),
+                Err(error) if !reply_lost(&error) || Instant::now() >= until => {
+                    tracing::error!(%error, reservations = requests.len(), "could not learn whether Redis applied reservations whose reply was lost; they stand if it did");
+                    return Err(backend(lost));
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     /// Applies `settlements` through one settle script call, in order; for
@@ -387,11 +582,17 @@ impl Redis {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
+        self.invoke_raw(invocation).await.map_err(backend)
+    }
+
+    async fn invoke_raw<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
         match self.connection.clone() {
             Connection::Single(mut connection) => invocation.invoke_async(&mut connection).await,
             Connection::Cluster(mut connection) => invocation.invoke_async(&mut connection).await,
         }
-        .map_err(backend)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
@@ -408,6 +609,16 @@ impl Redis {
         .map_err(backend)?;
         redis::from_redis_value(value).map_err(|e| StoreError::Backend(e.to_string()))
     }
+}
+
+/// What ask.lua answers for a call that did not run.
+const NOT_RUN: &str = "V";
+
+/// Whether the call failed in the connection (cut, reset, refused), so
+/// that Redis may have run it without its reply arriving. Any other error
+/// is Redis' answer, or the client's before it sent anything.
+fn reply_lost(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Io
 }
 
 fn backend(error: RedisError) -> StoreError {

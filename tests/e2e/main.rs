@@ -13,4 +13,5 @@ mod llm_bounds;
 mod paths;
 mod redis_gateway;
 mod store_conformance;
+mod store_outage;
 mod support;

@@ -14,7 +14,9 @@ use tollgate::store::{
     StoreError,
 };
 
-use crate::support::redis::{RedisCluster, RedisServer, counter_key, next_period, this_period};
+use crate::support::redis::{
+    Cut, CuttingProxy, RedisCluster, RedisServer, counter_key, next_period, this_period,
+};
 
 const TOKENS: Dimension = Dimension::Tokens;
 const RUNS: Dimension = Dimension::PlaybookRuns;
@@ -429,7 +431,13 @@ conformance!(redis_cluster);
 
 /// A store on `target` with the `tollgate` prefix and a 2 s timeout.
 fn store_on(target: RedisTarget) -> RedisStore {
-    RedisStore::new(&target, "tollgate", Duration::from_secs(2)).unwrap()
+    RedisStore::new(
+        &target,
+        "tollgate",
+        Duration::from_secs(2),
+        Duration::from_secs(600),
+    )
+    .unwrap()
 }
 
 fn single_server_store(server: &RedisServer) -> RedisStore {
@@ -764,8 +772,80 @@ async fn a_settlement_made_by_a_clock_far_behind_redis_still_applies_once() {
     );
     let hashes: Vec<String> = server.command(&["KEYS", "tollgate:{org_skewed}:settled:*"]);
     assert_eq!(hashes.len(), 1, "{hashes:?}");
+    // settle_retry_for (ten minutes) and a margin of ten more.
     let ttl: i64 = server.command(&["TTL", &hashes[0]]);
-    assert!((590..=600).contains(&ttl), "the marker is kept {ttl} s");
+    assert!((1190..=1200).contains(&ttl), "the marker is kept {ttl} s");
+}
+
+/// A store on one server reached through a [`CuttingProxy`], holding five
+/// tokens of `org` (so its connection is up and its scripts loaded).
+async fn store_behind_a_proxy(server: &RedisServer, org: &OrgId) -> (RedisStore, CuttingProxy) {
+    let proxy = CuttingProxy::start(server).await;
+    let store = store_on(RedisTarget::Single(proxy.url()));
+    reserve_tokens(&store, org, 5).await;
+    (store, proxy)
+}
+
+async fn tokens_of(store: &dyn QuotaStore, org: &OrgId) -> i64 {
+    store.usage(org, this_period()).await.unwrap().get(TOKENS)
+}
+
+#[tokio::test]
+async fn a_reservation_whose_reply_is_lost_is_asked_about_and_its_decision_learned() {
+    let server = RedisServer::start().await;
+    let org = org("org_lost_reply");
+    let (store, proxy) = store_behind_a_proxy(&server, &org).await;
+
+    proxy.cut_next(Cut::Reply);
+    let limits = Limits::UNLIMITED.with(TOKENS, 100);
+    let decision = enforce(
+        &store,
+        &org,
+        this_period(),
+        limits,
+        Amounts::ZERO.with(TOKENS, 7),
+    )
+    .await;
+
+    assert!(proxy.cut_made());
+    assert_eq!(
+        decision,
+        Decision::Admit {
+            applied: Amounts::ZERO.with(TOKENS, 7),
+            over: None
+        }
+    );
+    assert_eq!(tokens_of(&store, &org).await, 12);
+}
+
+#[tokio::test]
+async fn a_reservation_cut_off_before_redis_read_it_is_known_never_to_apply() {
+    let server = RedisServer::start().await;
+    let org = org("org_lost_request");
+    let (store, proxy) = store_behind_a_proxy(&server, &org).await;
+
+    proxy.cut_next(Cut::Request);
+    let request = ReserveRequest {
+        id: ReservationId::next(),
+        org: org.clone(),
+        period: this_period(),
+        limits: Limits::UNLIMITED,
+        cost: Amounts::ZERO.with(TOKENS, 7),
+        mode: Mode::Enforce,
+    };
+    let lost = store.reserve(&request).await;
+
+    assert!(proxy.cut_made());
+    assert!(lost.is_err(), "{lost:?}");
+    assert_eq!(tokens_of(&store, &org).await, 5);
+    // The connection's record took the call's number, so the call would
+    // run nothing should it still reach Redis.
+    let records: Vec<String> = server.command(&["KEYS", "tollgate:calls:*"]);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record: String = server.command(&["GET", &records[0]]);
+    assert_eq!(record, "2 V");
+    reserve_tokens(&store, &org, 1).await;
+    assert_eq!(tokens_of(&store, &org).await, 6);
 }
 
 #[tokio::test]

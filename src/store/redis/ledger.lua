@@ -70,6 +70,20 @@ local function add(counter, amount, gauge, expire_at)
   end
   return amount
 end
+-- A connection's record of its last reserve call (see `CallRecord` in
+-- src/store/redis.rs): the call's number and reply ('V': asked about and
+-- not run); 0 and nil if there is none, or it is not one tollgate wrote.
+local function record_of(key)
+  local text = redis.pcall('GET', key)
+  if type(text) ~= 'string' then
+    return 0, nil
+  end
+  local sequence, reply = string.match(text, '^(%d+) (.*)$')
+  if not sequence then
+    return 0, nil
+  end
+  return tonumber(sequence), reply
+end
 -- A write other than a counter's (a whole command), made at the end.
 local function write_later(...)
   later[#later + 1] = {...}

@@ -1,11 +1,15 @@
 -- Reservations one after another, each checked and applied all or none.
--- KEYS: per reservation, its marker (only if remembered), then its counters.
+-- KEYS: the connection's call record (only if ARGV[2] is not '0'); then per
+-- reservation, its marker (only if remembered), then its counters.
 -- ARGV[1]: seconds to remember each reservation's reply, '0' for not at all.
--- Then per reservation: '1' to enforce or '0' for shadow mode; the unix time
--- its period counters expire at; its number of counters n; and n times the
--- counter's cost, limit (-1: none), '1' if a gauge.
--- Reply: one string, a part per reservation, separated by ';'. The usual
--- outcome, admitted with nothing exceeded and every cost applied as asked,
+-- ARGV[2]: this call's number, '0' for a call not recorded; ARGV[3]: seconds
+-- to keep the record. Then per reservation: '1' to enforce or '0' for shadow
+-- mode; the unix time its period counters expire at; its number of counters
+-- n; and n times the counter's cost, limit (-1: none), '1' if a gauge.
+-- Reply: 'S' for a call numbered no higher than the record's, which was
+-- asked about (ask.lua) and answered as not run: it runs nothing. Else one
+-- string, a part per reservation, separated by ';'. The usual outcome,
+-- admitted with nothing exceeded and every cost applied as asked,
 -- is '1'; 'E' is a reservation not made, as its marker or a counter holds
 -- what tollgate did not write there. Any other is integers separated by
 -- spaces: admitted (1 or 0), the index of its first exceeded counter or 0,
@@ -31,9 +35,15 @@ local function remembered(text, counters)
   end
   return reply
 end
-local remember = ARGV[1]
+local remember, sequence = ARGV[1], ARGV[2]
 local markers = remember ~= '0' and 1 or 0
-local replies, costs, key, arg = {}, {}, 1, 2
+local replies, costs, key, arg = {}, {}, 1, 4
+if sequence ~= '0' then
+  if record_of(KEYS[1]) >= tonumber(sequence) then
+    return 'S'
+  end
+  key = 2
+end
 while arg <= #ARGV do
   local enforce, expire_at, counters = ARGV[arg] == '1', ARGV[arg + 1], tonumber(ARGV[arg + 2])
   -- Counter i is KEYS[first + i].
@@ -95,5 +105,9 @@ while arg <= #ARGV do
   key = key + markers + counters
   arg = arg + 3 + 3 * counters
 end
+local reply = table.concat(replies, ';')
+if sequence ~= '0' then
+  write_later('SET', KEYS[1], sequence .. ' ' .. reply, 'EX', ARGV[3])
+end
 flush()
-return table.concat(replies, ';')
+return reply

@@ -36,6 +36,21 @@ impl RedisServer {
         RedisServer::start_with(free_port(), Vec::new()).await
     }
 
+    /// A server that keeps every write it acknowledged across a crash (an
+    /// append-only file synced before each reply), and takes `DEBUG`: the
+    /// setup under which a store outage can be measured to the last charge.
+    pub async fn start_durable() -> RedisServer {
+        let extra = [
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--enable-debug-command",
+            "yes",
+        ];
+        RedisServer::start_with(free_port(), extra.map(String::from).to_vec()).await
+    }
+
     async fn start_with(port: u16, extra: Vec<String>) -> RedisServer {
         let mut server = RedisServer {
             port,
@@ -74,7 +89,19 @@ impl RedisServer {
         eventually("redis-server answers PING", async || ping(port)).await;
     }
 
-    /// Kills the server; its data is gone, as after a crash.
+    /// Sends the server process `signal` (`"STOP"`, `"CONT"`), as `kill` does.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Kills the server (SIGKILL), as a crash does: its data is gone, but
+    /// for what its append-only file holds if it writes one.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -82,7 +109,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port: empty, or from its append-only
+    /// file.
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn().await;
@@ -191,4 +219,90 @@ fn command(args: &[&str]) -> redis::Cmd {
         command.arg(*arg);
     }
     command
+}
+
+/// What [`CuttingProxy`] does to the next bytes of its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// The next request a client sends is dropped, with its connection:
+    /// Redis never sees it.
+    Request,
+    /// The next reply Redis sends is dropped, with its connection: Redis
+    /// ran the command, and the client never learns how it went.
+    Reply,
+}
+
+/// A TCP proxy in front of a redis-server that passes bytes both ways until
+/// told to cut a connection at its next request or reply.
+pub struct CuttingProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::Mutex<Option<Cut>>>,
+}
+
+impl CuttingProxy {
+    pub async fn start(redis: &RedisServer) -> CuttingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (target, shared) = (redis.port, cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (from_client, to_client) = client.into_split();
+                    let (from_server, to_server) = server.into_split();
+                    // Either way ending drops all four halves: both connections close.
+                    tokio::select! {
+                        () = pass(from_client, to_server, Cut::Request, &cut) => {}
+                        () = pass(from_server, to_client, Cut::Reply, &cut) => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy { port, cut }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut_next(&self, cut: Cut) {
+        *self.cut.lock().unwrap() = Some(cut);
+    }
+
+    /// Whether the cut asked for was made.
+    pub fn cut_made(&self) -> bool {
+        self.cut.lock().unwrap().is_none()
+    }
+}
+
+/// Copies `from` to `to` until either closes, or bytes come while `this`
+/// cut is asked for.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    this: Cut,
+    cut: &std::sync::Mutex<Option<Cut>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let Ok(read @ 1..) = from.read(&mut buffer).await else {
+            return;
+        };
+        {
+            let mut asked = cut.lock().unwrap();
+            if *asked == Some(this) {
+                *asked = None;
+                return;
+            }
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }

@@ -6,6 +6,14 @@
 //! settlement. A reservation whose store call the request stopped waiting
 //! for is a [`PendingReservation`]: refunded once the store confirms it, so
 //! no reservation that no request went on with is left counted.
+//!
+//! A settlement goes to the store once, from the worker whose request made
+//! it; only if the store does not confirm it does it go to the process's
+//! [`Outbox`], to be retried until it is applied. A request forwarded with
+//! `on_error = "defer"` holds a deferred reservation: its charge waits in
+//! the outbox, and its settlement follows the charge there.
+
+pub mod outbox;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +23,8 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+pub use self::outbox::Outbox;
+use self::outbox::{ChargeKey, GiveUp};
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
@@ -24,14 +34,16 @@ use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreE
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
 
 /// Where reservations are kept and settled: the store, how long one call to
-/// it may take, the metrics, and the settlements still running in the
-/// background (shutdown waits for those, so none is cut off midway).
+/// it may take, the metrics, the settlements still running in the
+/// background (shutdown waits for those, so none is cut off midway), and
+/// the process's outbox, for what the store did not confirm.
 #[derive(Clone)]
 pub struct Ledger {
     pub store: Arc<dyn QuotaStore>,
     pub store_timeout: Duration,
     pub metrics: Arc<Metrics>,
     pub settling: TaskTracker,
+    pub outbox: Arc<Outbox>,
 }
 
 /// Which reservation, and the ledger it is kept in: all a settlement needs
@@ -45,7 +57,7 @@ struct Ticket {
 }
 
 impl Ticket {
-    fn admitted(self, applied: Amounts) -> Reservation {
+    fn admitted(self, applied: Amounts, deferred: Option<ChargeKey>) -> Reservation {
         self.ledger
             .metrics
             .reservations_open
@@ -53,7 +65,12 @@ impl Ticket {
         Reservation {
             ticket: self,
             applied,
+            deferred,
         }
+    }
+
+    fn settlement(&self, correction: Amounts) -> Settlement {
+        Settlement::new(self.id, self.org.clone(), self.period, correction)
     }
 }
 
@@ -66,6 +83,7 @@ impl Ticket {
 pub struct PendingReservation {
     call: Option<StoreCall>,
     ticket: Ticket,
+    cost: Amounts,
 }
 
 impl PendingReservation {
@@ -77,11 +95,13 @@ impl PendingReservation {
             period: request.period,
             ledger: ledger.clone(),
         };
+        let cost = request.cost;
         let store = ledger.store.clone();
         let call: StoreCall = Box::pin(async move { store.reserve(&request).await });
         PendingReservation {
             call: Some(call),
             ticket,
+            cost,
         }
     }
 
@@ -101,7 +121,29 @@ impl PendingReservation {
 
     /// The admitted reservation, holding what the store `applied`.
     pub fn admitted(self, applied: Amounts) -> Reservation {
-        self.ticket.clone().admitted(applied)
+        self.ticket.clone().admitted(applied, None)
+    }
+
+    /// The store did not answer and the request goes on anyway: its cost
+    /// is charged from the outbox once the store answers again, and this
+    /// reservation, should the store have applied it after all, is refunded
+    /// as any other the request stopped waiting for. The deferred
+    /// reservation has an id of its own, so that its settlement and this
+    /// refund are two settlements, each applied once. `None` when the
+    /// outbox is full: nothing was recorded.
+    pub fn defer(self) -> Option<Reservation> {
+        let ticket = Ticket {
+            id: ReservationId::next(),
+            ..self.ticket.clone()
+        };
+        let charge = Settlement::new(
+            ReservationId::next(),
+            ticket.org.clone(),
+            ticket.period,
+            self.cost,
+        );
+        let key = ticket.ledger.outbox.defer(charge)?;
+        Some(ticket.admitted(self.cost, Some(key)))
     }
 }
 
@@ -116,19 +158,19 @@ impl Drop for PendingReservation {
         settling.spawn_on(async move {
             if let Ok(Decision::Admit { applied, .. }) = call.await {
                 tracing::debug!(org = %ticket.org, reservation = %ticket.id, "refunding a reservation applied after its request stopped waiting");
-                ticket.admitted(applied).refund();
+                ticket.admitted(applied, None).refund();
             }
         }, &runtime);
     }
 }
 
-/// How many times a settlement is tried before the reservation is left to stand.
-const SETTLE_ATTEMPTS: u32 = 3;
-
-/// Counters applied in the store for one request, not yet settled.
+/// Counters applied in the store for one request, not yet settled; or, for
+/// a deferred reservation, a charge waiting in the outbox to be applied.
 pub struct Reservation {
     ticket: Ticket,
     applied: Amounts,
+    /// The deferred charge this reservation's settlement must follow.
+    deferred: Option<ChargeKey>,
 }
 
 impl Reservation {
@@ -161,53 +203,60 @@ impl Reservation {
         self.apply(correction);
     }
 
-    /// Applies `correction` in a task of its own, so that it completes even
-    /// if the request that asked for it is dropped midway.
-    fn apply(self, correction: Amounts) {
-        if correction.is_zero() {
-            return;
-        }
-        let Ticket {
-            id,
-            org,
-            period,
-            ledger,
-        } = self.ticket.clone();
-        ledger.settling.clone().spawn(async move {
-            let Ledger {
-                store,
-                store_timeout,
-                metrics,
-                ..
-            } = ledger;
-            let settlement = Settlement::new(id, org, period, correction);
-            // The store applies one settlement once, however often it is sent,
-            // so retrying one whose answer was lost cannot count it twice.
-            for attempt in 1..=SETTLE_ATTEMPTS {
-                let error =
-                    match tokio::time::timeout(store_timeout, store.settle(&settlement)).await {
-                        Ok(Ok(())) => return,
-                        Ok(Err(error)) => error,
-                        Err(_elapsed) => StoreError::Timeout,
-                    };
-                metrics.store_failed("settle", &error);
-                // A damaged key stays so until someone repairs it.
-                if attempt == SETTLE_ATTEMPTS || matches!(error, StoreError::DamagedKey(_)) {
-                    break;
-                }
-                tokio::time::sleep(store_timeout).await;
+    /// Applies `correction`: after the deferred charge, if there is one
+    /// (the outbox orders the two), else at once.
+    fn apply(mut self, correction: Amounts) {
+        let settlement = match self.deferred.take() {
+            Some(charge) => {
+                let settlement = self.ticket.settlement(correction);
+                self.ticket.ledger.outbox.follow(charge, settlement)
             }
-            tracing::warn!(org = %settlement.org, reservation = %id, "gave up settling a reservation; it stands");
-        });
+            None => (!correction.is_zero()).then(|| self.ticket.settlement(correction)),
+        };
+        if let Some(settlement) = settlement.filter(|s| !s.correction.is_zero()) {
+            send(self.ticket.ledger.clone(), settlement);
+        }
     }
+}
+
+/// Sends `settlement` to the store in a task of its own, so that it
+/// completes even if the request that made it is dropped midway; if the
+/// store does not confirm it, to the outbox.
+fn send(ledger: Ledger, settlement: Settlement) {
+    ledger.settling.clone().spawn(async move {
+        let Ledger {
+            store,
+            store_timeout,
+            metrics,
+            outbox,
+            ..
+        } = ledger;
+        let error = match tokio::time::timeout(store_timeout, store.settle(&settlement)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(_elapsed) => StoreError::Timeout,
+        };
+        metrics.store_failed("settle", &error);
+        match error {
+            // A damaged key stays so until someone repairs it.
+            StoreError::DamagedKey(_) => outbox.give_up(&settlement, GiveUp::DamagedKey),
+            _ => outbox.retry(settlement),
+        }
+    });
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.ticket
-            .ledger
+        let ledger = &self.ticket.ledger;
+        ledger
             .metrics
             .reservations_open
             .fetch_sub(1, Ordering::Relaxed);
+        // A deferred reservation left to stand: its charge alone is applied.
+        if let Some(charge) = self.deferred.take() {
+            let _ = ledger
+                .outbox
+                .follow(charge, self.ticket.settlement(Amounts::ZERO));
+        }
     }
 }
