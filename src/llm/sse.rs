@@ -371,6 +371,21 @@ mod tests {
             })
         }
 
+        /// What the client gets of `sent`, fed to `scanner` in pieces of
+        /// the lengths `cuts` gives, then the rest.
+        fn feed_cut(scanner: &mut SseScanner, sent: &[u8], cuts: &[usize]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut rest = sent;
+            for &cut in cuts {
+                let (piece, after) = rest.split_at(cut.min(rest.len()));
+                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
+                rest = after;
+            }
+            out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(rest)));
+            out.extend_from_slice(&scanner.finish());
+            out
+        }
+
         proptest! {
             #[test]
             fn the_rewrite_keeps_every_event_but_the_usage_it_hides_at_any_split(
@@ -382,15 +397,7 @@ mod tests {
                 let kept: String = events.iter().map(|(_, k)| k.as_str()).collect();
                 sent.push_str(usage);
                 let mut scanner = SseScanner::new(true);
-                let mut out = Vec::new();
-                let mut rest = sent.as_bytes();
-                for cut in cuts {
-                    let (piece, after) = rest.split_at(cut.min(rest.len()));
-                    out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
-                    rest = after;
-                }
-                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(rest)));
-                out.extend_from_slice(&scanner.finish());
+                let out = feed_cut(&mut scanner, sent.as_bytes(), &cuts);
                 prop_assert_eq!(String::from_utf8(out).unwrap(), kept);
                 prop_assert_eq!(scanner.tally().and_then(Tally::final_tokens), Some(7));
             }
@@ -402,15 +409,7 @@ mod tests {
             ) {
                 let sent: String = events.iter().map(|(s, _)| s.as_str()).collect();
                 let mut scanner = SseScanner::new(false);
-                let mut out = Vec::new();
-                let mut rest = sent.as_bytes();
-                for cut in cuts {
-                    let (piece, after) = rest.split_at(cut.min(rest.len()));
-                    out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(piece)));
-                    rest = after;
-                }
-                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(rest)));
-                out.extend_from_slice(&scanner.finish());
+                let out = feed_cut(&mut scanner, sent.as_bytes(), &cuts);
                 prop_assert_eq!(String::from_utf8(out).unwrap(), sent);
             }
         }
