@@ -2,6 +2,7 @@
 //! that runs them.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use chrono::Utc;
@@ -15,16 +16,20 @@ use crate::identify::Identifier;
 use crate::ledger::{Ledger, Outbox};
 use crate::meter::{Clock, Meter};
 use crate::metrics::Metrics;
-use crate::org::OrgId;
-use crate::quota::Amounts;
+use crate::org::{OrgId, OrgPolicy};
+use crate::period::Period;
+use crate::quota::{Amounts, Dimension};
 use crate::route::Router;
-use crate::stack::{self, Gateway};
+use crate::live::{Live, ReloadError, Reloaded};
+use crate::stack::{self, BuildSteps, Gateway, Steps};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
+use crate::BoxError;
 
 /// The parts every worker shares. Cloning is cheap: it shares them.
 #[derive(Clone)]
 pub struct App {
-    config: Arc<Config>,
+    /// The config new requests run on, swapped by a reload.
+    live: Arc<Live>,
     /// The memory store every worker uses, or this handle's own connection
     /// to Redis (each worker opens another).
     store: Arc<dyn QuotaStore>,
@@ -44,6 +49,8 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
     #[error("starting a worker: {0}")]
     Worker(#[from] std::io::Error),
+    #[error("building a worker's steps: {0}")]
+    Steps(BoxError),
 }
 
 impl App {
@@ -55,6 +62,15 @@ impl App {
 
     /// [`App::new`] with a clock of the caller's, for tests that move time.
     pub fn with_clock(config: Config, clock: Clock) -> Result<App, StartError> {
+        App::build(config, None, clock)
+    }
+
+    /// A gateway on `config`, read from `path`, which a reload reads again.
+    pub fn reloadable(config: Config, path: PathBuf, clock: Clock) -> Result<App, StartError> {
+        App::build(config, Some(path), clock)
+    }
+
+    fn build(config: Config, path: Option<PathBuf>, clock: Clock) -> Result<App, StartError> {
         let metrics = Arc::<Metrics>::default();
         let outbox = Outbox::new(
             config.store.max_pending_settlements,
@@ -63,7 +79,7 @@ impl App {
         );
         Ok(App {
             store: open_store(&config)?,
-            config: Arc::new(config),
+            live: Arc::new(Live::new(config, path)),
             metrics,
             clock,
             settling: TaskTracker::new(),
@@ -77,11 +93,18 @@ impl App {
     /// connection: everything a request waits on is driven by the thread
     /// that serves it. A memory store is one, shared by all.
     fn worker_service(&self) -> Result<HttpService, StartError> {
-        let config = &self.config;
-        let store = match config.store.backend {
+        let store = match self.live.config().store.backend {
             Backend::Memory => self.store.clone(),
-            Backend::Redis(_) => open_store(config)?,
+            Backend::Redis(_) => open_store(&self.live.config())?,
         };
+        let app = self.clone();
+        let build: BuildSteps = Box::new(move |config| app.steps(config, store.clone()));
+        let gateway = Gateway::new(self.live.clone(), build).map_err(StartError::Steps)?;
+        Ok(stack::build(gateway))
+    }
+
+    /// One worker's steps on `config`, with the worker's `store`.
+    fn steps(&self, config: Arc<Config>, store: Arc<dyn QuotaStore>) -> Result<Steps, BoxError> {
         let meter = Meter {
             ledger: Ledger {
                 store,
@@ -102,13 +125,39 @@ impl App {
             config.server.idle_timeout,
             self.metrics.clone(),
         )?;
-        let gateway = Gateway::new(
+        Ok(Steps::new(
+            config.clone(),
             Router::new(&config.routes, config.server.paths),
             Identifier::new(config.identity.clone()),
             meter,
             forwarder,
-        );
-        Ok(stack::build(gateway, config.server.body_read_timeout))
+        ))
+    }
+
+    /// The config new requests run on.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
+    /// Reads the config file again and applies it to new requests; a file
+    /// with problems changes nothing, and each problem is logged.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let reloaded = self.live.reload();
+        match &reloaded {
+            Ok(Reloaded { restart_required }) if restart_required.is_empty() => {
+                tracing::info!("config reloaded");
+            }
+            Ok(Reloaded { restart_required }) => tracing::warn!(
+                keys = ?restart_required,
+                "config reloaded; changes to these keys apply only after a restart"
+            ),
+            Err(error) => {
+                for line in error.to_string().lines() {
+                    tracing::error!("config not reloaded: {line}");
+                }
+            }
+        }
+        reloaded
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -123,8 +172,57 @@ impl App {
 
     /// `org`'s counters in its current billing period.
     pub async fn usage(&self, org: &OrgId) -> Result<Amounts, StoreError> {
-        let period = self.config.orgs.policy(org).period((self.clock)());
-        self.store.usage(org, period).await
+        let (_, period) = self.policy_now(org);
+        self.store_call(self.store.usage(org, period)).await
+    }
+
+    /// The policy `org` is metered on now, and its current period.
+    pub fn policy_now(&self, org: &OrgId) -> (Arc<OrgPolicy>, Period) {
+        let policy = self.live.config().orgs.policy(org).clone();
+        let period = policy.period((self.clock)());
+        (policy, period)
+    }
+
+    /// Sets one of `org`'s counters in its current period (seats: the gauge).
+    pub async fn set_usage(
+        &self,
+        org: &OrgId,
+        dimension: Dimension,
+        value: i64,
+    ) -> Result<(), StoreError> {
+        let (_, period) = self.policy_now(org);
+        self.store_call(self.store.set_usage(org, period, dimension, value))
+            .await
+    }
+
+    /// Sets every period counter of `org`'s current period to 0; seats,
+    /// held rather than used, stay.
+    pub async fn reset_usage(&self, org: &OrgId) -> Result<(), StoreError> {
+        for dimension in Dimension::ALL.into_iter().filter(|d| !d.is_gauge()) {
+            self.set_usage(org, dimension, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the store answers within `store.timeout`.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.store_call(self.store.ping()).await
+    }
+
+    /// One call to the store from outside the request path, bounded by
+    /// `store.timeout` like those on it.
+    async fn store_call<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.live.config().store.timeout;
+        let result = tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout));
+        if let Err(error) = &result {
+            self.metrics.store_failed("usage", error);
+        }
+        result
     }
 
     /// Serves on `listener` with `server.workers` threads until `shutdown`
@@ -141,13 +239,14 @@ impl App {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
         let outbox = self.outbox.clone();
-        let (store, timeout) = (self.store.clone(), self.config.store.timeout);
+        let config = self.live.config();
+        let (store, timeout) = (self.store.clone(), config.store.timeout);
         let retrying = tokio::spawn(async move { outbox.run(store, timeout).await });
         let (shutdown, asked) = noting_when(shutdown);
         let app = self.clone();
         let served = crate::accept::serve_on_workers(
             listener,
-            &self.config.server,
+            &config.server,
             self.metrics.clone(),
             move || app.worker_service(),
             self.settling.clone(),
@@ -156,7 +255,7 @@ impl App {
         .await;
         let asked = asked.get().copied().unwrap_or_else(Instant::now);
         self.outbox
-            .drain(asked + self.config.server.shutdown_grace)
+            .drain(asked + config.server.shutdown_grace)
             .await;
         retrying.abort();
         served

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::Body;
 use crate::accept::ClientFault;
 use crate::org::OrgPolicy;
-use crate::period::Period;
+use crate::period::{Period, rfc3339};
 use crate::quota::Exceeded;
 use crate::route::{PathError, TargetError};
 
@@ -52,6 +52,18 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the gateway failed to handle this request")]
     Internal,
+    #[error("this endpoint needs Authorization: Bearer <admin token>")]
+    AdminUnauthorized,
+    #[error("no admin endpoint has this path")]
+    NoEndpoint,
+    #[error("this endpoint does not take this method")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the config file has problems; the running config is unchanged")]
+    ConfigRejected(Vec<String>),
+    #[error("the gateway was started without a config file, so there is nothing to reload")]
+    ReloadUnavailable,
 }
 
 /// A request body the client got wrong: 400, or 408 when it went silent.
@@ -75,8 +87,14 @@ pub struct Denial {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::NoRoute => StatusCode::NOT_FOUND,
-            GatewayError::Unauthenticated
+            GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::ConfigRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::ReloadUnavailable => StatusCode::CONFLICT,
+            GatewayError::AdminUnauthorized
+            | GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
             | GatewayError::UnknownApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::Target(_)
@@ -97,12 +115,18 @@ impl GatewayError {
     /// The machine-readable `error.code`.
     pub fn code(&self) -> &'static str {
         match self {
-            GatewayError::NoRoute => "NOT_FOUND",
+            GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
+                "NOT_FOUND"
+            }
+            GatewayError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            GatewayError::ConfigRejected(_) => "CONFIG_INVALID",
+            GatewayError::ReloadUnavailable => "RELOAD_UNAVAILABLE",
             GatewayError::Target(TargetError::Path(PathError::Ambiguous(_))) => "AMBIGUOUS_PATH",
             GatewayError::Target(TargetError::Path(PathError::BadEscape))
             | GatewayError::Target(TargetError::Unforwardable) => "INVALID_PATH",
             GatewayError::Target(TargetError::MethodCase(_)) => "INVALID_METHOD",
-            GatewayError::Unauthenticated
+            GatewayError::AdminUnauthorized
+            | GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
             | GatewayError::UnknownApiKey => "UNAUTHORIZED",
             GatewayError::InvalidOrgId => "INVALID_ORG_ID",
@@ -119,18 +143,31 @@ impl GatewayError {
         }
     }
 
-    pub fn into_response(self) -> Response<Body> {
-        let details = match &self {
-            GatewayError::QuotaExceeded(denial) => Some(QuotaDetails::from(denial.as_ref())),
+    /// The envelope's `error` object, as a 402 (or any other answer)
+    /// carries it; the admin's dry run shows the same.
+    pub fn error_object(&self) -> serde_json::Value {
+        serde_json::to_value(self.error_body()).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn error_body(&self) -> ErrorBody<'_> {
+        let details = match self {
+            GatewayError::QuotaExceeded(denial) => {
+                Some(Details::Quota(QuotaDetails::from(denial.as_ref())))
+            }
+            GatewayError::ConfigRejected(errors) => Some(Details::Config { errors }),
             _ => None,
         };
+        ErrorBody {
+            code: self.code(),
+            message: self.to_string(),
+            details,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
         let envelope = Envelope {
             success: false,
-            error: ErrorBody {
-                code: self.code(),
-                message: self.to_string(),
-                details,
-            },
+            error: self.error_body(),
         };
         // Serializing these plain structs cannot fail; the fallback keeps the
         // request path free of panics all the same.
@@ -147,17 +184,25 @@ impl GatewayError {
 }
 
 #[derive(Serialize)]
-struct Envelope {
+struct Envelope<'a> {
     success: bool,
-    error: ErrorBody,
+    error: ErrorBody<'a>,
 }
 
 #[derive(Serialize)]
-struct ErrorBody {
+struct ErrorBody<'a> {
     code: &'static str,
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<QuotaDetails>,
+    details: Option<Details<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Details<'a> {
+    Quota(QuotaDetails),
+    /// A reload's every problem, one line each, with file, line and key.
+    Config { errors: &'a [String] },
 }
 
 #[derive(Serialize)]
@@ -176,8 +221,6 @@ struct QuotaDetails {
 
 impl From<&Denial> for QuotaDetails {
     fn from(denial: &Denial) -> QuotaDetails {
-        let rfc3339 =
-            |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         QuotaDetails {
             r#type: "quota_exceeded",
             quota_type: denial.exceeded.dimension.as_str(),

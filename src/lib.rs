@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
@@ -46,6 +47,7 @@ pub mod error;
 pub mod forward;
 pub mod identify;
 pub mod ledger;
+pub mod live;
 pub mod llm;
 pub mod meter;
 pub mod metrics;

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use tollgate::{App, Config, demo};
+use std::sync::Arc;
+
+use tollgate::{App, Config, admin, demo};
 
 // Each request allocates and frees a few dozen small, short-lived buffers;
 // mimalloc's per-thread heaps serve that pattern well.
@@ -100,9 +102,32 @@ async fn run(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
     let config = Config::load(path)?;
     let shutdown = shutdown_signal();
     let listener = TcpListener::bind(config.server.listen)?;
+    let admin = match &config.admin {
+        Some(admin) => Some(TcpListener::bind(admin.listen).map_err(|e| {
+            format!("cannot listen on {} for [admin] ({e})", admin.listen)
+        })?),
+        None => None,
+    };
     tracing::info!(addr = %listener.local_addr()?, workers = config.server.workers, "{}", config.summary());
-    App::new(config)?.serve(listener, shutdown).await?;
+    let app = App::reloadable(config, path.to_owned(), Arc::new(chrono::Utc::now))?;
+    tokio::spawn(reload_on_hangup(app.clone()));
+    admin::serve_all(&app, listener, admin, shutdown).await?;
     Ok(())
+}
+
+/// Reloads the config file on each SIGHUP, the signal logrotate and
+/// systemd's `ExecReload` send; without this, SIGHUP would end the process.
+async fn reload_on_hangup(app: App) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("SIGHUP cannot be handled; reload through the admin API");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the config");
+        // Each outcome is logged by the reload itself.
+        let _ = app.reload();
+    }
 }
 
 async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollgate::BoxError> {

@@ -50,7 +50,15 @@ pub struct Metrics {
     pub client_fault_log: BurstLog,
 }
 
+/// The media type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 impl Metrics {
+    /// The metrics as Prometheus text.
+    pub fn encode(&self) -> String {
+        String::new()
+    }
+
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

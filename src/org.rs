@@ -14,7 +14,8 @@ use crate::quota::{Limits, Mode};
 ///
 /// 1 to 64 characters of `[A-Za-z0-9_.-]`: enough for UUIDs and slugs, and
 /// nothing that could split or escape a store key (`:`, `{`, `}`).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct OrgId(Arc<str>);
 
 impl OrgId {

@@ -12,6 +12,12 @@ pub struct Period {
     pub end: DateTime<Utc>,
 }
 
+/// A moment as the 402 body and the admin API write it: RFC 3339, whole
+/// seconds, `Z`.
+pub fn rfc3339(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 impl Period {
     /// The period that contains `now` for an org anchored on `anchor_day`
     /// (1 to 31).

@@ -6,24 +6,27 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
 use http::{Request, Response};
+use hyper::body::Incoming;
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::map_request_body::MapRequestBodyLayer;
 use tower_http::map_response_body::MapResponseBodyLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
+use arc_swap::ArcSwap;
+
 use crate::accept::{ClientAddr, HttpService, client_body};
+use crate::config::Config;
 use crate::error::GatewayError;
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
+use crate::live::Live;
 use crate::meter::Meter;
 use crate::route::Router;
 use crate::settle;
@@ -32,9 +35,9 @@ use crate::{Body, BoxError};
 /// Response header naming the quota a shadow-mode request went past.
 pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shadow-exceeded");
 
-/// Wraps the gateway in its layers, outermost first; a request body that
-/// sends nothing for `body_read_timeout` is cut.
-pub fn build(gateway: Gateway, body_read_timeout: Duration) -> HttpService {
+/// Wraps the gateway in its layers, outermost first. None of them depends
+/// on the config, so a reload rebuilds only the gateway's steps.
+pub fn build(gateway: Gateway) -> HttpService {
     let stack = ServiceBuilder::new()
         // One body type leaves the stack, whatever the layers below wrap it in.
         .layer(MapResponseBodyLayer::new(|body| {
@@ -58,46 +61,100 @@ pub fn build(gateway: Gateway, body_read_timeout: Duration) -> HttpService {
         .layer(CatchPanicLayer::custom(|_panic| {
             GatewayError::Internal.into_response()
         }))
-        // The steps see one request body type: the client's, boxed.
-        .layer(MapRequestBodyLayer::new(move |body| {
-            client_body(body, body_read_timeout)
-        }))
         .service(gateway);
     BoxCloneSyncService::new(stack)
 }
 
-/// The request path: route, identify, meter, forward, settle.
+/// The request path: route, identify, meter, forward, settle, on the steps
+/// built from the config snapshot that is current when a request starts.
 #[derive(Clone)]
 pub struct Gateway {
-    steps: Arc<Steps>,
+    worker: Arc<Worker>,
 }
 
-struct Steps {
+/// Builds one worker's steps from a config snapshot.
+pub type BuildSteps = Box<dyn Fn(Arc<Config>) -> Result<Steps, BoxError> + Send + Sync>;
+
+/// One worker's steps, and how to build them again after a reload.
+struct Worker {
+    live: Arc<Live>,
+    steps: ArcSwap<Steps>,
+    build: BuildSteps,
+}
+
+/// The steps of the request path, built from one config snapshot.
+pub struct Steps {
+    config: Arc<Config>,
     router: Router,
     identifier: Identifier,
     meter: Meter,
     forwarder: Forwarder,
 }
 
-impl Gateway {
+impl Steps {
     pub fn new(
+        config: Arc<Config>,
         router: Router,
         identifier: Identifier,
         meter: Meter,
         forwarder: Forwarder,
-    ) -> Gateway {
-        Gateway {
-            steps: Arc::new(Steps {
-                router,
-                identifier,
-                meter,
-                forwarder,
+    ) -> Steps {
+        Steps {
+            config,
+            router,
+            identifier,
+            meter,
+            forwarder,
+        }
+    }
+}
+
+impl Gateway {
+    /// The gateway of one worker, on steps built by `build` from the
+    /// current snapshot of `live`, and built again whenever it changes.
+    pub fn new(live: Arc<Live>, build: BuildSteps) -> Result<Gateway, BoxError> {
+        let steps = build(live.config())?;
+        Ok(Gateway {
+            worker: Arc::new(Worker {
+                live,
+                steps: ArcSwap::from_pointee(steps),
+                build,
             }),
+        })
+    }
+
+    /// The steps of the current snapshot. A request holds them to its end,
+    /// so one that began before a reload finishes on the config it began
+    /// with.
+    fn steps(&self) -> Arc<Steps> {
+        let worker = &*self.worker;
+        let steps = worker.steps.load_full();
+        if worker.live.is_current(&steps.config) {
+            return steps;
+        }
+        let config = worker.live.config();
+        match (worker.build)(config) {
+            Ok(built) => {
+                let built = Arc::new(built);
+                worker.steps.store(built.clone());
+                built
+            }
+            Err(error) => {
+                // Building can fail only on what validation already read
+                // (upstream certificates), so this is rare; the old steps
+                // go on serving.
+                tracing::error!(%error, "could not apply the reloaded config on a worker");
+                steps
+            }
         }
     }
 
-    async fn handle(self, mut request: Request<Body>) -> Result<Response<Body>, GatewayError> {
-        let steps = &*self.steps;
+    async fn handle(self, request: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let steps = self.steps();
+        let steps = &*steps;
+        // The steps see one request body type: the client's, boxed.
+        let body_read_timeout = steps.config.server.body_read_timeout;
+        let mut request = request.map(|body| client_body(body, body_read_timeout));
         let client = request.extensions_mut().remove::<ClientAddr>();
         // First, so that no header the client names in `Connection` can take
         // away one the gateway sets later: the org header, X-Forwarded-*, an
@@ -138,7 +195,7 @@ impl Gateway {
     }
 }
 
-impl Service<Request<Body>> for Gateway {
+impl Service<Request<Incoming>> for Gateway {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -147,7 +204,7 @@ impl Service<Request<Body>> for Gateway {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let gateway = self.clone();
         // The one place where the gateway's own errors become responses.
         Box::pin(async move {

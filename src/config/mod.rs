@@ -32,6 +32,22 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
     pub orgs: OrgDirectory,
+    /// The admin listener, when `[admin]` is configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: where the operations API listens, and who may use it.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub tokens: Vec<AdminToken>,
+}
+
+/// A bearer token for the admin API, known only by its sha256.
+#[derive(Clone, Debug)]
+pub struct AdminToken {
+    pub sha256: Redacted<[u8; 32]>,
+    pub name: String,
 }
 
 #[derive(Clone, Debug)]
@@ -70,7 +86,7 @@ pub struct StoreConfig {
     pub max_pending_settlements: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backend {
     Memory,
     /// Its URLs may hold a password, so `Debug` shows only the kind.
@@ -80,6 +96,14 @@ pub enum Backend {
 /// A value that `Debug` never shows, for config that may hold a secret.
 #[derive(Clone)]
 pub struct Redacted<T>(pub T);
+
+impl<T: PartialEq> PartialEq for Redacted<T> {
+    fn eq(&self, other: &Redacted<T>) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<T: Eq> Eq for Redacted<T> {}
 
 impl<T> fmt::Debug for Redacted<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

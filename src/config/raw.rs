@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub defaults: RawDefaults,
     #[serde(default)]
     pub orgs: BTreeMap<String, RawOrg>,
+    pub admin: Option<RawAdmin>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,4 +159,17 @@ pub struct RawOrg {
     pub enforcement: Option<String>,
     #[serde(default)]
     pub limits: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub tokens: Vec<RawAdminToken>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawAdminToken {
+    pub sha256: String,
+    pub name: Option<String>,
 }

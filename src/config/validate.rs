@@ -14,9 +14,9 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use super::raw::{RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawUpstream};
+use super::raw::{RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawUpstream};
 use super::{
-    ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
+    AdminConfig, AdminToken, ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, Problem,
     PublicKey, Redacted, ServerConfig, StoreConfig, Upstream, expand_env,
 };
@@ -108,6 +108,19 @@ impl Checker<'_> {
             "defer" => Ok(Some(OnStoreError::Defer)),
             other => Err(format!("{other:?}: use \"allow\", \"deny\" or \"defer\"")),
         })
+    }
+
+    /// The 32 bytes of a sha256 written as 64 hex digits.
+    fn sha256(&mut self, path: &KeyPath, raw: &str, what: &str) -> Option<[u8; 32]> {
+        let text = self.text(path, raw)?;
+        let mut digest = [0u8; 32];
+        match hex::decode_to_slice(text.trim(), &mut digest) {
+            Ok(()) => Some(digest),
+            Err(_) => {
+                self.problem(path, format!("must be the 64 hex digits of the {what}'s sha256"));
+                None
+            }
+        }
     }
 
     fn not_supported_yet(&mut self, path: &KeyPath, what: &str) {
@@ -349,6 +362,7 @@ pub(super) fn validate(
         );
     }
     let orgs = validate_orgs(&mut c, &raw, mode);
+    let admin = raw.admin.as_ref().map(|raw| validate_admin(&mut c, raw));
 
     if c.problems.is_empty() {
         Ok(Config {
@@ -358,6 +372,7 @@ pub(super) fn validate(
             upstreams,
             routes,
             orgs,
+            admin,
         })
     } else {
         Err(c.problems)
@@ -1119,6 +1134,45 @@ fn report_unreachable(c: &mut Checker<'_>, routes: &[(usize, &RawRoute, Option<M
             );
         }
     }
+}
+
+fn validate_admin(c: &mut Checker<'_>, raw: &RawAdmin) -> AdminConfig {
+    let path = KeyPath::default().key("admin");
+    let listen = match raw.listen.as_deref() {
+        Some(text) => c.parsed(&path.key("listen"), Some(text), None, |text| {
+            text.parse().map(Some).map_err(|_| {
+                format!("{text:?} is not an address: write e.g. \"127.0.0.1:9090\"")
+            })
+        }),
+        None => {
+            c.problem(&path.key("listen"), "missing: the admin listener's address");
+            None
+        }
+    }
+    .unwrap_or_else(|| ([127, 0, 0, 1], 9090).into());
+    if raw.tokens.is_empty() {
+        c.problem(
+            &path.key("tokens"),
+            "name at least one token: everything under /v1/ needs one",
+        );
+    }
+    let mut tokens = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, token) in raw.tokens.iter().enumerate() {
+        let at = path.key("tokens").index(i);
+        let name = token.name.clone().unwrap_or_else(|| format!("token-{i}"));
+        let Some(sha256) = c.sha256(&at.key("sha256"), &token.sha256, "token") else {
+            continue;
+        };
+        if !seen.insert(sha256) {
+            c.problem(&at.key("sha256"), "this token digest is listed twice");
+        }
+        tokens.push(AdminToken {
+            sha256: Redacted(sha256),
+            name,
+        });
+    }
+    AdminConfig { listen, tokens }
 }
 
 fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirectory {

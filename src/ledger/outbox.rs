@@ -573,6 +573,10 @@ mod tests {
             self.store.usage(org, period).await
         }
 
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.store.ping().await
+        }
+
         async fn set_usage(
             &self,
             org: &OrgId,

@@ -122,6 +122,10 @@ impl QuotaStore for MemoryStore {
         Ok(self.state()?.read(org, &period))
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn set_usage(
         &self,
         org: &OrgId,

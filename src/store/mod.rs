@@ -142,6 +142,9 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// The org's counters in `period` (seats: the current gauge).
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError>;
 
+    /// Answers when the store does: what readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Overwrites one counter, for operators correcting or resetting usage.
     async fn set_usage(
         &self,

@@ -102,7 +102,7 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/se
 static ASK: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/ask.lua")));
 
 /// Where the store connects.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedisTarget {
     Single(String),
     Cluster(Vec<String>),
@@ -656,6 +656,10 @@ impl QuotaStore for RedisStore {
             usage.set(dimension, value.unwrap_or(0));
         }
         Ok(usage)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.redis.query::<()>(&redis::cmd("PING")).await
     }
 
     async fn set_usage(

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real gateway on a free port in front of a real HTTP
 //! stand-in upstream.
 
+mod admin;
 mod cli;
 mod connections;
 mod enforcement;

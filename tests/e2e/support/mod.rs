@@ -149,6 +149,8 @@ async fn answer(
 /// The gateway under test, serving on a free port.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The admin listener's address, when the config has `[admin]`.
+    pub admin_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -206,25 +208,52 @@ impl Gateway {
         };
         let config = Config::parse(config, "test.toml", &env)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let app = Arc::new(App::with_clock(config, clock).unwrap());
+        Gateway::serve(App::with_clock(config, clock).unwrap())
+    }
+
+    /// Starts the gateway on the config file at `path`, which a reload
+    /// reads again.
+    pub async fn launch_file(path: &std::path::Path, clock: tollgate::meter::Clock) -> Gateway {
+        let config =
+            Config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        Gateway::serve(App::reloadable(config, path.to_owned(), clock).unwrap())
+    }
+
+    /// Serves `app` on a free port, and its admin API on `[admin] listen`
+    /// (port 0 for a free one) when it has one.
+    fn serve(app: App) -> Gateway {
+        let app = Arc::new(app);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = app
+            .config()
+            .admin
+            .as_ref()
+            .map(|admin| std::net::TcpListener::bind(admin.listen).unwrap());
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = app.clone();
         let server = tokio::spawn(async move {
-            serving
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            tollgate::admin::serve_all(&serving, listener, admin, shutdown)
                 .await
                 .unwrap();
         });
         Gateway {
             addr,
+            admin_addr,
             app,
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// The admin listener's URL for `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.admin_addr.expect("this gateway has no [admin]");
+        format!("http://{addr}{path}")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,286 @@
+//! The admin listener: health for load balancers, Prometheus metrics, and
+//! the operations API under `/v1/` (usage, runtime orgs and keys, the dry
+//! run, reload), on an address of its own (`[admin] listen`).
+//!
+//! It serves nothing of the proxy's routes, and the proxy listener serves
+//! none of this. `/healthz`, `/readyz` and `/metrics` need no token, so a
+//! load balancer and a scraper can reach them; everything under `/v1/`
+//! needs `Authorization: Bearer <token>`, whose sha256 `[admin] tokens`
+//! lists. Every error is the gateway's envelope ([`GatewayError`]).
+//!
+//! It runs on the thread that accepts the proxy's connections, beside the
+//! outbox: its traffic is an operator's, a few requests a second at most.
+
+mod api;
+mod views;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, StartError};
+use crate::error::GatewayError;
+use crate::{Body, full_body};
+
+/// How long an admin client has to send a request's head, and a request's
+/// body: an operator's tool, not a stream.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the proxy on `proxy` and, when given, the admin API on `admin`,
+/// until `shutdown` completes; both then drain for `server.shutdown_grace`.
+pub async fn serve_all(
+    app: &App,
+    proxy: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let stop = CancellationToken::new();
+    let serving_admin = match admin {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
+            let grace = app.config().server.shutdown_grace;
+            let stopped = stop.clone().cancelled_owned();
+            Some(tokio::spawn(serve(listener, app.clone(), stopped, grace)))
+        }
+        None => None,
+    };
+    let served = app
+        .serve(proxy, async {
+            shutdown.await;
+            stop.cancel();
+        })
+        .await;
+    if let Some(serving) = serving_admin {
+        let _ = serving.await;
+    }
+    served
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes, then
+/// gives open requests `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin listener could not accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(answer(&app, request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "admin connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin connections still open at the end of the grace period");
+    }
+}
+
+/// One admin request's answer.
+async fn answer(app: &App, request: Request<Incoming>) -> Response<Body> {
+    // The endpoint borrows from the path; the request goes on to the handler.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let endpoint = match Endpoint::of(&method, uri.path()) {
+        Ok(endpoint) => endpoint,
+        Err(error) => return error.into_response(),
+    };
+    if endpoint.needs_token() && !authorized(app, &request) {
+        return GatewayError::AdminUnauthorized.into_response();
+    }
+    api::handle(app, endpoint, request)
+        .await
+        .unwrap_or_else(GatewayError::into_response)
+}
+
+/// Whether the request's bearer token is one of `[admin] tokens`. Each
+/// digest is compared in constant time, and with every token, so the time
+/// taken tells nothing of how close a guess came.
+fn authorized(app: &App, request: &Request<Incoming>) -> bool {
+    let Some(token) = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+    let config = app.config();
+    let tokens = config.admin.iter().flat_map(|admin| &admin.tokens);
+    tokens.fold(false, |found, known| {
+        found | bool::from(known.sha256.0.ct_eq(&digest))
+    })
+}
+
+/// What an admin request asks for: its method and path, read.
+#[derive(Debug, PartialEq, Eq)]
+enum Endpoint<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    OpenApi,
+    Usage(&'a str),
+    SetUsage(&'a str, &'a str),
+    ResetUsage(&'a str),
+    Orgs,
+    Org(&'a str),
+    PutOrg(&'a str),
+    DeleteOrg(&'a str),
+    CreateKey,
+    Keys,
+    RevokeKey(&'a str),
+    Check,
+    Reload,
+}
+
+impl<'a> Endpoint<'a> {
+    fn of(method: &Method, path: &'a str) -> Result<Endpoint<'a>, GatewayError> {
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        let (get, put, post, delete) = (
+            method == Method::GET,
+            method == Method::PUT,
+            method == Method::POST,
+            method == Method::DELETE,
+        );
+        let endpoint = match segments.as_slice() {
+            ["healthz"] if get => Endpoint::Healthz,
+            ["readyz"] if get => Endpoint::Readyz,
+            ["metrics"] if get => Endpoint::Metrics,
+            ["v1", "openapi.json"] if get => Endpoint::OpenApi,
+            ["v1", "orgs"] if get => Endpoint::Orgs,
+            ["v1", "orgs", org] if get => Endpoint::Org(org),
+            ["v1", "orgs", org] if put => Endpoint::PutOrg(org),
+            ["v1", "orgs", org] if delete => Endpoint::DeleteOrg(org),
+            ["v1", "orgs", org, "usage"] if get => Endpoint::Usage(org),
+            ["v1", "orgs", org, "usage"] if delete => Endpoint::ResetUsage(org),
+            ["v1", "orgs", org, "usage", dimension] if put => Endpoint::SetUsage(org, dimension),
+            ["v1", "keys"] if post => Endpoint::CreateKey,
+            ["v1", "keys"] if get => Endpoint::Keys,
+            ["v1", "keys", id] if delete => Endpoint::RevokeKey(id),
+            ["v1", "check"] if post => Endpoint::Check,
+            ["v1", "reload"] if post => Endpoint::Reload,
+            ["healthz" | "readyz" | "metrics"]
+            | ["v1", "openapi.json" | "orgs" | "keys" | "check" | "reload"]
+            | ["v1", "orgs", _]
+            | ["v1", "orgs", _, "usage"]
+            | ["v1", "orgs", _, "usage", _]
+            | ["v1", "keys", _] => return Err(GatewayError::MethodNotAllowed),
+            _ => return Err(GatewayError::NoEndpoint),
+        };
+        Ok(endpoint)
+    }
+
+    fn needs_token(&self) -> bool {
+        !matches!(
+            self,
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics
+        )
+    }
+}
+
+/// A JSON answer.
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => with_type(status, Bytes::from(bytes), "application/json"),
+        Err(error) => {
+            tracing::error!(%error, "could not write an admin answer");
+            GatewayError::Internal.into_response()
+        }
+    }
+}
+
+fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full_body(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_their_endpoints_and_only_with_their_methods() {
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/v1/orgs/acme/usage").unwrap(),
+            Endpoint::Usage("acme")
+        );
+        assert_eq!(
+            Endpoint::of(&Method::PUT, "/v1/orgs/acme/usage/tokens").unwrap(),
+            Endpoint::SetUsage("acme", "tokens")
+        );
+        assert!(matches!(
+            Endpoint::of(&Method::POST, "/v1/orgs/acme/usage"),
+            Err(GatewayError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            Endpoint::of(&Method::GET, "/v1/orgs/acme/usage/tokens/x"),
+            Err(GatewayError::NoEndpoint)
+        ));
+        assert!(matches!(
+            Endpoint::of(&Method::GET, "/chat/completions"),
+            Err(GatewayError::NoEndpoint)
+        ));
+    }
+
+    #[test]
+    fn only_health_readiness_and_metrics_go_without_a_token() {
+        for (path, open) in [
+            ("/healthz", true),
+            ("/readyz", true),
+            ("/metrics", true),
+            ("/v1/orgs", false),
+            ("/v1/openapi.json", false),
+        ] {
+            let endpoint = Endpoint::of(&Method::GET, path).unwrap();
+            assert_eq!(!endpoint.needs_token(), open, "{path}");
+        }
+    }
+}

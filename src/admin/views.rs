@@ -1,0 +1,153 @@
+//! The JSON the admin API answers with, field for field as DESIGN.md's
+//! "Operations" gives it: dashboards and scripts are written against it.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::org::{OrgId, OrgPolicy};
+use crate::period::{Period, rfc3339};
+use crate::quota::{Amounts, Dimension, Limits};
+
+/// Where an org's policy comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[orgs.X]` in the config file.
+    Config,
+    /// Set through `PUT /v1/orgs/{org}`, kept in the store.
+    Runtime,
+    /// Neither: `[defaults]`.
+    Defaults,
+}
+
+/// `GET /v1/orgs/{org}/usage`: an org's counters in its current period.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub org: OrgId,
+    pub plan: Arc<str>,
+    pub billing_status: Arc<str>,
+    pub enforcement: &'static str,
+    pub period_start: String,
+    pub period_end: String,
+    pub usage: Usage,
+}
+
+/// One entry per dimension.
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub tokens: Used,
+    pub playbook_runs: Used,
+    pub seats: Used,
+}
+
+/// A counter against its limit; `limit` and `remaining` are null when
+/// unlimited, and `remaining` never goes below 0.
+#[derive(Debug, Serialize)]
+pub struct Used {
+    pub used: i64,
+    pub limit: Option<i64>,
+    pub remaining: Option<i64>,
+}
+
+impl Usage {
+    pub fn of(limits: &Limits, used: &Amounts) -> Usage {
+        let entry = |dimension: Dimension| {
+            let (used, limit) = (used.get(dimension), limits.get(dimension));
+            Used {
+                used,
+                limit,
+                remaining: limit.map(|limit| limit.saturating_sub(used).max(0)),
+            }
+        };
+        Usage {
+            tokens: entry(Dimension::Tokens),
+            playbook_runs: entry(Dimension::PlaybookRuns),
+            seats: entry(Dimension::Seats),
+        }
+    }
+}
+
+impl Summary {
+    pub fn new(org: OrgId, policy: &OrgPolicy, period: Period, used: &Amounts) -> Summary {
+        Summary {
+            org,
+            plan: policy.plan.clone(),
+            billing_status: policy.billing_status.clone(),
+            enforcement: policy.mode.as_str(),
+            period_start: rfc3339(period.start),
+            period_end: rfc3339(period.end),
+            usage: Usage::of(&policy.limits, used),
+        }
+    }
+}
+
+/// `GET /v1/orgs/{org}`: the policy in effect, and where it comes from.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrgView {
+    pub org: OrgId,
+    pub plan: Arc<str>,
+    pub billing_status: Arc<str>,
+    pub period_anchor_day: u32,
+    pub enforcement: &'static str,
+    pub limits: LimitsView,
+    pub source: Source,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LimitsView {
+    pub tokens: Option<i64>,
+    pub playbook_runs: Option<i64>,
+    pub seats: Option<i64>,
+}
+
+impl OrgView {
+    pub fn new(org: OrgId, policy: &OrgPolicy, source: Source) -> OrgView {
+        let limits = &policy.limits;
+        OrgView {
+            org,
+            plan: policy.plan.clone(),
+            billing_status: policy.billing_status.clone(),
+            period_anchor_day: policy.period_anchor_day,
+            enforcement: policy.mode.as_str(),
+            limits: LimitsView {
+                tokens: limits.get(Dimension::Tokens),
+                playbook_runs: limits.get(Dimension::PlaybookRuns),
+                seats: limits.get(Dimension::Seats),
+            },
+            source,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrgList {
+    pub orgs: Vec<OrgView>,
+}
+
+/// `PUT /v1/orgs/{org}/usage/{dimension}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetUsage {
+    pub used: i64,
+}
+
+/// `POST /v1/check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub org: String,
+    #[serde(default)]
+    pub cost: std::collections::BTreeMap<String, i64>,
+}
+
+/// `POST /v1/reload`, when it took effect.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadAnswer {
+    pub reloaded: bool,
+    /// Keys whose change waits for a restart.
+    pub restart_required: Vec<&'static str>,
+}
