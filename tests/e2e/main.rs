@@ -13,6 +13,7 @@ mod llm;
 mod llm_bounds;
 mod paths;
 mod redis_gateway;
+mod reload;
 mod store_conformance;
 mod store_outage;
 mod support;
