@@ -40,7 +40,10 @@ fn check_accepts_the_reference_interface_once_its_placeholder_key_is_real() {
     );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("reference.toml");
-    std::fs::write(&file, reference.replace("9f2c...", &"ab".repeat(32))).unwrap();
+    let real = reference
+        .replace("9f2c...", &"ab".repeat(32))
+        .replace("4b1e...", &"cd".repeat(32));
+    std::fs::write(&file, real).unwrap();
 
     let output = with_secrets(tollgate().arg("check").arg("--config").arg(&file))
         .output()
@@ -333,4 +336,80 @@ async fn run_stops_cleanly_on_sigterm() {
     .unwrap();
 
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_file_and_a_broken_one_leaves_the_gateway_running() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.toml");
+    let config = |routes: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n{routes}"
+        )
+    };
+    let route = |name: &str| {
+        format!("[[routes]]\nname = \"{name}\"\npath = \"/{name}/{{*rest}}\"\nupstream = \"api\"\n")
+    };
+    std::fs::write(&file, config(&route("a"))).unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = tollgate()
+        .arg("run")
+        .arg("--config")
+        .arg(&file)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status_of = async |path: &str| {
+        reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    crate::support::eventually("the gateway listens", async || status_of("/b/x").await == 404)
+        .await;
+    let hangup = |pid: u32| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+
+    // A second route: /b/ now reaches the (dead) upstream, a 502, not a 404.
+    std::fs::write(&file, config(&(route("a") + &route("b")))).unwrap();
+    hangup(child.id());
+    crate::support::eventually("the new route serves", async || {
+        status_of("/b/x").await == 502
+    })
+    .await;
+
+    std::fs::write(&file, config("[[routes]]\nname = 5\n")).unwrap();
+    hangup(child.id());
+    let logged = || std::fs::read_to_string(&log).unwrap();
+    crate::support::eventually("the broken file is reported", async || {
+        logged().contains("config not reloaded")
+    })
+    .await;
+    assert!(logged().contains("routes[0].name"), "{}", logged());
+    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the process");
+    assert_eq!(status_of("/b/x").await, 502);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = within(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status:?}");
 }

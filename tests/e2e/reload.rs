@@ -219,3 +219,79 @@ async fn a_gateway_started_without_a_file_says_there_is_nothing_to_reload() {
         .unwrap();
     envelope(response, 409, "RELOAD_UNAVAILABLE").await;
 }
+
+/// A route `/load` costing 1 token, for org_acme allowed a billion.
+fn with_load_route(config: &str) -> String {
+    config.replace(
+        "[[routes]]\nname = \"everything-else\"",
+        "[[routes]]\nname = \"load\"\nmethod = \"GET\"\npath = \"/load\"\nupstream = \"api\"\ncost = { tokens = 1 }\n\n\
+         [[routes]]\nname = \"everything-else\"",
+    ) + "\n[orgs.org_acme]\nplan = \"free\"\nlimits = { tokens = 1000000000 }\n"
+}
+
+#[tokio::test]
+async fn reloads_under_load_fail_no_request_and_take_effect() {
+    let upstream = Upstream::start().await;
+    for backing in Backing::both().await {
+        let name = backing.name();
+        let config = with_load_route(&base(&backing, &upstream));
+        let file = ConfigFile::new(&backing, &upstream);
+        file.write(&config);
+        let gateway = launch(&backing, &file).await;
+        let load_hits = || upstream.seen().iter().filter(|s| s.path == "/load").count();
+        let before = load_hits();
+        let wrk = std::process::Command::new("wrk")
+            .args(["-t1", "-c8", "-d3s", "-H"])
+            .arg(format!("authorization: Bearer {KEY_ACME}"))
+            .arg(gateway.url("/load"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("wrk is not installed: scripts/test installs it");
+        crate::support::eventually("the load is running", async || load_hits() > before + 200)
+            .await;
+
+        file.write(&with_reports_route(&config));
+        assert_eq!(reload(&gateway).await.status(), 200, "{name}");
+        let lowered = with_reports_route(&config).replace("playbook_runs = 10", "playbook_runs = 1");
+        file.write(&lowered);
+        assert_eq!(reload(&gateway).await.status(), 200, "{name}");
+        file.write("[server]\nworkers = 0\n");
+        envelope(reload(&gateway).await, 422, "CONFIG_INVALID").await;
+
+        let output = tokio::task::spawn_blocking(move || wrk.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{report}");
+        assert!(report.contains("requests in"), "{report}");
+        assert!(!report.contains("Non-2xx"), "{name}: {report}");
+        assert!(!report.contains("Socket errors"), "{name}: {report}");
+
+        // The lowered limit and the new route hold; the broken file changed neither.
+        let runs = async |org: &str| {
+            client()
+                .post(gateway.url("/reports"))
+                .header("x-org-id", org)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        };
+        let org = format!("org_after_load_{name}");
+        assert_eq!(runs(&org).await, 200, "{name}");
+        assert_eq!(runs(&org).await, 402, "{name}");
+        assert_eq!(gateway.used(&org, Dimension::PlaybookRuns).await, 1);
+        // Every request that reached the upstream was charged once; when
+        // wrk stops, each of its 8 connections may leave one request that
+        // was charged and cut before the upstream answered (its charge
+        // stands, as for any client that leaves mid-request).
+        let charged = gateway.used("org_acme", Dimension::Tokens).await;
+        let reached = (load_hits() - before) as i64;
+        assert!(
+            (reached..=reached + 8).contains(&charged),
+            "{name}: {charged} charged for {reached} forwarded"
+        );
+    }
+}
