@@ -255,8 +255,12 @@ impl Config {
 
     /// A one-line summary for logs and `check`, with no secret in it.
     pub fn summary(&self) -> String {
+        let admin = match &self.admin {
+            Some(admin) => format!(", admin on {}", admin.listen),
+            None => String::new(),
+        };
         format!(
-            "listen {}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
+            "listen {}{admin}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
             self.server.listen,
             match &self.store.backend {
                 Backend::Memory => "memory",
@@ -729,6 +733,38 @@ mod tests {
                 "3: server.path_case: \"lower\": use \"insensitive\" or \"sensitive\"",
             ]
         );
+    }
+
+    #[test]
+    fn the_admin_section_needs_an_address_and_tokens_given_as_digests() {
+        let found = problems("[admin]\nlisten = \"somewhere\"\n");
+        assert_eq!(
+            found,
+            [
+                "1: admin.tokens: name at least one token: everything under /v1/ needs one",
+                "2: admin.listen: \"somewhere\" is not an address: write e.g. \"127.0.0.1:9090\"",
+            ]
+        );
+        let found = problems(
+            "[admin]\ntokens = [{ sha256 = \"ops\" }, { sha256 = \"ops\" }]\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "1: admin.listen: missing: the admin listener's address",
+                "2: admin.tokens[0].sha256: must be the 64 hex digits of the token's sha256",
+                "2: admin.tokens[1].sha256: must be the 64 hex digits of the token's sha256",
+            ]
+        );
+        let digest = "ab".repeat(32);
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:9090\"\ntokens = [{{ sha256 = \"{digest}\", name = \"ops\" }}]\n"
+        );
+        let config = Config::parse(&text, "t.toml", &env).unwrap();
+        let admin = config.admin.unwrap();
+        assert_eq!(admin.listen.port(), 9090);
+        assert_eq!(admin.tokens[0].name, "ops");
+        assert_eq!(format!("{:?}", admin.tokens[0]), r#"AdminToken { sha256: [redacted], name: "ops" }"#);
     }
 
     #[test]
