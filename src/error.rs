@@ -56,8 +56,9 @@ pub enum GatewayError {
     AdminUnauthorized,
     #[error("no admin endpoint has this path")]
     NoEndpoint,
+    /// With the methods the path does take, for the `Allow` header.
     #[error("this endpoint does not take this method")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
     #[error("{0}")]
     NotFound(String),
     #[error("the config file has problems; the running config is unchanged")]
@@ -90,7 +91,7 @@ impl GatewayError {
             GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::ConfigRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::ReloadUnavailable => StatusCode::CONFLICT,
             GatewayError::AdminUnauthorized
@@ -118,7 +119,7 @@ impl GatewayError {
             GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
                 "NOT_FOUND"
             }
-            GatewayError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             GatewayError::ConfigRejected(_) => "CONFIG_INVALID",
             GatewayError::ReloadUnavailable => "RELOAD_UNAVAILABLE",
             GatewayError::Target(TargetError::Path(PathError::Ambiguous(_))) => "AMBIGUOUS_PATH",
@@ -175,10 +176,14 @@ impl GatewayError {
             .unwrap_or_else(|_| br#"{"success":false,"error":{"code":"INTERNAL_ERROR"}}"#.to_vec());
         let mut response = Response::new(crate::full_body(Bytes::from(json)));
         *response.status_mut() = self.status();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let GatewayError::MethodNotAllowed(allowed) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
+        }
         response
     }
 }

@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::views::{CheckRequest, ReloadAnswer, SetUsage, Summary, Usage};
+use super::views::{CheckRequest, ReloadAnswer, SetUsage, Summary, Usage, Whole};
 use super::{Endpoint, READ_TIMEOUT, json, with_type};
 use crate::app::App;
 use crate::error::{Denial, GatewayError};
@@ -45,7 +45,7 @@ pub(super) async fn handle(
         Endpoint::Usage(org) => Ok(json(ok, &summary(app, &org_id(org)?).await?)),
         Endpoint::SetUsage(org, dimension) => {
             let (org, dimension) = (org_id(org)?, dimension_named(dimension)?);
-            let SetUsage { used } = read_json(request).await?;
+            let SetUsage { used: Whole(used) } = read_json(request).await?;
             app.set_usage(&org, dimension, amount("used", used)?)
                 .await
                 .map_err(|_| GatewayError::StoreUnavailable)?;
@@ -96,7 +96,7 @@ async fn summary(app: &App, org: &OrgId) -> Result<Summary, GatewayError> {
 async fn check(app: &App, asked: CheckRequest) -> Result<Response<Body>, GatewayError> {
     let org = org_id(&asked.org)?;
     let mut cost = Amounts::ZERO;
-    for (name, &value) in &asked.cost {
+    for (name, &Whole(value)) in &asked.cost {
         cost.set(dimension_named(name)?, amount(name, value)?);
     }
     let (policy, period) = app.policy_now(&org);

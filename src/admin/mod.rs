@@ -203,13 +203,12 @@ impl<'a> Endpoint<'a> {
             ["v1", "keys", id] if delete => Endpoint::RevokeKey(id),
             ["v1", "check"] if post => Endpoint::Check,
             ["v1", "reload"] if post => Endpoint::Reload,
-            ["healthz" | "readyz" | "metrics"]
-            | ["v1", "openapi.json" | "orgs" | "keys" | "check" | "reload"]
-            | ["v1", "orgs", _]
-            | ["v1", "orgs", _, "usage"]
-            | ["v1", "orgs", _, "usage", _]
-            | ["v1", "keys", _] => return Err(GatewayError::MethodNotAllowed),
-            _ => return Err(GatewayError::NoEndpoint),
+            path => {
+                return Err(match allowed_methods(path) {
+                    Some(allowed) => GatewayError::MethodNotAllowed(allowed),
+                    None => GatewayError::NoEndpoint,
+                });
+            }
         };
         Ok(endpoint)
     }
@@ -220,6 +219,21 @@ impl<'a> Endpoint<'a> {
             Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics
         )
     }
+}
+
+/// The methods a path of the API takes, for a 405's `Allow`; `None` for a
+/// path that is none of the API's.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        ["healthz" | "readyz" | "metrics"] | ["v1", "openapi.json" | "orgs"] => "GET",
+        ["v1", "check" | "reload"] => "POST",
+        ["v1", "orgs", _] => "GET, PUT, DELETE",
+        ["v1", "orgs", _, "usage"] => "GET, DELETE",
+        ["v1", "orgs", _, "usage", _] => "PUT",
+        ["v1", "keys"] => "GET, POST",
+        ["v1", "keys", _] => "DELETE",
+        _ => return None,
+    })
 }
 
 /// A JSON answer.
@@ -258,7 +272,7 @@ mod tests {
         );
         assert!(matches!(
             Endpoint::of(&Method::POST, "/v1/orgs/acme/usage"),
-            Err(GatewayError::MethodNotAllowed)
+            Err(GatewayError::MethodNotAllowed("GET, DELETE"))
         ));
         assert!(matches!(
             Endpoint::of(&Method::GET, "/v1/orgs/acme/usage/tokens/x"),

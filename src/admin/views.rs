@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::{Period, rfc3339};
-use crate::quota::{Amounts, Dimension, Limits};
+use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT};
 
 /// Where an org's policy comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -127,11 +127,31 @@ pub struct OrgList {
     pub orgs: Vec<OrgView>,
 }
 
+/// A whole number as JSON Schema counts one: `3` or `3.0`, not `3.5`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Whole(pub i64);
+
+impl<'de> Deserialize<'de> for Whole {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Whole, D::Error> {
+        let number = serde_json::Number::deserialize(deserializer)?;
+        if let Some(whole) = number.as_i64() {
+            return Ok(Whole(whole));
+        }
+        // Within 2^53 a double holds every whole number exactly.
+        match number.as_f64() {
+            Some(x) if x.fract() == 0.0 && x.abs() <= MAX_AMOUNT as f64 => Ok(Whole(x as i64)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{number} is not a whole number from 0 to {MAX_AMOUNT}"
+            ))),
+        }
+    }
+}
+
 /// `PUT /v1/orgs/{org}/usage/{dimension}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetUsage {
-    pub used: i64,
+    pub used: Whole,
 }
 
 /// `POST /v1/check`.
@@ -140,7 +160,7 @@ pub struct SetUsage {
 pub struct CheckRequest {
     pub org: String,
     #[serde(default)]
-    pub cost: std::collections::BTreeMap<String, i64>,
+    pub cost: std::collections::BTreeMap<String, Whole>,
 }
 
 /// `POST /v1/reload`, when it took effect.

@@ -317,13 +317,14 @@ async fn bad_admin_requests_are_answered_in_the_envelope() {
     let upstream = Upstream::start().await;
     let gateway = Backing::Memory.gateway(&upstream).await;
     use reqwest::Method;
-    let cases: [(Method, &str, &str, u16, &str); 9] = [
+    let cases: [(Method, &str, &str, u16, &str); 10] = [
         (Method::GET, "/v1/nothing", "", 404, "NOT_FOUND"),
         (Method::POST, "/v1/orgs/org_acme/usage", "", 405, "METHOD_NOT_ALLOWED"),
         (Method::GET, "/v1/orgs/org:1/usage", "", 400, "INVALID_ORG_ID"),
         (Method::PUT, "/v1/orgs/org_acme/usage/credits", r#"{"used":1}"#, 400, "INVALID_BODY"),
         (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":-1}"#, 400, "INVALID_BODY"),
         (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1.5}"#, 400, "INVALID_BODY"),
+        (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1e300}"#, 400, "INVALID_BODY"),
         (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1,"x":2}"#, 400, "INVALID_BODY"),
         (Method::POST, "/v1/check", r#"{"org":"org_acme","cost":{"tokens":"many"}}"#, 400, "INVALID_BODY"),
         (Method::POST, "/v1/check", "not json", 400, "INVALID_BODY"),

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs schemathesis against a live admin listener with the admin API's own
+# OpenAPI document (docs/admin-openapi.json): every answer must conform to
+# it (documented status, content type, schema) and none may be a 500.
+# Usage: tests/admin/check_openapi.sh BINARY SCHEMATHESIS [extra schemathesis args]
+set -euo pipefail
+binary=$1 schemathesis=$2
+shift 2
+cd "$(dirname "$0")/../.."
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+proxy=$(free_port) admin=$(free_port)
+token="schemathesis-$(date +%s%N)"
+digest=$(printf %s "$token" | sha256sum | cut -d' ' -f1)
+dir=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
+cat >"$dir/tollgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$proxy"
+[admin]
+listen = "127.0.0.1:$admin"
+tokens = [{ sha256 = "$digest", name = "schemathesis" }]
+[identity.api_key]
+keys = []
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[[routes]]
+name = "runs"
+method = "POST"
+path = "/runs"
+upstream = "api"
+cost = { playbook_runs = 1 }
+[plans.free]
+tokens = 100000
+playbook_runs = 10
+[plans.pro]
+tokens = 5000000
+[defaults]
+plan = "free"
+[orgs.org_acme]
+plan = "pro"
+TOML
+"$binary" run --config "$dir/tollgate.toml" 2>"$dir/stderr.log" &
+pid=$!
+python3 - "$admin" <<'PY'
+import sys, time, urllib.request
+deadline = time.monotonic() + 10
+while True:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=1)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("the admin listener did not come up")
+        time.sleep(0.05)
+PY
+"$schemathesis" run docs/admin-openapi.json --url "http://127.0.0.1:$admin" \
+  --header "Authorization: Bearer $token" \
+  --checks all --max-examples 25 --workers 2 --no-color "$@"
