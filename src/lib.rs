@@ -30,7 +30,13 @@
 //!    meter starts to the one settlement that settle makes, and the outbox
 //!    where what the store did not confirm waits to be retried.
 //!
-//! Beside the path: [`llm`] (the provider formats: the request side for
+//! Before the path, [`live`]: the config snapshot a request runs on, swapped
+//! whole by a reload; the stack's gateway rebuilds each worker's steps from
+//! a new one.
+//!
+//! Beside the path: [`admin`] (the admin listener: health, metrics, the
+//! usage API, runtime orgs and keys, the dry run, reload), [`llm`] (the
+//! provider formats: the request side for
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`error`] (every gateway-made answer and its JSON
 //! envelope), [`metrics`], [`silence`] (the idle timer of request and
