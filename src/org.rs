@@ -1,14 +1,15 @@
 //! Orgs and what they are billed on: the plan, billing status, period anchor,
 //! enforcement mode and limits that apply to one org.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::period::Period;
-use crate::quota::{Limits, Mode};
+use crate::quota::{Dimension, Limits, MAX_AMOUNT, Mode};
 
 /// An org id, checked before it reaches a log line or a store key.
 ///
@@ -59,11 +60,13 @@ impl OrgPolicy {
     }
 }
 
-/// The orgs named in config, and the policy for every other org.
+/// The orgs named in config, the policy for every other org, and the
+/// plans a runtime org may name.
 #[derive(Clone, Debug)]
 pub struct OrgDirectory {
     pub(crate) known: HashMap<OrgId, Arc<OrgPolicy>>,
     pub(crate) default: Arc<OrgPolicy>,
+    pub(crate) plans: HashMap<Arc<str>, Limits>,
 }
 
 impl OrgDirectory {
@@ -73,6 +76,173 @@ impl OrgDirectory {
 
     pub fn known(&self) -> impl Iterator<Item = (&OrgId, &Arc<OrgPolicy>)> {
         self.known.iter()
+    }
+
+    pub fn is_known(&self, org: &OrgId) -> bool {
+        self.known.contains_key(org)
+    }
+
+    /// The limits of plan `slug`, if the config has it.
+    pub fn plan(&self, slug: &str) -> Option<Limits> {
+        self.plans.get(slug).copied()
+    }
+
+    /// Whether `record` can apply under this config: every plan it names
+    /// exists. (Its own ranges were checked when it was made.)
+    pub fn check(&self, record: &OrgRecord) -> Result<(), InvalidOrg> {
+        match &record.plan {
+            Some(slug) if !self.plans.contains_key(slug) => {
+                Err(InvalidOrg::UnknownPlan(slug.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `org`'s policy with a runtime `record` over it: each field the
+    /// record names replaces the file's (`[orgs.X]`, else `[defaults]`).
+    /// A named plan brings its own limits, in place of the file's for the
+    /// org; the record's limits then replace those per dimension. A plan
+    /// the config no longer has (removed by a reload) is passed over, and
+    /// the file's plan stands.
+    pub fn resolve(&self, org: &OrgId, record: &OrgRecord) -> OrgPolicy {
+        let base = self.policy(org);
+        let planned = record
+            .plan
+            .as_ref()
+            .and_then(|slug| Some((slug.clone(), self.plan(slug)?)));
+        if let (Some(slug), None) = (&record.plan, &planned) {
+            tracing::warn!(org = %org, plan = %slug, "a runtime org names a plan the config does not have; the file's plan applies");
+        }
+        let (plan, mut limits) = planned.unwrap_or_else(|| (base.plan.clone(), base.limits));
+        for (&dimension, &limit) in &record.limits {
+            limits.set(dimension, limit);
+        }
+        OrgPolicy {
+            plan,
+            billing_status: record
+                .billing_status
+                .clone()
+                .unwrap_or_else(|| base.billing_status.clone()),
+            period_anchor_day: record.period_anchor_day.unwrap_or(base.period_anchor_day),
+            mode: record.enforcement.unwrap_or(base.mode),
+            limits,
+        }
+    }
+}
+
+/// A runtime org, as an operator set it: exactly the fields they named.
+/// In `limits`, a dimension not there is not named (the plan's or the
+/// file's limit stands), `None` makes it unlimited, `Some(n)` sets `n`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrgRecord {
+    pub plan: Option<Arc<str>>,
+    pub billing_status: Option<Arc<str>>,
+    /// 1 to 31.
+    pub period_anchor_day: Option<u32>,
+    pub enforcement: Option<Mode>,
+    pub limits: BTreeMap<Dimension, Option<i64>>,
+}
+
+/// Why an org record cannot be taken: each is the operator's mistake.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidOrg {
+    #[error("the org body is not valid: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("no plan is named {0:?} in the config")]
+    UnknownPlan(String),
+    #[error("{0} is not a day of the month (1 to 31)")]
+    AnchorDay(i64),
+    #[error("{0:?} is not an enforcement mode: use \"enforce\", \"shadow\" or \"off\"")]
+    Mode(String),
+    #[error("unknown quota dimension {0:?}: expected tokens, playbook_runs or seats")]
+    Dimension(String),
+    #[error("the {dimension} limit must be a whole number from 0 to {MAX_AMOUNT}, or null (got {value})")]
+    Limit { dimension: Dimension, value: String },
+    #[error("a billing status must be 1 to 64 characters")]
+    BillingStatus,
+}
+
+/// An org record as JSON: the `PUT /v1/orgs/{org}` body, and the form the
+/// store keeps it in, so that what is kept is what was named.
+#[derive(Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OrgFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    billing_status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    period_anchor_day: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enforcement: Option<String>,
+    /// `Value`, not a number: a float or a string must be refused with
+    /// the dimension named, not as a parse error of the whole body.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    limits: BTreeMap<String, serde_json::Value>,
+}
+
+impl OrgRecord {
+    /// Reads and checks a record from JSON (its own ranges; the plan is
+    /// checked against a config by [`OrgDirectory::check`]).
+    pub fn from_json(bytes: &[u8]) -> Result<OrgRecord, InvalidOrg> {
+        let fields: OrgFields = serde_json::from_slice(bytes).map_err(InvalidOrg::Json)?;
+        let period_anchor_day = match fields.period_anchor_day {
+            None => None,
+            Some(day @ 1..=31) => Some(day as u32),
+            Some(day) => return Err(InvalidOrg::AnchorDay(day)),
+        };
+        let enforcement = match fields.enforcement {
+            None => None,
+            Some(word) => Some(Mode::parse(&word).ok_or(InvalidOrg::Mode(word))?),
+        };
+        let billing_status = match fields.billing_status {
+            Some(status) if status.is_empty() || status.len() > 64 => {
+                return Err(InvalidOrg::BillingStatus);
+            }
+            status => status.map(Arc::from),
+        };
+        let mut limits = BTreeMap::new();
+        for (name, value) in fields.limits {
+            let dimension = Dimension::parse(&name).ok_or(InvalidOrg::Dimension(name))?;
+            limits.insert(dimension, limit(dimension, &value)?);
+        }
+        Ok(OrgRecord {
+            plan: fields.plan.map(Arc::from),
+            billing_status,
+            period_anchor_day,
+            enforcement,
+            limits,
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        let fields = OrgFields {
+            plan: self.plan.as_deref().map(String::from),
+            billing_status: self.billing_status.as_deref().map(String::from),
+            period_anchor_day: self.period_anchor_day.map(i64::from),
+            enforcement: self.enforcement.map(|mode| mode.as_str().to_string()),
+            limits: self
+                .limits
+                .iter()
+                .map(|(d, limit)| (d.as_str().to_string(), (*limit).into()))
+                .collect(),
+        };
+        // A map of strings, numbers and nulls always serializes.
+        serde_json::to_string(&fields).unwrap_or_default()
+    }
+}
+
+/// A limit value: `null` (unlimited) or a whole number in range.
+fn limit(dimension: Dimension, value: &serde_json::Value) -> Result<Option<i64>, InvalidOrg> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    match value.as_i64() {
+        Some(n) if (0..=MAX_AMOUNT).contains(&n) => Ok(Some(n)),
+        _ => Err(InvalidOrg::Limit {
+            dimension,
+            value: value.to_string(),
+        }),
     }
 }
 

@@ -167,6 +167,15 @@ impl Mode {
             _ => None,
         }
     }
+
+    /// The word [`Mode::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::Off => "off",
+        }
+    }
 }
 
 /// The first dimension a request would push past its limit.
