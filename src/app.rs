@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::HttpService;
+use crate::catalog::Catalog;
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
@@ -33,6 +34,10 @@ pub struct App {
     settling: TaskTracker,
     /// The one outbox of the process, shared by every worker.
     outbox: Arc<Outbox>,
+    /// The runtime orgs and keys, kept fresh from the store; outlives a
+    /// reload, which hands it the new config's orgs
+    /// ([`Catalog::set_directory`]).
+    catalog: Arc<Catalog>,
 }
 
 /// Why a valid config could not be turned into a running gateway.
@@ -61,8 +66,11 @@ impl App {
             config.store.settle_retry_for,
             metrics.clone(),
         );
+        let store = open_store(&config)?;
+        let catalog = Arc::new(Catalog::new(store.clone(), config.orgs.clone()));
         Ok(App {
-            store: open_store(&config)?,
+            store,
+            catalog,
             config: Arc::new(config),
             metrics,
             clock,
@@ -90,7 +98,7 @@ impl App {
                 settling: self.settling.clone(),
                 outbox: self.outbox.clone(),
             },
-            orgs: config.orgs.clone(),
+            catalog: self.catalog.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
             on_store_error: config.store.on_error,
@@ -104,11 +112,16 @@ impl App {
         )?;
         let gateway = Gateway::new(
             Router::new(&config.routes, config.server.paths),
-            Identifier::new(config.identity.clone()),
+            Identifier::new(config.identity.clone()).with_catalog(self.catalog.clone()),
             meter,
             forwarder,
         );
         Ok(stack::build(gateway, config.server.body_read_timeout))
+    }
+
+    /// The runtime orgs and keys: what the admin API reads and changes.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -123,7 +136,7 @@ impl App {
 
     /// `org`'s counters in its current billing period.
     pub async fn usage(&self, org: &OrgId) -> Result<Amounts, StoreError> {
-        let period = self.config.orgs.policy(org).period((self.clock)());
+        let period = self.catalog.policy(org).period((self.clock)());
         self.store.usage(org, period).await
     }
 
@@ -143,6 +156,10 @@ impl App {
         let outbox = self.outbox.clone();
         let (store, timeout) = (self.store.clone(), self.config.store.timeout);
         let retrying = tokio::spawn(async move { outbox.run(store, timeout).await });
+        // Only a shared store changes under this process's feet; the memory
+        // store's catalog changes through this catalog alone.
+        let watching = matches!(self.config.store.backend, Backend::Redis(_))
+            .then(|| tokio::spawn(self.catalog.clone().keep_fresh()));
         let (shutdown, asked) = noting_when(shutdown);
         let app = self.clone();
         let served = crate::accept::serve_on_workers(
@@ -159,6 +176,9 @@ impl App {
             .drain(asked + self.config.server.shutdown_grace)
             .await;
         retrying.abort();
+        if let Some(watching) = watching {
+            watching.abort();
+        }
         served
     }
 }

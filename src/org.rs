@@ -156,7 +156,9 @@ pub enum InvalidOrg {
     Mode(String),
     #[error("unknown quota dimension {0:?}: expected tokens, playbook_runs or seats")]
     Dimension(String),
-    #[error("the {dimension} limit must be a whole number from 0 to {MAX_AMOUNT}, or null (got {value})")]
+    #[error(
+        "the {dimension} limit must be a whole number from 0 to {MAX_AMOUNT}, or null (got {value})"
+    )]
     Limit { dimension: Dimension, value: String },
     #[error("a billing status must be 1 to 64 characters")]
     BillingStatus,
@@ -249,6 +251,134 @@ fn limit(dimension: Dimension, value: &serde_json::Value) -> Result<Option<i64>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn directory() -> OrgDirectory {
+        let free = Limits::UNLIMITED
+            .with(Dimension::Tokens, 100)
+            .with(Dimension::Seats, 3);
+        let pro = Limits::UNLIMITED.with(Dimension::Tokens, 5000);
+        let default = Arc::new(OrgPolicy {
+            plan: "free".into(),
+            billing_status: "active".into(),
+            period_anchor_day: 1,
+            mode: Mode::Enforce,
+            limits: free,
+        });
+        let custom = OrgPolicy {
+            plan: "free".into(),
+            billing_status: "past_due".into(),
+            period_anchor_day: 5,
+            mode: Mode::Shadow,
+            limits: free.with(Dimension::PlaybookRuns, 2),
+        };
+        OrgDirectory {
+            known: HashMap::from([(org("org_custom"), Arc::new(custom))]),
+            default,
+            plans: HashMap::from([("free".into(), free), ("pro".into(), pro)]),
+        }
+    }
+
+    fn org(id: &str) -> OrgId {
+        OrgId::parse(id).unwrap()
+    }
+
+    #[test]
+    fn a_record_naming_nothing_leaves_the_file_org_as_it_is() {
+        let directory = directory();
+        let resolved = directory.resolve(&org("org_custom"), &OrgRecord::default());
+        assert_eq!(&resolved, &**directory.policy(&org("org_custom")));
+    }
+
+    #[test]
+    fn named_fields_replace_the_file_org_and_the_rest_stand() {
+        let record =
+            OrgRecord::from_json(br#"{"billingStatus":"active","enforcement":"enforce"}"#).unwrap();
+        let resolved = directory().resolve(&org("org_custom"), &record);
+        assert_eq!(&*resolved.billing_status, "active");
+        assert_eq!(resolved.mode, Mode::Enforce);
+        assert_eq!(resolved.period_anchor_day, 5);
+        assert_eq!(resolved.limits.get(Dimension::PlaybookRuns), Some(2));
+    }
+
+    #[test]
+    fn a_named_plan_brings_its_limits_and_the_record_limits_override_them() {
+        let record =
+            OrgRecord::from_json(br#"{"plan":"pro","limits":{"seats":7,"tokens":null}}"#).unwrap();
+        let resolved = directory().resolve(&org("org_new"), &record);
+        assert_eq!(&*resolved.plan, "pro");
+        assert_eq!(resolved.limits.get(Dimension::Tokens), None);
+        assert_eq!(resolved.limits.get(Dimension::Seats), Some(7));
+        assert_eq!(resolved.limits.get(Dimension::PlaybookRuns), None);
+        assert_eq!(&*resolved.billing_status, "active");
+    }
+
+    #[test]
+    fn a_limit_not_named_differs_from_one_named_unlimited() {
+        let named = OrgRecord::from_json(br#"{"limits":{"tokens":null}}"#).unwrap();
+        let unnamed = OrgRecord::from_json(br#"{"limits":{}}"#).unwrap();
+        let directory = directory();
+        let unlimited = directory.resolve(&org("org_x"), &named);
+        let kept = directory.resolve(&org("org_x"), &unnamed);
+        assert_eq!(unlimited.limits.get(Dimension::Tokens), None);
+        assert_eq!(kept.limits.get(Dimension::Tokens), Some(100));
+    }
+
+    #[test]
+    fn a_record_reads_back_from_its_json_as_it_was() {
+        let record = OrgRecord::from_json(
+            br#"{"plan":"pro","billingStatus":"trialing","periodAnchorDay":31,"enforcement":"off","limits":{"tokens":null,"seats":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            OrgRecord::from_json(record.to_json().as_bytes()).unwrap(),
+            record
+        );
+    }
+
+    #[test]
+    fn bodies_out_of_range_are_refused_with_what_is_wrong() {
+        let refused = |body: &str| OrgRecord::from_json(body.as_bytes()).unwrap_err();
+        assert!(matches!(
+            refused(r#"{"periodAnchorDay":0}"#),
+            InvalidOrg::AnchorDay(0)
+        ));
+        assert!(matches!(
+            refused(r#"{"periodAnchorDay":32}"#),
+            InvalidOrg::AnchorDay(32)
+        ));
+        assert!(matches!(
+            refused(r#"{"enforcement":"loud"}"#),
+            InvalidOrg::Mode(_)
+        ));
+        assert!(matches!(
+            refused(r#"{"limits":{"bytes":1}}"#),
+            InvalidOrg::Dimension(_)
+        ));
+        for limit in ["-1", "9007199254740992", "1.5", "\"10\""] {
+            let body = format!(r#"{{"limits":{{"tokens":{limit}}}}}"#);
+            assert!(
+                matches!(refused(&body), InvalidOrg::Limit { .. }),
+                "{limit}"
+            );
+        }
+        assert!(matches!(
+            refused(r#"{"plan":"pro","color":"red"}"#),
+            InvalidOrg::Json(_)
+        ));
+        let largest = format!(r#"{{"limits":{{"tokens":{MAX_AMOUNT}}}}}"#);
+        assert!(OrgRecord::from_json(largest.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_plan_the_config_lacks_is_refused() {
+        let record = OrgRecord::from_json(br#"{"plan":"enterprise"}"#).unwrap();
+        assert!(matches!(
+            directory().check(&record),
+            Err(InvalidOrg::UnknownPlan(_))
+        ));
+        let known = OrgRecord::from_json(br#"{"plan":"pro"}"#).unwrap();
+        assert!(directory().check(&known).is_ok());
+    }
 
     #[test]
     fn org_ids_accept_slugs_and_uuids() {

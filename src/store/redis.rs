@@ -58,8 +58,8 @@ mod catalog;
 pub mod reply;
 
 use super::{
-    CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, ReservationId,
-    ReserveRequest, Settlement, StoreError, StoredCatalog,
+    CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
+    StoreError, StoredCatalog,
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;

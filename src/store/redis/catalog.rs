@@ -106,7 +106,9 @@ pub(super) fn catalog(
             (Some(org), Some(record)) => {
                 catalog.orgs.insert(org, record);
             }
-            _ => tracing::warn!(org = %pair[0], "a runtime org record in the store does not read; left out"),
+            _ => {
+                tracing::warn!(org = %pair[0], "a runtime org record in the store does not read; left out")
+            }
         }
     }
     for pair in keys.chunks_exact(2) {
@@ -114,7 +116,9 @@ pub(super) fn catalog(
             Some(key) if key.id == pair[0] => {
                 catalog.keys.insert(key.id.clone(), key);
             }
-            _ => tracing::warn!(id = %pair[0], "a runtime key record in the store does not read; left out"),
+            _ => {
+                tracing::warn!(id = %pair[0], "a runtime key record in the store does not read; left out")
+            }
         }
     }
     Ok(catalog)
