@@ -12,6 +12,7 @@ mod llm;
 mod llm_bounds;
 mod paths;
 mod redis_gateway;
+mod runtime_orgs;
 mod store_conformance;
 mod store_outage;
 mod support;
