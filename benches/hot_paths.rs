@@ -7,19 +7,31 @@
 //!   against copying the same pieces;
 //! - routing among the reference config's eight routes; normalizing a path
 //!   before it (the common already-normal path, against copying it, and one
-//!   that needs work); and the quota decision.
+//!   that needs work); and the quota decision;
+//! - identifying a request by its gateway API key among 1 and 100,000
+//!   configured keys, and among 100,000 runtime keys (the catalog's).
 
 use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::Method;
+use std::sync::Arc;
+
+use criterion::BatchSize;
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use tollgate::catalog::Catalog;
+use tollgate::config::{ApiKey, ApiKeys, IdentitySource};
+use tollgate::identify::Identifier;
 use tollgate::llm::estimate::{self, EstimateRules};
 use tollgate::llm::sse::SseScanner;
 use tollgate::llm::{Api, CompletionBound};
+use tollgate::org::OrgId;
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
 use tollgate::route::path::{AmbiguousPaths, normalize};
 use tollgate::route::{PathRules, Route, Router};
+use tollgate::store::{KeyRecord, MemoryStore, QuotaStore};
 
 /// A chat completions body of 4 KB (4,091 bytes): a system prompt, a few
 /// turns, a tool. The same content and size as the load benchmark's body
@@ -207,5 +219,77 @@ fn routing_and_decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, estimation, stream_tap, routing_and_decision);
+/// `count` keys, each `key-{i}`, of org `org_{i}`.
+fn api_keys(count: usize) -> Vec<ApiKey> {
+    (0..count)
+        .map(|i| ApiKey {
+            sha256: Sha256::digest(format!("key-{i}").as_bytes()).into(),
+            org: OrgId::parse(&format!("org_{i}")).unwrap(),
+            name: format!("key {i}"),
+        })
+        .collect()
+}
+
+fn key_source(keys: Vec<ApiKey>) -> Vec<IdentitySource> {
+    vec![IdentitySource::ApiKey(ApiKeys {
+        header: http::header::AUTHORIZATION,
+        keys,
+    })]
+}
+
+/// An identifier whose `count` keys are all runtime ones, in the catalog.
+fn runtime_keys(count: usize) -> Identifier {
+    let config = tollgate::Config::parse("", "bench.toml", &|_: &str| None).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let catalog = Arc::new(Catalog::new(store.clone(), config.orgs));
+    runtime.block_on(async {
+        for (i, key) in api_keys(count).into_iter().enumerate() {
+            let record = KeyRecord {
+                id: format!("{i:032x}"),
+                org: key.org,
+                name: key.name,
+                sha256: key.sha256,
+                created_at: chrono::Utc::now(),
+            };
+            store.put_key(&record).await.unwrap();
+        }
+        catalog.refresh().await.unwrap();
+    });
+    Identifier::new(key_source(Vec::new())).with_catalog(catalog)
+}
+
+fn key_lookup(c: &mut Criterion) {
+    let mut headers = HeaderMap::new();
+    headers.insert("authorization", "Bearer key-0".parse().unwrap());
+    let mut group = c.benchmark_group("identify by API key");
+    let cases = [
+        ("1 configured key", Identifier::new(key_source(api_keys(1)))),
+        (
+            "100,000 configured keys",
+            Identifier::new(key_source(api_keys(100_000))),
+        ),
+        ("100,000 runtime keys", runtime_keys(100_000)),
+    ];
+    for (name, identifier) in &cases {
+        group.bench_function(*name, |b| {
+            b.iter_batched_ref(
+                || headers.clone(),
+                |headers| black_box(identifier.identify(headers, None).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    estimation,
+    stream_tap,
+    routing_and_decision,
+    key_lookup
+);
 criterion_main!(benches);

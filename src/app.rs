@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::HttpService;
+use crate::catalog::Catalog;
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
@@ -38,6 +39,10 @@ pub struct App {
     settling: TaskTracker,
     /// The one outbox of the process, shared by every worker.
     outbox: Arc<Outbox>,
+    /// The runtime orgs and keys, kept fresh from the store; outlives a
+    /// reload, which hands it the new config's orgs
+    /// ([`Catalog::set_directory`]).
+    catalog: Arc<Catalog>,
 }
 
 /// Why a valid config could not be turned into a running gateway.
@@ -77,8 +82,11 @@ impl App {
             config.store.settle_retry_for,
             metrics.clone(),
         );
+        let store = open_store(&config)?;
+        let catalog = Arc::new(Catalog::new(store.clone(), config.orgs.clone()));
         Ok(App {
-            store: open_store(&config)?,
+            store,
+            catalog,
             live: Arc::new(Live::new(config, path)),
             metrics,
             clock,
@@ -113,7 +121,7 @@ impl App {
                 settling: self.settling.clone(),
                 outbox: self.outbox.clone(),
             },
-            orgs: config.orgs.clone(),
+            catalog: self.catalog.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,
             on_store_error: config.store.on_error,
@@ -128,7 +136,7 @@ impl App {
         Ok(Steps::new(
             config.clone(),
             Router::new(&config.routes, config.server.paths),
-            Identifier::new(config.identity.clone()),
+            Identifier::new(config.identity.clone()).with_catalog(self.catalog.clone()),
             meter,
             forwarder,
         ))
@@ -143,6 +151,10 @@ impl App {
     /// with problems changes nothing, and each problem is logged.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let reloaded = self.live.reload();
+        if reloaded.is_ok() {
+            // Runtime orgs resolve against the file's plans, orgs and defaults.
+            self.catalog.set_directory(self.live.config().orgs.clone());
+        }
         match &reloaded {
             Ok(Reloaded { restart_required }) if restart_required.is_empty() => {
                 tracing::info!("config reloaded");
@@ -158,6 +170,11 @@ impl App {
             }
         }
         reloaded
+    }
+
+    /// The runtime orgs and keys: what the admin API reads and changes.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -178,7 +195,7 @@ impl App {
 
     /// The policy `org` is metered on now, and its current period.
     pub fn policy_now(&self, org: &OrgId) -> (Arc<OrgPolicy>, Period) {
-        let policy = self.live.config().orgs.policy(org).clone();
+        let policy = self.catalog.policy(org);
         let period = policy.period((self.clock)());
         (policy, period)
     }
@@ -242,6 +259,10 @@ impl App {
         let config = self.live.config();
         let (store, timeout) = (self.store.clone(), config.store.timeout);
         let retrying = tokio::spawn(async move { outbox.run(store, timeout).await });
+        // Only a shared store changes under this process's feet; the memory
+        // store's catalog changes through this catalog alone.
+        let watching = matches!(config.store.backend, Backend::Redis(_))
+            .then(|| tokio::spawn(self.catalog.clone().keep_fresh()));
         let (shutdown, asked) = noting_when(shutdown);
         let app = self.clone();
         let served = crate::accept::serve_on_workers(
@@ -258,6 +279,9 @@ impl App {
             .drain(asked + config.server.shutdown_grace)
             .await;
         retrying.abort();
+        if let Some(watching) = watching {
+            watching.abort();
+        }
         served
     }
 }

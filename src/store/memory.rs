@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
-use crate::org::OrgId;
+use super::{
+    CatalogChange, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
+    StoreError, StoredCatalog,
+};
+use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, decide};
 
@@ -22,6 +25,9 @@ const SETTLED_TTL: Duration = Duration::from_secs(600);
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Apart from the counters, so that an operator's change never waits
+    /// on the request path's lock.
+    catalog: Mutex<StoredCatalog>,
 }
 
 #[derive(Default)]
@@ -89,6 +95,20 @@ impl MemoryStore {
             .lock()
             .map_err(|_| StoreError::Backend("memory store lock poisoned".into()))
     }
+
+    /// Applies `change`, counting it in the version if it changed anything.
+    fn change(&self, change: CatalogChange) -> Result<CatalogWrite, StoreError> {
+        let mut catalog = self
+            .catalog
+            .lock()
+            .map_err(|_| StoreError::Backend("memory store catalog lock poisoned".into()))?;
+        let changed = catalog.apply(&change);
+        catalog.version += u64::from(changed);
+        Ok(CatalogWrite {
+            version: catalog.version,
+            changed,
+        })
+    }
 }
 
 #[async_trait]
@@ -137,5 +157,35 @@ impl QuotaStore for MemoryStore {
         let key = (org.clone(), (!dimension.is_gauge()).then_some(period.start));
         state.counters.entry(key).or_default().set(dimension, value);
         Ok(())
+    }
+
+    async fn put_org(&self, org: &OrgId, record: &OrgRecord) -> Result<CatalogWrite, StoreError> {
+        self.change(CatalogChange::Org(org.clone(), Some(record.clone())))
+    }
+
+    async fn delete_org(&self, org: &OrgId) -> Result<CatalogWrite, StoreError> {
+        self.change(CatalogChange::Org(org.clone(), None))
+    }
+
+    async fn put_key(&self, key: &KeyRecord) -> Result<CatalogWrite, StoreError> {
+        self.change(CatalogChange::Key(key.id.clone(), Some(key.clone())))
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<CatalogWrite, StoreError> {
+        self.change(CatalogChange::Key(id.to_string(), None))
+    }
+
+    async fn catalog(&self) -> Result<StoredCatalog, StoreError> {
+        self.catalog
+            .lock()
+            .map(|catalog| catalog.clone())
+            .map_err(|_| StoreError::Backend("memory store catalog lock poisoned".into()))
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        self.catalog
+            .lock()
+            .map(|catalog| catalog.version)
+            .map_err(|_| StoreError::Backend("memory store catalog lock poisoned".into()))
     }
 }

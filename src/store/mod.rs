@@ -16,6 +16,7 @@ pub use memory::MemoryStore;
 pub use redis::reply as redis_reply;
 pub use redis::{PERIOD_KEY_GRACE, RedisStore, RedisTarget};
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
@@ -23,8 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 
-use crate::org::OrgId;
+use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Limits, Mode};
 
@@ -128,6 +131,68 @@ pub enum StoreError {
     DamagedKey(OrgId),
 }
 
+/// A runtime API key: only its digest is kept, never the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// 32 lowercase hex digits, random.
+    pub id: String,
+    pub org: OrgId,
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub created_at: DateTime<Utc>,
+}
+
+/// Every runtime org and key in the store, as of `version`: the number of
+/// changes made to them, which only grows while the store keeps its data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredCatalog {
+    pub version: u64,
+    pub orgs: HashMap<OrgId, OrgRecord>,
+    /// By key id.
+    pub keys: HashMap<String, KeyRecord>,
+}
+
+/// One change to the catalog: a record set, or removed (`None`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatalogChange {
+    Org(OrgId, Option<OrgRecord>),
+    Key(String, Option<KeyRecord>),
+}
+
+impl StoredCatalog {
+    /// Applies `change`; whether it changed anything.
+    pub fn apply(&mut self, change: &CatalogChange) -> bool {
+        match change {
+            CatalogChange::Org(org, Some(record)) => {
+                self.orgs.insert(org.clone(), record.clone()) != Some(record.clone())
+            }
+            CatalogChange::Org(org, None) => self.orgs.remove(org).is_some(),
+            CatalogChange::Key(id, Some(key)) => {
+                self.keys.insert(id.clone(), key.clone()) != Some(key.clone())
+            }
+            CatalogChange::Key(id, None) => self.keys.remove(id).is_some(),
+        }
+    }
+}
+
+/// What a catalog write did: the catalog's version after it, and whether
+/// it changed anything (removing what is not there does not, and leaves
+/// the version as it was).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatalogWrite {
+    pub version: u64,
+    pub changed: bool,
+}
+
+/// What a store tells its watchers of each catalog change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatalogNotice {
+    /// `change` made the catalog `version`.
+    Changed { version: u64, change: CatalogChange },
+    /// A notice came that could not be read: the catalog must be read anew.
+    Unreadable,
+}
+
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {
     /// Checks and applies `request.cost` atomically: all of it or none.
@@ -153,6 +218,36 @@ pub trait QuotaStore: Send + Sync + 'static {
         dimension: Dimension,
         value: i64,
     ) -> Result<(), StoreError>;
+
+    /// Sets runtime org `org` to `record`, replacing any record it had.
+    async fn put_org(&self, org: &OrgId, record: &OrgRecord) -> Result<CatalogWrite, StoreError>;
+
+    /// Removes runtime org `org`.
+    async fn delete_org(&self, org: &OrgId) -> Result<CatalogWrite, StoreError>;
+
+    /// Adds (or replaces) the key record with `key.id`.
+    async fn put_key(&self, key: &KeyRecord) -> Result<CatalogWrite, StoreError>;
+
+    /// Removes key `id`: it is revoked.
+    async fn delete_key(&self, id: &str) -> Result<CatalogWrite, StoreError>;
+
+    /// Every runtime org and key, read at one moment.
+    async fn catalog(&self) -> Result<StoredCatalog, StoreError>;
+
+    /// The catalog's version now: cheaper than [`QuotaStore::catalog`], to
+    /// learn whether anything changed.
+    async fn catalog_version(&self) -> Result<u64, StoreError>;
+
+    /// A notice of each change made from now on, by any instance, while the
+    /// subscription lasts: the channel closes when it ends, and notices may
+    /// be lost before that (a watcher checks the version as well). `None`
+    /// for a store that no other process shares, where every change is
+    /// made through the one catalog cache that watches it.
+    async fn catalog_notices(
+        &self,
+    ) -> Result<Option<mpsc::UnboundedReceiver<CatalogNotice>>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,9 @@
 //!   call whose connection failed and the script must not run twice;
 //! - `{prefix}:calls:{connection id}` on a single server only: the number
 //!   and reply of a connection's last reservation call ([`CallRecord`]),
-//!   kept as long as settlement markers after its last write.
+//!   kept as long as settlement markers after its last write;
+//! - the runtime orgs and keys under `{prefix}:{:catalog}:`, and their
+//!   notice channel (see the `catalog` module).
 //!
 //! [`quota::decide`]: crate::quota::decide
 
@@ -52,10 +54,14 @@ use redis::{ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation,
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+mod catalog;
 pub mod reply;
 
-use super::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
-use crate::org::OrgId;
+use super::{
+    CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
+    StoreError, StoredCatalog,
+};
+use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Mode};
 
@@ -126,6 +132,11 @@ pub struct RedisStore {
     /// trips, to a fraction; on an idle gateway each goes at once, alone.
     /// `None` on a cluster, whose orgs live on different nodes.
     queues: Option<Queues>,
+    catalog: catalog::Layout,
+    /// Where catalog notices are subscribed to: the server, or each
+    /// cluster node in turn until one answers (a cluster passes every
+    /// PUBLISH to all its nodes).
+    notices_from: Vec<String>,
 }
 
 struct Queues {
@@ -255,10 +266,16 @@ impl RedisStore {
             }
             _ => None,
         };
+        let notices_from = match target {
+            RedisTarget::Single(url) => vec![url.clone()],
+            RedisTarget::Cluster(nodes) => nodes.clone(),
+        };
         Ok(RedisStore {
             redis,
             timeout,
             queues,
+            catalog: catalog::Layout::new(prefix),
+            notices_from,
         })
     }
 }
@@ -677,6 +694,129 @@ impl QuotaStore for RedisStore {
             command.arg("EXAT").arg(expire_at(&period));
         }
         self.redis.query::<()>(&command).await
+    }
+
+    async fn put_org(&self, org: &OrgId, record: &OrgRecord) -> Result<CatalogWrite, StoreError> {
+        let hash = &self.catalog.orgs;
+        self.change(hash, "org", org.as_str(), Some(record.to_json()))
+            .await
+    }
+
+    async fn delete_org(&self, org: &OrgId) -> Result<CatalogWrite, StoreError> {
+        self.change(&self.catalog.orgs, "org", org.as_str(), None)
+            .await
+    }
+
+    async fn put_key(&self, key: &KeyRecord) -> Result<CatalogWrite, StoreError> {
+        let json = catalog::key_json(key);
+        self.change(&self.catalog.keys, "key", &key.id, Some(json))
+            .await
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<CatalogWrite, StoreError> {
+        self.change(&self.catalog.keys, "key", id, None).await
+    }
+
+    async fn catalog(&self) -> Result<StoredCatalog, StoreError> {
+        let mut invocation = catalog::READ.prepare_invoke();
+        invocation
+            .key(&self.catalog.orgs)
+            .key(&self.catalog.keys)
+            .key(&self.catalog.version);
+        let reply = self.bounded(self.redis.invoke(&invocation)).await?;
+        catalog::catalog(reply)
+    }
+
+    async fn catalog_version(&self) -> Result<u64, StoreError> {
+        let mut command = redis::cmd("GET");
+        command.arg(&self.catalog.version);
+        let version: Option<u64> = self.bounded(self.redis.query(&command)).await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    async fn catalog_notices(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<CatalogNotice>>, StoreError> {
+        let pubsub = self.subscribe().await?;
+        let (sender, notices) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(pass_notices(pubsub, sender));
+        Ok(Some(notices))
+    }
+}
+
+impl RedisStore {
+    /// Runs one catalog change through the write script.
+    async fn change(
+        &self,
+        hash: &str,
+        kind: &str,
+        id: &str,
+        json: Option<String>,
+    ) -> Result<CatalogWrite, StoreError> {
+        let mut invocation = catalog::WRITE.prepare_invoke();
+        invocation
+            .key(hash)
+            .key(&self.catalog.version)
+            .arg(&self.catalog.channel)
+            .arg(kind)
+            .arg(id)
+            .arg(json.unwrap_or_default());
+        let (version, changed): (u64, u8) = self.bounded(self.redis.invoke(&invocation)).await?;
+        Ok(CatalogWrite {
+            version,
+            changed: changed == 1,
+        })
+    }
+
+    /// `call`, given up after the store timeout: a catalog call does not
+    /// go through the batch queues that bound the others.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+    }
+
+    /// A subscription to the notice channel on the first node that takes it.
+    async fn subscribe(&self) -> Result<redis::aio::PubSub, StoreError> {
+        let mut last = StoreError::Backend("no Redis address to subscribe on".into());
+        for url in &self.notices_from {
+            let subscribed = async {
+                let client = redis::Client::open(url.as_str()).map_err(backend)?;
+                let mut pubsub = client.get_async_pubsub().await.map_err(backend)?;
+                pubsub
+                    .subscribe(&self.catalog.channel)
+                    .await
+                    .map_err(backend)?;
+                Ok(pubsub)
+            };
+            match self.bounded(subscribed).await {
+                Ok(pubsub) => return Ok(pubsub),
+                Err(error) => last = error,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Passes each notice of `pubsub` on to `notices`, until the subscription
+/// ends (its connection closed) or no one listens.
+async fn pass_notices(
+    pubsub: redis::aio::PubSub,
+    notices: tokio::sync::mpsc::UnboundedSender<CatalogNotice>,
+) {
+    use futures_util::StreamExt;
+    let mut messages = pubsub.into_on_message();
+    while let Some(message) = messages.next().await {
+        let notice = match message.get_payload::<String>() {
+            Ok(payload) => catalog::notice(&payload),
+            Err(_) => CatalogNotice::Unreadable,
+        };
+        if notices.send(notice).is_err() {
+            return;
+        }
     }
 }
 

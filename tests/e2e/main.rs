@@ -14,6 +14,7 @@ mod llm_bounds;
 mod paths;
 mod redis_gateway;
 mod reload;
+mod runtime_orgs;
 mod store_conformance;
 mod store_outage;
 mod support;

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use tollgate::org::OrgId;
+use tollgate::org::{OrgId, OrgRecord};
 use tollgate::period::Period;
 use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode};
 use tollgate::store::{
-    MemoryStore, QuotaStore, RedisStore, RedisTarget, ReservationId, ReserveRequest, Settlement,
-    StoreError,
+    CatalogChange, CatalogNotice, KeyRecord, MemoryStore, QuotaStore, RedisStore, RedisTarget,
+    ReservationId, ReserveRequest, Settlement, StoreError,
 };
 
 use crate::support::redis::{
@@ -374,6 +374,71 @@ async fn usage_can_be_set_and_is_then_enforced(store: &dyn QuotaStore) {
     );
 }
 
+fn record(json: &str) -> OrgRecord {
+    OrgRecord::from_json(json.as_bytes()).unwrap()
+}
+
+fn key_record(id: &str, org_id: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.into(),
+        org: org(org_id),
+        name: "ci".into(),
+        sha256: [id.len() as u8; 32],
+        created_at: "2026-11-05T10:00:00.250Z".parse().unwrap(),
+    }
+}
+
+async fn the_catalog_keeps_what_was_set_and_counts_each_change(store: &dyn QuotaStore) {
+    let acme = record(r#"{"plan":"pro","periodAnchorDay":5,"limits":{"tokens":null,"seats":4}}"#);
+    let first = store.put_org(&org("org_acme"), &acme).await.unwrap();
+    assert!(first.changed);
+    let key = key_record(&"a1".repeat(16), "org_acme");
+    let second = store.put_key(&key).await.unwrap();
+    assert_eq!(second.version, first.version + 1);
+
+    let catalog = store.catalog().await.unwrap();
+    assert_eq!(catalog.version, second.version);
+    assert_eq!(store.catalog_version().await.unwrap(), second.version);
+    assert_eq!(catalog.orgs.get(&org("org_acme")), Some(&acme));
+    assert_eq!(catalog.keys.get(&key.id), Some(&key));
+
+    // Removing what is not there changes nothing, not even the version.
+    let missing = store.delete_key(&"ff".repeat(16)).await.unwrap();
+    assert_eq!((missing.changed, missing.version), (false, second.version));
+
+    assert!(store.delete_key(&key.id).await.unwrap().changed);
+    assert!(store.delete_org(&org("org_acme")).await.unwrap().changed);
+    let emptied = store.catalog().await.unwrap();
+    assert!(emptied.orgs.is_empty() && emptied.keys.is_empty());
+    assert_eq!(emptied.version, second.version + 2);
+}
+
+async fn a_change_is_noticed_with_its_version_and_record(store: &dyn QuotaStore, shared: bool) {
+    let Some(mut notices) = store.catalog_notices().await.unwrap() else {
+        assert!(!shared, "a shared store must give notice of changes");
+        return;
+    };
+    let acme = record(r#"{"billingStatus":"past_due"}"#);
+    let written = store.put_org(&org("org_acme"), &acme).await.unwrap();
+    let notice = crate::support::within(Duration::from_secs(5), notices.recv()).await;
+    assert_eq!(
+        notice,
+        Some(CatalogNotice::Changed {
+            version: written.version,
+            change: CatalogChange::Org(org("org_acme"), Some(acme)),
+        })
+    );
+    let revoked = store.delete_org(&org("org_acme")).await.unwrap();
+    let notice = crate::support::within(Duration::from_secs(5), notices.recv()).await;
+    assert_eq!(
+        notice,
+        Some(CatalogNotice::Changed {
+            version: revoked.version,
+            change: CatalogChange::Org(org("org_acme"), None),
+        })
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -420,6 +485,24 @@ macro_rules! conformance {
             #[tokio::test]
             async fn enforces_usage_set_by_an_operator() {
                 usage_can_be_set_and_is_then_enforced(&*Backend::$backend().await.store).await;
+            }
+
+            #[tokio::test]
+            async fn keeps_runtime_orgs_and_keys_and_counts_each_change() {
+                the_catalog_keeps_what_was_set_and_counts_each_change(
+                    &*Backend::$backend().await.store,
+                )
+                .await;
+            }
+
+            #[tokio::test]
+            async fn gives_notice_of_each_catalog_change_when_shared() {
+                let shared = stringify!($backend) != "memory";
+                a_change_is_noticed_with_its_version_and_record(
+                    &*Backend::$backend().await.store,
+                    shared,
+                )
+                .await;
             }
         }
     };
