@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::Body;
 use crate::accept::ClientFault;
+use crate::catalog::CatalogError;
 use crate::org::OrgPolicy;
 use crate::period::{Period, rfc3339};
 use crate::quota::Exceeded;
@@ -73,6 +74,25 @@ impl From<ClientFault> for GatewayError {
         match fault {
             ClientFault::Unreadable => GatewayError::ClientBody,
             ClientFault::Silent | ClientFault::Late => GatewayError::BodyTimeout,
+        }
+    }
+}
+
+/// A change to the runtime catalog that could not be made.
+impl From<CatalogError> for GatewayError {
+    fn from(error: CatalogError) -> GatewayError {
+        match error {
+            CatalogError::Invalid(_) | CatalogError::KeyName => {
+                GatewayError::InvalidBody(error.to_string())
+            }
+            CatalogError::Store(error) => {
+                tracing::warn!(%error, "the store refused a catalog change");
+                GatewayError::StoreUnavailable
+            }
+            CatalogError::Random(error) => {
+                tracing::error!(%error, "no random bytes for a new key");
+                GatewayError::Internal
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::period::Period;
-use crate::quota::{Dimension, Limits, MAX_AMOUNT, Mode};
+use crate::quota::{Dimension, Limits, MAX_AMOUNT, Mode, whole};
 
 /// An org id, checked before it reaches a log line or a store key.
 ///
@@ -90,6 +90,13 @@ impl OrgDirectory {
 
     /// Whether `record` can apply under this config: every plan it names
     /// exists. (Its own ranges were checked when it was made.)
+    /// The slugs of the config's plans, sorted.
+    pub fn plan_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.plans.keys().map(|slug| &**slug).collect();
+        names.sort_unstable();
+        names
+    }
+
     pub fn check(&self, record: &OrgRecord) -> Result<(), InvalidOrg> {
         match &record.plan {
             Some(slug) if !self.plans.contains_key(slug) => {
@@ -149,10 +156,12 @@ pub struct OrgRecord {
 pub enum InvalidOrg {
     #[error("the org body is not valid: {0}")]
     Json(#[source] serde_json::Error),
+    #[error("the org body must be a JSON object")]
+    NotAnObject,
     #[error("no plan is named {0:?} in the config")]
     UnknownPlan(String),
     #[error("{0} is not a day of the month (1 to 31)")]
-    AnchorDay(i64),
+    AnchorDay(String),
     #[error("{0:?} is not an enforcement mode: use \"enforce\", \"shadow\" or \"off\"")]
     Mode(String),
     #[error("unknown quota dimension {0:?}: expected tokens, playbook_runs or seats")]
@@ -175,7 +184,7 @@ struct OrgFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     billing_status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    period_anchor_day: Option<i64>,
+    period_anchor_day: Option<serde_json::Number>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     enforcement: Option<String>,
     /// `Value`, not a number: a float or a string must be refused with
@@ -188,18 +197,24 @@ impl OrgRecord {
     /// Reads and checks a record from JSON (its own ranges; the plan is
     /// checked against a config by [`OrgDirectory::check`]).
     pub fn from_json(bytes: &[u8]) -> Result<OrgRecord, InvalidOrg> {
+        // serde would also read a struct from an array of its fields.
+        if !bytes.trim_ascii_start().starts_with(b"{") {
+            return Err(InvalidOrg::NotAnObject);
+        }
         let fields: OrgFields = serde_json::from_slice(bytes).map_err(InvalidOrg::Json)?;
         let period_anchor_day = match fields.period_anchor_day {
             None => None,
-            Some(day @ 1..=31) => Some(day as u32),
-            Some(day) => return Err(InvalidOrg::AnchorDay(day)),
+            Some(day) => match whole(&day) {
+                Some(day @ 1..=31) => Some(day as u32),
+                _ => return Err(InvalidOrg::AnchorDay(day.to_string())),
+            },
         };
         let enforcement = match fields.enforcement {
             None => None,
             Some(word) => Some(Mode::parse(&word).ok_or(InvalidOrg::Mode(word))?),
         };
         let billing_status = match fields.billing_status {
-            Some(status) if status.is_empty() || status.len() > 64 => {
+            Some(status) if status.is_empty() || status.chars().count() > 64 => {
                 return Err(InvalidOrg::BillingStatus);
             }
             status => status.map(Arc::from),
@@ -222,7 +237,7 @@ impl OrgRecord {
         let fields = OrgFields {
             plan: self.plan.as_deref().map(String::from),
             billing_status: self.billing_status.as_deref().map(String::from),
-            period_anchor_day: self.period_anchor_day.map(i64::from),
+            period_anchor_day: self.period_anchor_day.map(serde_json::Number::from),
             enforcement: self.enforcement.map(|mode| mode.as_str().to_string()),
             limits: self
                 .limits
@@ -240,8 +255,8 @@ fn limit(dimension: Dimension, value: &serde_json::Value) -> Result<Option<i64>,
     if value.is_null() {
         return Ok(None);
     }
-    match value.as_i64() {
-        Some(n) if (0..=MAX_AMOUNT).contains(&n) => Ok(Some(n)),
+    match value.as_number().and_then(whole) {
+        Some(n) if n >= 0 => Ok(Some(n)),
         _ => Err(InvalidOrg::Limit {
             dimension,
             value: value.to_string(),

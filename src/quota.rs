@@ -11,6 +11,17 @@ use std::fmt;
 /// exact in a double, as Redis's Lua computes with doubles.
 pub const MAX_AMOUNT: i64 = (1 << 53) - 1;
 
+/// A JSON number as a whole amount, as JSON Schema counts one: `3` and
+/// `3.0`, not `3.5`; within ±[`MAX_AMOUNT`], where a double holds every whole
+/// number exactly.
+pub fn whole(number: &serde_json::Number) -> Option<i64> {
+    if let Some(whole) = number.as_i64() {
+        return (whole.abs() <= MAX_AMOUNT).then_some(whole);
+    }
+    let x = number.as_f64()?;
+    (x.fract() == 0.0 && x.abs() <= MAX_AMOUNT as f64).then_some(x as i64)
+}
+
 /// A quota type an org is billed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dimension {

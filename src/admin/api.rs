@@ -6,9 +6,13 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
+use serde::Deserialize as _;
 use serde_json::json;
 
-use super::views::{CheckRequest, ReloadAnswer, SetUsage, Summary, Usage, Whole};
+use super::views::{
+    CheckRequest, CreatedKey, KeyList, KeyRequest, KeyView, OrgList, OrgView, ReloadAnswer,
+    SetUsage, Summary, Usage, Whole,
+};
 use super::{Endpoint, READ_TIMEOUT, json, with_type};
 use crate::app::App;
 use crate::error::{Denial, GatewayError};
@@ -37,11 +41,7 @@ pub(super) async fn handle(
             Bytes::from(app.metrics().encode()),
             metrics::CONTENT_TYPE,
         )),
-        Endpoint::OpenApi => Ok(with_type(
-            ok,
-            Bytes::from_static(OPENAPI.as_bytes()),
-            "application/json",
-        )),
+        Endpoint::OpenApi => Ok(json(ok, &openapi(app))),
         Endpoint::Usage(org) => Ok(json(ok, &summary(app, &org_id(org)?).await?)),
         Endpoint::SetUsage(org, dimension) => {
             let (org, dimension) = (org_id(org)?, dimension_named(dimension)?);
@@ -60,14 +60,71 @@ pub(super) async fn handle(
         }
         Endpoint::Check => check(app, read_json(request).await?).await,
         Endpoint::Reload => reload(app),
-        Endpoint::Orgs
-        | Endpoint::Org(_)
-        | Endpoint::PutOrg(_)
-        | Endpoint::DeleteOrg(_)
-        | Endpoint::CreateKey
-        | Endpoint::Keys
-        | Endpoint::RevokeKey(_) => Err(GatewayError::NoEndpoint),
+        Endpoint::Orgs => {
+            let orgs = app.catalog().orgs().iter().map(OrgView::new).collect();
+            Ok(json(ok, &OrgList { orgs }))
+        }
+        Endpoint::Org(org) => Ok(json(ok, &OrgView::new(&app.catalog().effective(&org_id(org)?)))),
+        Endpoint::PutOrg(org) => {
+            let org = org_id(org)?;
+            let catalog = app.catalog();
+            let record = catalog
+                .parse_org(&read_body(request).await?)
+                .map_err(|invalid| GatewayError::InvalidBody(invalid.to_string()))?;
+            let effective = catalog.put_org(&org, record).await?;
+            Ok(json(ok, &OrgView::new(&effective)))
+        }
+        Endpoint::DeleteOrg(org) => {
+            let org = org_id(org)?;
+            if !app.catalog().delete_org(&org).await? {
+                return Err(GatewayError::NotFound(format!(
+                    "org {org} has no runtime policy to remove"
+                )));
+            }
+            Ok(json(ok, &OrgView::new(&app.catalog().effective(&org))))
+        }
+        Endpoint::CreateKey => {
+            let asked: KeyRequest = read_json(request).await?;
+            let created = app
+                .catalog()
+                .create_key(&org_id(&asked.org)?, &asked.name)
+                .await?;
+            Ok(json(StatusCode::CREATED, &CreatedKey::from(created)))
+        }
+        Endpoint::Keys => {
+            let org = org_in_query(request.uri().query())?;
+            let keys = app.catalog().keys(&org).into_iter().map(KeyView::from);
+            Ok(json(ok, &KeyList { keys: keys.collect() }))
+        }
+        Endpoint::RevokeKey(id) => {
+            if !app.catalog().revoke_key(id).await? {
+                return Err(GatewayError::NotFound(format!("no runtime key has id {id:?}")));
+            }
+            Ok(json(ok, &json!({"id": id, "revoked": true})))
+        }
     }
+}
+
+/// The `org` of `?org=ORG`, which `GET /v1/keys` needs.
+fn org_in_query(query: Option<&str>) -> Result<OrgId, GatewayError> {
+    let org = query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix("org="))
+        .ok_or_else(|| GatewayError::InvalidBody("name the org: /v1/keys?org=ORG".into()))?;
+    org_id(org)
+}
+
+/// The API's description, with the plans a runtime org may name now: the
+/// running config's.
+fn openapi(app: &App) -> serde_json::Value {
+    let mut document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
+    let config = app.config();
+    let mut plans: Vec<serde_json::Value> = config.orgs.plan_names().into_iter().map(Into::into).collect();
+    // null: the field is not named.
+    plans.push(serde_json::Value::Null);
+    document["components"]["schemas"]["OrgChange"]["properties"]["plan"]["enum"] = plans.into();
+    document
 }
 
 /// `GET /readyz`: ready while the store answers within `store.timeout`.
@@ -164,9 +221,22 @@ fn amount(what: &str, value: i64) -> Result<i64, GatewayError> {
     }
 }
 
-/// The request's JSON body, read within [`READ_TIMEOUT`] and up to
-/// [`MAX_BODY_BYTES`].
+/// The request's JSON body.
 async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, GatewayError> {
+    let bytes = read_body(request).await?;
+    let invalid = |error| GatewayError::InvalidBody(format!("the request body: {error}"));
+    // serde would also read a struct from an array of its fields.
+    match serde_json::from_slice(&bytes).map_err(invalid)? {
+        object @ serde_json::Value::Object(_) => T::deserialize(object).map_err(invalid),
+        _ => Err(GatewayError::InvalidBody(
+            "the request body must be a JSON object".into(),
+        )),
+    }
+}
+
+/// The request's body, read within [`READ_TIMEOUT`] and up to
+/// [`MAX_BODY_BYTES`].
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, GatewayError> {
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES).collect();
     let bytes = match tokio::time::timeout(READ_TIMEOUT, body).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -178,6 +248,5 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
         Ok(Err(_)) => return Err(GatewayError::ClientBody),
         Err(_) => return Err(GatewayError::BodyTimeout),
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|error| GatewayError::InvalidBody(format!("the request body: {error}")))
+    Ok(bytes)
 }

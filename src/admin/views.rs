@@ -5,21 +5,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::{Effective, KeyInfo, NewKey};
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::{Period, rfc3339};
-use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT};
-
-/// Where an org's policy comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// `[orgs.X]` in the config file.
-    Config,
-    /// Set through `PUT /v1/orgs/{org}`, kept in the store.
-    Runtime,
-    /// Neither: `[defaults]`.
-    Defaults,
-}
+use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, whole};
 
 /// `GET /v1/orgs/{org}/usage`: an org's counters in its current period.
 #[derive(Debug, Serialize)]
@@ -93,7 +82,7 @@ pub struct OrgView {
     pub period_anchor_day: u32,
     pub enforcement: &'static str,
     pub limits: LimitsView,
-    pub source: Source,
+    pub source: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,10 +93,15 @@ pub struct LimitsView {
 }
 
 impl OrgView {
-    pub fn new(org: OrgId, policy: &OrgPolicy, source: Source) -> OrgView {
+    pub fn new(effective: &Effective) -> OrgView {
+        let Effective {
+            org,
+            policy,
+            source,
+        } = effective;
         let limits = &policy.limits;
         OrgView {
-            org,
+            org: org.clone(),
             plan: policy.plan.clone(),
             billing_status: policy.billing_status.clone(),
             period_anchor_day: policy.period_anchor_day,
@@ -117,7 +111,7 @@ impl OrgView {
                 playbook_runs: limits.get(Dimension::PlaybookRuns),
                 seats: limits.get(Dimension::Seats),
             },
-            source,
+            source: source.as_str(),
         }
     }
 }
@@ -134,17 +128,61 @@ pub struct Whole(pub i64);
 impl<'de> Deserialize<'de> for Whole {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Whole, D::Error> {
         let number = serde_json::Number::deserialize(deserializer)?;
-        if let Some(whole) = number.as_i64() {
-            return Ok(Whole(whole));
-        }
-        // Within 2^53 a double holds every whole number exactly.
-        match number.as_f64() {
-            Some(x) if x.fract() == 0.0 && x.abs() <= MAX_AMOUNT as f64 => Ok(Whole(x as i64)),
-            _ => Err(serde::de::Error::custom(format!(
+        whole(&number).map(Whole).ok_or_else(|| {
+            serde::de::Error::custom(format!(
                 "{number} is not a whole number from 0 to {MAX_AMOUNT}"
-            ))),
+            ))
+        })
+    }
+}
+
+/// `POST /v1/keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    pub org: String,
+    pub name: String,
+}
+
+/// `POST /v1/keys`'s answer: the key, this once.
+#[derive(Debug, Serialize)]
+pub struct CreatedKey {
+    pub id: String,
+    pub key: String,
+    pub org: OrgId,
+    pub name: String,
+}
+
+impl From<NewKey> for CreatedKey {
+    fn from(NewKey { id, key, org, name }: NewKey) -> CreatedKey {
+        CreatedKey { id, key, org, name }
+    }
+}
+
+/// A key as `GET /v1/keys` lists it: never the key.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyView {
+    pub id: String,
+    pub org: OrgId,
+    pub name: String,
+    pub created_at: String,
+}
+
+impl From<KeyInfo> for KeyView {
+    fn from(key: KeyInfo) -> KeyView {
+        KeyView {
+            id: key.id,
+            org: key.org,
+            name: key.name,
+            created_at: rfc3339(key.created_at),
         }
     }
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
 }
 
 /// `PUT /v1/orgs/{org}/usage/{dimension}`.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs schemathesis against a live admin listener with the admin API's own
-# OpenAPI document (docs/admin-openapi.json): every answer must conform to
+# OpenAPI document (docs/admin-openapi.json, as GET /v1/openapi.json serves it): every answer must conform to
 # it (documented status, content type, schema) and none may be a 500.
 # Usage: tests/admin/check_openapi.sh BINARY SCHEMATHESIS [extra schemathesis args]
 set -euo pipefail
@@ -54,7 +54,15 @@ while True:
             sys.exit("the admin listener did not come up")
         time.sleep(0.05)
 PY
-"$schemathesis" run docs/admin-openapi.json --url "http://127.0.0.1:$admin" \
+# The document as served, with the running config's plans in it.
+python3 - "$admin" "$token" "$dir/openapi.json" <<'PY'
+import sys, urllib.request
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/openapi.json",
+                                 headers={"Authorization": f"Bearer {sys.argv[2]}"})
+open(sys.argv[3], "wb").write(urllib.request.urlopen(request, timeout=5).read())
+PY
+"$schemathesis" run "$dir/openapi.json" --url "http://127.0.0.1:$admin" \
   --header "Authorization: Bearer $token" \
   --checks all --max-examples 25 --no-color "$@" \
+  --exclude-checks use_after_free `# DELETE .../usage resets the counters; the summary stays` \
   --workers 1 # one thread: CPython 3.11's ast.parse, which the generator calls, is not thread-safe
