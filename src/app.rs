@@ -9,22 +9,22 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::BoxError;
 use crate::accept::HttpService;
 use crate::catalog::Catalog;
 use crate::config::{Backend, Config, Redacted};
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
 use crate::ledger::{Ledger, Outbox};
+use crate::live::{Live, ReloadError, Reloaded};
 use crate::meter::{Clock, Meter};
 use crate::metrics::Metrics;
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Dimension};
 use crate::route::Router;
-use crate::live::{Live, ReloadError, Reloaded};
 use crate::stack::{self, BuildSteps, Gateway, Steps};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
-use crate::BoxError;
 
 /// The parts every worker shares. Cloning is cheap: it shares them.
 #[derive(Clone)]

@@ -227,7 +227,9 @@ struct ErrorBody<'a> {
 enum Details<'a> {
     Quota(QuotaDetails),
     /// A reload's every problem, one line each, with file, line and key.
-    Config { errors: &'a [String] },
+    Config {
+        errors: &'a [String],
+    },
 }
 
 #[derive(Serialize)]

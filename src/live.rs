@@ -93,7 +93,10 @@ fn keep_restart_only(running: &Config, next: &mut Config) -> Vec<&'static str> {
     keep!("server.shutdown_grace", server.shutdown_grace);
     keep!("store.key_prefix", store.key_prefix);
     keep!("store.settle_retry_for", store.settle_retry_for);
-    keep!("store.max_pending_settlements", store.max_pending_settlements);
+    keep!(
+        "store.max_pending_settlements",
+        store.max_pending_settlements
+    );
     if running.store.backend != next.store.backend {
         next.store.backend = running.store.backend.clone();
         changed.push("store.backend");
@@ -123,10 +126,7 @@ mod tests {
     fn a_changed_listener_keeps_its_running_address_and_is_named() {
         let running = config("[server]\nlisten = \"127.0.0.1:8080\"\n");
         let mut next = config("[server]\nlisten = \"127.0.0.1:9999\"\nmax_body_bytes = 7\n");
-        assert_eq!(
-            keep_restart_only(&running, &mut next),
-            ["server.listen"]
-        );
+        assert_eq!(keep_restart_only(&running, &mut next), ["server.listen"]);
         assert_eq!(next.server.listen, running.server.listen);
         assert_eq!(next.server.max_body_bytes, 7);
     }

@@ -103,9 +103,10 @@ async fn run(path: &std::path::Path) -> Result<(), tollgate::BoxError> {
     let shutdown = shutdown_signal();
     let listener = TcpListener::bind(config.server.listen)?;
     let admin = match &config.admin {
-        Some(admin) => Some(TcpListener::bind(admin.listen).map_err(|e| {
-            format!("cannot listen on {} for [admin] ({e})", admin.listen)
-        })?),
+        Some(admin) => Some(
+            TcpListener::bind(admin.listen)
+                .map_err(|e| format!("cannot listen on {} for [admin] ({e})", admin.listen))?,
+        ),
         None => None,
     };
     tracing::info!(addr = %listener.local_addr()?, workers = config.server.workers, "{}", config.summary());

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::views::{
@@ -64,7 +64,10 @@ pub(super) async fn handle(
             let orgs = app.catalog().orgs().iter().map(OrgView::new).collect();
             Ok(json(ok, &OrgList { orgs }))
         }
-        Endpoint::Org(org) => Ok(json(ok, &OrgView::new(&app.catalog().effective(&org_id(org)?)))),
+        Endpoint::Org(org) => Ok(json(
+            ok,
+            &OrgView::new(&app.catalog().effective(&org_id(org)?)),
+        )),
         Endpoint::PutOrg(org) => {
             let org = org_id(org)?;
             let catalog = app.catalog();
@@ -94,11 +97,18 @@ pub(super) async fn handle(
         Endpoint::Keys => {
             let org = org_in_query(request.uri().query())?;
             let keys = app.catalog().keys(&org).into_iter().map(KeyView::from);
-            Ok(json(ok, &KeyList { keys: keys.collect() }))
+            Ok(json(
+                ok,
+                &KeyList {
+                    keys: keys.collect(),
+                },
+            ))
         }
         Endpoint::RevokeKey(id) => {
             if !app.catalog().revoke_key(id).await? {
-                return Err(GatewayError::NotFound(format!("no runtime key has id {id:?}")));
+                return Err(GatewayError::NotFound(format!(
+                    "no runtime key has id {id:?}"
+                )));
             }
             Ok(json(ok, &json!({"id": id, "revoked": true})))
         }
@@ -120,7 +130,12 @@ fn org_in_query(query: Option<&str>) -> Result<OrgId, GatewayError> {
 fn openapi(app: &App) -> serde_json::Value {
     let mut document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
     let config = app.config();
-    let mut plans: Vec<serde_json::Value> = config.orgs.plan_names().into_iter().map(Into::into).collect();
+    let mut plans: Vec<serde_json::Value> = config
+        .orgs
+        .plan_names()
+        .into_iter()
+        .map(Into::into)
+        .collect();
     // null: the field is not named.
     plans.push(serde_json::Value::Null);
     document["components"]["schemas"]["OrgChange"]["properties"]["plan"]["enum"] = plans.into();

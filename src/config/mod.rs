@@ -745,9 +745,7 @@ mod tests {
                 "2: admin.listen: \"somewhere\" is not an address: write e.g. \"127.0.0.1:9090\"",
             ]
         );
-        let found = problems(
-            "[admin]\ntokens = [{ sha256 = \"ops\" }, { sha256 = \"ops\" }]\n",
-        );
+        let found = problems("[admin]\ntokens = [{ sha256 = \"ops\" }, { sha256 = \"ops\" }]\n");
         assert_eq!(
             found,
             [
@@ -764,7 +762,10 @@ mod tests {
         let admin = config.admin.unwrap();
         assert_eq!(admin.listen.port(), 9090);
         assert_eq!(admin.tokens[0].name, "ops");
-        assert_eq!(format!("{:?}", admin.tokens[0]), r#"AdminToken { sha256: [redacted], name: "ops" }"#);
+        assert_eq!(
+            format!("{:?}", admin.tokens[0]),
+            r#"AdminToken { sha256: [redacted], name: "ops" }"#
+        );
     }
 
     #[test]

@@ -16,9 +16,9 @@ use rustls_pki_types::pem::PemObject;
 
 use super::raw::{RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawUpstream};
 use super::{
-    AdminConfig, AdminToken, ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS, DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig, KeyPath, Problem,
-    PublicKey, Redacted, ServerConfig, StoreConfig, Upstream, expand_env,
+    AdminConfig, AdminToken, ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS,
+    DEFAULT_MAX_TOKENS, DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig,
+    KeyPath, Problem, PublicKey, Redacted, ServerConfig, StoreConfig, Upstream, expand_env,
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
@@ -117,7 +117,10 @@ impl Checker<'_> {
         match hex::decode_to_slice(text.trim(), &mut digest) {
             Ok(()) => Some(digest),
             Err(_) => {
-                self.problem(path, format!("must be the 64 hex digits of the {what}'s sha256"));
+                self.problem(
+                    path,
+                    format!("must be the 64 hex digits of the {what}'s sha256"),
+                );
                 None
             }
         }
@@ -1140,9 +1143,9 @@ fn validate_admin(c: &mut Checker<'_>, raw: &RawAdmin) -> AdminConfig {
     let path = KeyPath::default().key("admin");
     let listen = match raw.listen.as_deref() {
         Some(text) => c.parsed(&path.key("listen"), Some(text), None, |text| {
-            text.parse().map(Some).map_err(|_| {
-                format!("{text:?} is not an address: write e.g. \"127.0.0.1:9090\"")
-            })
+            text.parse()
+                .map(Some)
+                .map_err(|_| format!("{text:?} is not an address: write e.g. \"127.0.0.1:9090\""))
         }),
         None => {
             c.problem(&path.key("listen"), "missing: the admin listener's address");

@@ -9,8 +9,8 @@ use tollgate::quota::Dimension;
 
 use crate::support::redis::RedisServer;
 use crate::support::{
-    Gateway, KEY_ACME, Upstream, client, config_with, envelope, eventually, fixed_clock,
-    run_clock, run_started,
+    Gateway, KEY_ACME, Upstream, client, config_with, envelope, eventually, fixed_clock, run_clock,
+    run_started,
 };
 
 /// The admin token of the tests' `[admin]`.
@@ -20,7 +20,9 @@ pub const ADMIN_TOKEN: &str = "ops-token-for-tests";
 pub fn admin_section() -> String {
     use sha2::{Digest, Sha256};
     let digest = hex::encode(Sha256::digest(ADMIN_TOKEN.as_bytes()));
-    format!("\n[admin]\nlisten = \"127.0.0.1:0\"\ntokens = [{{ sha256 = \"{digest}\", name = \"ops\" }}]\n")
+    format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\ntokens = [{{ sha256 = \"{digest}\", name = \"ops\" }}]\n"
+    )
 }
 
 /// A store for a test to run on: the memory store, or a redis-server of
@@ -48,7 +50,10 @@ impl Backing {
             Backing::Memory => config,
             Backing::Redis(redis) => config.replace(
                 "backend = \"memory\"",
-                &format!("backend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"", redis.url()),
+                &format!(
+                    "backend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"",
+                    redis.url()
+                ),
             ),
         }
     }
@@ -90,7 +95,14 @@ async fn body(response: reqwest::Response, status: u16) -> Value {
 }
 
 async fn get(gateway: &Gateway, path: &str) -> Value {
-    body(admin(reqwest::Method::GET, gateway, path).send().await.unwrap(), 200).await
+    body(
+        admin(reqwest::Method::GET, gateway, path)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await
 }
 
 /// Runs `org`'s playbook `times` times through the proxy.
@@ -129,9 +141,22 @@ async fn health_and_readiness_answer_without_a_token_on_both_stores() {
     let upstream = Upstream::start().await;
     for backing in Backing::both().await {
         let gateway = backing.gateway(&upstream).await;
-        let health = client().get(gateway.admin_url("/healthz")).send().await.unwrap();
-        assert_eq!(body(health, 200).await, json!({"status": "ok"}), "{}", backing.name());
-        let ready = client().get(gateway.admin_url("/readyz")).send().await.unwrap();
+        let health = client()
+            .get(gateway.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            body(health, 200).await,
+            json!({"status": "ok"}),
+            "{}",
+            backing.name()
+        );
+        let ready = client()
+            .get(gateway.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
             body(ready, 200).await,
             json!({"status": "ready", "store": "ok"}),
@@ -147,7 +172,11 @@ async fn readiness_turns_503_while_redis_is_stopped_and_200_when_it_returns() {
     let backing = Backing::Redis(RedisServer::start().await);
     let gateway = backing.gateway(&upstream).await;
     let ready = async |status: u16| {
-        let response = client().get(gateway.admin_url("/readyz")).send().await.unwrap();
+        let response = client()
+            .get(gateway.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
         response.status() == status
     };
     assert!(ready(200).await);
@@ -155,7 +184,11 @@ async fn readiness_turns_503_while_redis_is_stopped_and_200_when_it_returns() {
         unreachable!()
     };
     redis.stop();
-    let answer = client().get(gateway.admin_url("/readyz")).send().await.unwrap();
+    let answer = client()
+        .get(gateway.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         body(answer, 503).await,
         json!({"status": "not_ready", "store": "unreachable"})
@@ -233,13 +266,23 @@ async fn an_operator_sets_a_counter_and_resets_the_period_but_not_the_seats() {
             body(response, 200).await
         };
         let period = backing.period();
-        assert_eq!(put("tokens", 95000).await, acme_summary(period, 95000, 0, 0));
+        assert_eq!(
+            put("tokens", 95000).await,
+            acme_summary(period, 95000, 0, 0)
+        );
         assert_eq!(put("seats", 2).await, acme_summary(period, 95000, 0, 2));
         // Past the limit reads as nothing remaining, never a negative.
-        assert_eq!(put("playbook_runs", 12).await, acme_summary(period, 95000, 12, 2));
+        assert_eq!(
+            put("playbook_runs", 12).await,
+            acme_summary(period, 95000, 12, 2)
+        );
         let usage = gateway.usage("org_acme").await;
         assert_eq!(
-            (usage.get(Dimension::Tokens), usage.get(Dimension::PlaybookRuns), usage.get(Dimension::Seats)),
+            (
+                usage.get(Dimension::Tokens),
+                usage.get(Dimension::PlaybookRuns),
+                usage.get(Dimension::Seats)
+            ),
             (95000, 12, 2)
         );
 
@@ -319,14 +362,62 @@ async fn bad_admin_requests_are_answered_in_the_envelope() {
     use reqwest::Method;
     let cases: [(Method, &str, &str, u16, &str); 10] = [
         (Method::GET, "/v1/nothing", "", 404, "NOT_FOUND"),
-        (Method::POST, "/v1/orgs/org_acme/usage", "", 405, "METHOD_NOT_ALLOWED"),
-        (Method::GET, "/v1/orgs/org:1/usage", "", 400, "INVALID_ORG_ID"),
-        (Method::PUT, "/v1/orgs/org_acme/usage/credits", r#"{"used":1}"#, 400, "INVALID_BODY"),
-        (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":-1}"#, 400, "INVALID_BODY"),
-        (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1.5}"#, 400, "INVALID_BODY"),
-        (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1e300}"#, 400, "INVALID_BODY"),
-        (Method::PUT, "/v1/orgs/org_acme/usage/tokens", r#"{"used":1,"x":2}"#, 400, "INVALID_BODY"),
-        (Method::POST, "/v1/check", r#"{"org":"org_acme","cost":{"tokens":"many"}}"#, 400, "INVALID_BODY"),
+        (
+            Method::POST,
+            "/v1/orgs/org_acme/usage",
+            "",
+            405,
+            "METHOD_NOT_ALLOWED",
+        ),
+        (
+            Method::GET,
+            "/v1/orgs/org:1/usage",
+            "",
+            400,
+            "INVALID_ORG_ID",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/org_acme/usage/credits",
+            r#"{"used":1}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/org_acme/usage/tokens",
+            r#"{"used":-1}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/org_acme/usage/tokens",
+            r#"{"used":1.5}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/org_acme/usage/tokens",
+            r#"{"used":1e300}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            Method::PUT,
+            "/v1/orgs/org_acme/usage/tokens",
+            r#"{"used":1,"x":2}"#,
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            Method::POST,
+            "/v1/check",
+            r#"{"org":"org_acme","cost":{"tokens":"many"}}"#,
+            400,
+            "INVALID_BODY",
+        ),
         (Method::POST, "/v1/check", "not json", 400, "INVALID_BODY"),
     ];
     for (method, path, sent, status, code) in cases {

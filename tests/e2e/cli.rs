@@ -370,8 +370,10 @@ async fn sighup_reloads_the_file_and_a_broken_one_leaves_the_gateway_running() {
             .map(|r| r.status().as_u16())
             .unwrap_or(0)
     };
-    crate::support::eventually("the gateway listens", async || status_of("/b/x").await == 404)
-        .await;
+    crate::support::eventually("the gateway listens", async || {
+        status_of("/b/x").await == 404
+    })
+    .await;
     let hangup = |pid: u32| {
         let sent = Command::new("kill")
             .args(["-HUP", &pid.to_string()])

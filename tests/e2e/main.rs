@@ -2,6 +2,7 @@
 //! stand-in upstream.
 
 mod admin;
+mod admin_catalog;
 mod cli;
 mod connections;
 mod enforcement;

@@ -56,7 +56,10 @@ pub async fn launch(backing: &Backing, file: &ConfigFile) -> Gateway {
 }
 
 pub async fn reload(gateway: &Gateway) -> reqwest::Response {
-    admin(Method::POST, gateway, "/v1/reload").send().await.unwrap()
+    admin(Method::POST, gateway, "/v1/reload")
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn post(gateway: &Gateway, path: &str) -> u16 {
@@ -91,8 +94,10 @@ async fn a_reload_adds_a_route_and_lowers_a_limit_and_keeps_the_counters() {
         assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 0);
         assert_eq!(post(&gateway, "/api/v1/playbooks/p/execute").await, 200);
 
-        let next = with_reports_route(&base(&backing, &upstream))
-            .replace("[plans.free]\ntokens = 100000\nplaybook_runs = 10", "[plans.free]\ntokens = 100000\nplaybook_runs = 3");
+        let next = with_reports_route(&base(&backing, &upstream)).replace(
+            "[plans.free]\ntokens = 100000\nplaybook_runs = 10",
+            "[plans.free]\ntokens = 100000\nplaybook_runs = 3",
+        );
         file.write(&next);
         let answer = reload(&gateway).await;
         assert_eq!(answer.status(), 200, "{name}");
@@ -102,11 +107,19 @@ async fn a_reload_adds_a_route_and_lowers_a_limit_and_keeps_the_counters() {
         );
 
         // The counter survived, the new route is metered, the new limit holds.
-        assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 1, "{name}");
+        assert_eq!(
+            gateway.used("org_acme", Dimension::PlaybookRuns).await,
+            1,
+            "{name}"
+        );
         assert_eq!(post(&gateway, "/reports").await, 200, "{name}");
         assert_eq!(post(&gateway, "/reports").await, 200, "{name}");
         assert_eq!(post(&gateway, "/reports").await, 402, "{name}");
-        assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 3, "{name}");
+        assert_eq!(
+            gateway.used("org_acme", Dimension::PlaybookRuns).await,
+            3,
+            "{name}"
+        );
     }
 }
 
@@ -118,7 +131,10 @@ async fn a_broken_file_keeps_the_running_config_and_answers_every_problem() {
     let gateway = launch(&backing, &file).await;
     let broken = base(&backing, &upstream)
         .replace("playbook_runs = 10", "playbook_runs = -10")
-        .replace("upstream_timeout = \"500ms\"", "upstream_timeout = \"soon\"");
+        .replace(
+            "upstream_timeout = \"500ms\"",
+            "upstream_timeout = \"soon\"",
+        );
     file.write(&broken);
 
     let answer = envelope(reload(&gateway).await, 422, "CONFIG_INVALID").await;
@@ -130,8 +146,16 @@ async fn a_broken_file_keeps_the_running_config_and_answers_every_problem() {
         .collect();
     let at = file.path.display().to_string();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors[0].starts_with(&format!("{at}:5: server.upstream_timeout: \"soon\" is not a duration")), "{errors:?}");
-    assert!(errors[1].contains("plans.free.playbook_runs: a limit cannot be negative"), "{errors:?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "{at}:5: server.upstream_timeout: \"soon\" is not a duration"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("plans.free.playbook_runs: a limit cannot be negative"),
+        "{errors:?}"
+    );
 
     // The running config is untouched: the free plan still allows 10 runs.
     for _ in 0..10 {
@@ -148,8 +172,14 @@ async fn a_changed_listen_address_is_named_as_needing_a_restart() {
     let file = ConfigFile::new(&backing, &upstream);
     let gateway = launch(&backing, &file).await;
     let moved = base(&backing, &upstream)
-        .replace("listen = \"127.0.0.1:0\"\nmax_body", "listen = \"127.0.0.1:1\"\nmax_body")
-        .replace("backend = \"memory\"", "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"");
+        .replace(
+            "listen = \"127.0.0.1:0\"\nmax_body",
+            "listen = \"127.0.0.1:1\"\nmax_body",
+        )
+        .replace(
+            "backend = \"memory\"",
+            "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"",
+        );
     file.write(&moved);
     let answer = reload(&gateway).await;
     assert_eq!(answer.status(), 200);
@@ -252,7 +282,8 @@ async fn reloads_under_load_fail_no_request_and_take_effect() {
 
         file.write(&with_reports_route(&config));
         assert_eq!(reload(&gateway).await.status(), 200, "{name}");
-        let lowered = with_reports_route(&config).replace("playbook_runs = 10", "playbook_runs = 1");
+        let lowered =
+            with_reports_route(&config).replace("playbook_runs = 10", "playbook_runs = 1");
         file.write(&lowered);
         assert_eq!(reload(&gateway).await.status(), 200, "{name}");
         file.write("[server]\nworkers = 0\n");

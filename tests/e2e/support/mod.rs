@@ -214,8 +214,7 @@ impl Gateway {
     /// Starts the gateway on the config file at `path`, which a reload
     /// reads again.
     pub async fn launch_file(path: &std::path::Path, clock: tollgate::meter::Clock) -> Gateway {
-        let config =
-            Config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let config = Config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         Gateway::serve(App::reloadable(config, path.to_owned(), clock).unwrap())
     }
 
