@@ -29,6 +29,10 @@ DURATION = os.environ.get("BENCH_DURATION", "10s")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WARMUP = os.environ.get("BENCH_WARMUP", "3s")
 CONNECTIONS = 64
+# Runtime API keys in the store for case 10.
+RUNTIME_KEYS = int(os.environ.get("BENCH_RUNTIME_KEYS", "100000"))
+RSS_NAMES = {"memory": "memory store", "redis_gw": "redis store", "keys_1": "redis, 1 key",
+             "keys_100k": "redis, 100,000 runtime keys"}
 # Under callgrind a server runs some fifty times slower: fewer connections,
 # a shorter run.
 COUNTED_CONNECTIONS = 8
@@ -93,6 +97,46 @@ plan = "big"
 plan = "none"
 """
 
+# The same gateway on Redis with the org from a gateway API key: one in the
+# file, and (`seed_runtime_keys`) however many more in the store's catalog.
+TOLLGATE_KEYED = TOLLGATE.replace('sources = ["header"]', 'sources = ["api_key", "header"]').replace(
+    "[identity.header]", """[identity.api_key]
+keys = [{{ sha256 = "{key_sha256}", org = "org_bench", name = "bench" }}]
+[identity.header]""").replace(
+    # Long enough for the first read of 100,000 keys under callgrind.
+    'timeout = "1s"', 'timeout = "10s"\nkey_prefix = "{key_prefix}"')
+
+BENCH_KEY = "tg_bench_file_key"
+
+
+def runtime_key(i):
+    return f"tg_bench_runtime_key_{i:06d}"
+
+
+def seed_runtime_keys(redis_port, prefix, count):
+    """Writes `count` runtime API keys of org_bench into the store's catalog,
+    as a bulk import would: the records POST /v1/keys writes, in one
+    pipeline, and the version once. Returns the last key."""
+    import hashlib
+    def command(*args):
+        parts = [f"*{len(args)}\r\n"]
+        for arg in args:
+            data = str(arg).encode()
+            parts.append(f"${len(data)}\r\n{data.decode()}\r\n")
+        return "".join(parts)
+    lines = []
+    for i in range(count):
+        key = runtime_key(i)
+        record = json.dumps({"id": f"{i:032x}", "org": "org_bench", "name": f"k{i}",
+                             "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                             "createdAt": "2026-12-01T00:00:00.000Z"}, separators=(",", ":"))
+        lines.append(command("HSET", f"{prefix}:{{:catalog}}:keys", f"{i:032x}", record))
+    lines.append(command("SET", f"{prefix}:{{:catalog}}:version", count))
+    subprocess.run(["redis-cli", "-p", str(redis_port), "--pipe"], input="".join(lines).encode(),
+                   capture_output=True, check=True)
+    return runtime_key(count - 1)
+
+
 NGINX = """
 worker_processes auto;
 pid {dir}/nginx.pid;
@@ -116,6 +160,11 @@ http {{
 LUA_POST = """
 wrk.method = "POST"
 wrk.headers["x-org-id"] = "{org}"
+"""
+
+LUA_KEYED = """
+wrk.method = "POST"
+wrk.headers["authorization"] = "Bearer {key}"
 """
 
 LUA_CHAT = """
@@ -168,7 +217,23 @@ def oha(url, rate):
             "rps": report["summary"]["requestsPerSec"], "steal": steal_percent(ticks)}
 
 
-def instructions_per_request(command, port, what, url, script, out, env=None):
+def wait_accepted(url, key, seconds=120):
+    """Waits until the gateway at `url` takes `key`: a gateway reads its
+    runtime keys from the store after it starts listening."""
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url, method="POST", headers={"authorization": f"Bearer {key}"})
+        try:
+            urllib.request.urlopen(request, timeout=5)
+            return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not accept the bench key")
+
+
+def instructions_per_request(command, port, what, url, script, out, env=None, ready=None):
     """User-space instructions per request of a server run under callgrind,
     counted over a wrk run after a warm-up."""
     # A prefix of this run's own, so that no other valgrind on the machine
@@ -180,6 +245,8 @@ def instructions_per_request(command, port, what, url, script, out, env=None):
                                             capture_output=True, check=True, timeout=120)
     try:
         wait_for(port, what + " under callgrind", seconds=120)
+        if ready:
+            ready()
         load = lambda duration: subprocess.run(
             ["wrk", "-t1", f"-c{COUNTED_CONNECTIONS}", f"-d{duration}", "-s", script, url],
             capture_output=True, text=True, check=True, timeout=120).stdout
@@ -248,7 +315,8 @@ def main():
         return proc
 
     try:
-        ports = {name: free_port() for name in ["upstream", "redis", "nginx", "bare", "memory", "redis_gw"]}
+        ports = {name: free_port() for name in ["upstream", "redis", "nginx", "bare", "memory", "redis_gw",
+                                                "keys_1", "keys_100k"]}
         upstream = start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
               ports["upstream"], "the stand-in upstream")
         redis = start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -266,16 +334,31 @@ def main():
                 f.write(TOLLGATE.format(port=ports[name], backend=backend, store_url=url, upstream=ports["upstream"]))
             gateways[name] = start([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
                                    ports[name], f"tollgate ({backend})", env={**os.environ, "RUST_LOG": "warn"})
+        import hashlib
+        last_key = seed_runtime_keys(ports["redis"], "bench100k", RUNTIME_KEYS)
+        keyed = lambda port, prefix: TOLLGATE_KEYED.format(
+            port=port, backend="redis", store_url=f'url = "redis://127.0.0.1:{ports["redis"]}"',
+            upstream=ports["upstream"], key_sha256=hashlib.sha256(BENCH_KEY.encode()).hexdigest(), key_prefix=prefix)
+        for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k")]:
+            path = f"{work}/{name}.toml"
+            with open(path, "w") as f:
+                f.write(keyed(ports[name], prefix))
+            gateways[name] = start([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
+                                   ports[name], f"tollgate ({name})", env={**os.environ, "RUST_LOG": "warn"})
+        keys = {"file_key": BENCH_KEY, "last_runtime_key": last_key}
+        wait_accepted(f"http://127.0.0.1:{ports['keys_1']}/run", BENCH_KEY)
+        wait_accepted(f"http://127.0.0.1:{ports['keys_100k']}/run", last_key)
         scripts = {}
         for name, text in [("post", LUA_POST.format(org="org_bench")), ("broke", LUA_POST.format(org="org_broke")),
-                           ("chat", LUA_CHAT.format(body=chat_body()))]:
+                           ("chat", LUA_CHAT.format(body=chat_body())), ("file_key", LUA_KEYED.format(key=BENCH_KEY)),
+                           ("last_runtime_key", LUA_KEYED.format(key=last_key))]:
             scripts[name] = f"{work}/{name}.lua"
             with open(scripts[name], "w") as f:
                 f.write(text)
 
         base = lambda name: f"http://127.0.0.1:{ports[name]}"
-        pids = {"upstream": upstream.pid, "nginx": nginx.pid, "bare": bare.pid, "memory": gateways["memory"].pid,
-                "redis_gw": gateways["redis_gw"].pid}
+        pids = {"upstream": upstream.pid, "nginx": nginx.pid, "bare": bare.pid,
+                **{name: gateway.pid for name, gateway in gateways.items()}}
         cases = [
             ("1. upstream directly (ceiling)", "upstream", "/run", "post"),
             ("2. nginx proxy_pass (peer)", "nginx", "/run", "post"),
@@ -287,10 +370,15 @@ def main():
             # What hyper and tokio cost with no gateway code at all: the
             # least case 3 could cost on these crates.
             ("8. bare hyper proxy (floor of 3)", "bare", "/run", "post"),
+            # The org from a gateway API key: the one key in the file, then the
+            # last of 100,000 runtime keys in the store's catalog.
+            ("9. tollgate, fixed cost, API key (1 key), redis", "keys_1", "/run", "file_key"),
+            (f"10. tollgate, fixed cost, API key (last of {RUNTIME_KEYS:,} runtime keys), redis", "keys_100k", "/run",
+             "last_runtime_key"),
         ]
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
-        wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7,8").split(",")} | {2}
+        wanted = {int(n) for n in os.environ.get("BENCH_CASES", "1,2,3,4,5,6,7,8,9,10").split(",")} | {2}
         # Every case runs once per round, rounds one after another, and each
         # figure reported is the median over the rounds: on a shared machine
         # the same case moves by 20% from one minute to the next, and a ratio
@@ -346,14 +434,22 @@ def main():
                             .replace("[server]", "[server]\nworkers = 1"))
                 servers[name] = ([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
                                  {**os.environ, "RUST_LOG": "warn"})
+            for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k")]:
+                path = f"{work}/{name}-counted.toml"
+                with open(path, "w") as f:
+                    f.write(keyed(port, prefix).replace("[server]", "[server]\nworkers = 1"))
+                servers[name] = ([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
+                                 {**os.environ, "RUST_LOG": "warn"})
             for title, server, path, script in sorted(cases, key=lambda case: case[1] != "nginx"):
                 if server not in servers or int(title.split(".")[0]) not in wanted:
                     continue
                 command, env = servers[server]
                 # A case that cannot be counted loses its row, not the run.
                 try:
-                    count = instructions_per_request(command, port, title, f"http://127.0.0.1:{port}{path}",
-                                                     scripts[script], f"{work}/callgrind.{len(counted)}", env)
+                    url = f"http://127.0.0.1:{port}{path}"
+                    ready = (lambda: wait_accepted(url, keys[script])) if script in keys else None
+                    count = instructions_per_request(command, port, title, url, scripts[script],
+                                                     f"{work}/callgrind.{len(counted)}", env, ready)
                 except (subprocess.SubprocessError, OSError, RuntimeError, SystemExit) as error:
                     print(f"{title}: not counted under callgrind: {error!r}", file=sys.stderr)
                     continue
@@ -408,7 +504,7 @@ def main():
             ratio = f"{count / nginx_count:.2f}" if nginx_count else "–"
             lines.append(f"| {title} | {count:,.0f} | {ratio} |")
     lines += ["", "Peak RSS of tollgate over the run: " +
-              ", ".join(f"{'memory store' if k == 'memory' else 'redis store'} {v:.1f} MB" for k, v in rss.items()), ""]
+              ", ".join(f"{RSS_NAMES[k]} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(ROOT, "benches/results/latest.md"), "w") as f:
