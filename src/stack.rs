@@ -21,7 +21,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::accept::{ClientAddr, HttpService, client_body};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RateLimitHeaders};
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::meter::Meter;
@@ -128,6 +128,11 @@ impl Gateway {
 
         let mut response =
             settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
+        // The gateway's quota replaces whatever an upstream sent by these names.
+        match &admitted.rate_limit {
+            Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
+            None => RateLimitHeaders::clear(response.headers_mut()),
+        }
         if let Some(over) = admitted.over {
             response.headers_mut().insert(
                 SHADOW_EXCEEDED,
