@@ -118,10 +118,7 @@ mod tests {
         let headers = rate_limit(&limits, &cost, &counters, &period, now).unwrap();
         assert_eq!(
             texts(&headers),
-            (
-                "\"tokens\";q=100000;w=2592000",
-                "\"tokens\";r=4000;t=86400"
-            )
+            ("\"tokens\";q=100000;w=2592000", "\"tokens\";r=4000;t=86400")
         );
         assert_eq!(headers.period_ends_in, 86400);
     }

@@ -11,6 +11,7 @@ mod jwt;
 mod llm;
 mod llm_bounds;
 mod paths;
+mod ratelimit_headers;
 mod redis_gateway;
 mod store_conformance;
 mod store_outage;

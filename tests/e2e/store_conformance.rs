@@ -8,9 +8,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tollgate::org::OrgId;
 use tollgate::period::Period;
-use tollgate::quota::{
-    Amounts, Decided, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode,
-};
+use tollgate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode};
 use tollgate::store::{
     MemoryStore, QuotaStore, RedisStore, RedisTarget, ReservationId, ReserveRequest, Settlement,
     StoreError,
@@ -416,7 +414,10 @@ async fn a_reservation_reports_the_counters_it_leaves(store: &dyn QuotaStore) {
     assert!(matches!(denied.decision, Decision::Deny(_)));
     assert_eq!(denied.counters, second.counters);
     // Shadow mode applies past the limit, and says where that left them.
-    assert!(matches!(shadow.decision, Decision::Admit { over: Some(_), .. }));
+    assert!(matches!(
+        shadow.decision,
+        Decision::Admit { over: Some(_), .. }
+    ));
     assert_eq!(
         shadow.counters,
         Amounts::ZERO.with(TOKENS, 90).with(RUNS, 3)
@@ -773,7 +774,13 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
     );
     for admitted in &reserved[..2] {
         assert!(
-            matches!(admitted, Ok(Decided { decision: Decision::Admit { .. }, .. })),
+            matches!(
+                admitted,
+                Ok(Decided {
+                    decision: Decision::Admit { .. },
+                    ..
+                })
+            ),
             "{admitted:?}"
         );
     }
@@ -1018,7 +1025,13 @@ async fn a_reply_marker_tollgate_did_not_write_fails_only_its_own_reservation() 
         );
     }
     assert!(
-        matches!(admitted, Ok(Decided { decision: Decision::Admit { .. }, .. })),
+        matches!(
+            admitted,
+            Ok(Decided {
+                decision: Decision::Admit { .. },
+                ..
+            })
+        ),
         "{admitted:?}"
     );
     assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 1);
