@@ -100,14 +100,16 @@ while arg <= #ARGV do
   end
   if reply == 'E' then
     replies[#replies + 1] = 'E'
-  elseif usual and counters == 1 then
-    replies[#replies + 1] = string.format('%d', reply[5])
   elseif usual then
+    -- Numbers below 10^14 are left to table.concat, whose conversion
+    -- ('%.14g') writes them as the same digits as '%d' at less cost than
+    -- string.format; larger ones would come out in exponent form.
     local parts = {}
     for i = 1, counters do
-      parts[i] = string.format('%d', reply[3 + counters + i])
+      local after = reply[3 + counters + i]
+      parts[i] = after < 1e14 and after or string.format('%d', after)
     end
-    replies[#replies + 1] = table.concat(parts, ' ')
+    replies[#replies + 1] = counters == 1 and parts[1] or table.concat(parts, ' ')
   else
     local parts = {}
     for i, part in ipairs(reply) do
