@@ -129,7 +129,7 @@ impl Gateway {
         let mut response =
             settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
         // The gateway's quota replaces whatever an upstream sent by these names.
-        match &admitted.rate_limit {
+        match admitted.rate_limit {
             Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
             None => RateLimitHeaders::clear(response.headers_mut()),
         }

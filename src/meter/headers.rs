@@ -9,10 +9,10 @@
 //! their policy has no window (`w`) and their state no reset time (`t`),
 //! as nothing frees a seat at a time the gateway could name.
 //!
-//! Built digit by digit into one buffer each: this runs on every metered
-//! answer, and the formatting machinery would cost more than the rest.
+//! Built digit by digit into a buffer on the stack, copied once into its
+//! header value: this runs on every metered answer, and the formatting
+//! machinery, or a growing heap buffer, would cost more than the rest.
 
-use bytes::Bytes;
 use chrono::{DateTime, TimeDelta, Utc};
 use http::HeaderValue;
 
@@ -32,8 +32,7 @@ pub fn rate_limit(
 ) -> Option<RateLimitHeaders> {
     let window = (period.end - period.start).num_seconds().max(0);
     let ends_in = seconds_rounded_up(period.end - now);
-    let mut policy = Vec::with_capacity(48);
-    let mut state = Vec::with_capacity(48);
+    let (mut policy, mut state) = (Line::new(), Line::new());
     for (dimension, _) in cost.iter() {
         let Some(limit) = limits.get(dimension) else {
             continue;
@@ -53,26 +52,67 @@ pub fn rate_limit(
         return None;
     }
     Some(RateLimitHeaders {
-        policy: HeaderValue::from_maybe_shared(Bytes::from(policy)).ok()?,
-        state: HeaderValue::from_maybe_shared(Bytes::from(state)).ok()?,
+        policy: policy.value()?,
+        state: state.value()?,
         period_ends_in: u64::try_from(ends_in).unwrap_or(0),
     })
 }
 
-/// Starts a list item named `name` (a structured-field string), after a
-/// comma if one came before.
-fn item(buffer: &mut Vec<u8>, name: &str) {
-    if !buffer.is_empty() {
-        buffer.push(b',');
-    }
-    buffer.push(b'"');
-    buffer.extend_from_slice(name.as_bytes());
-    buffer.push(b'"');
+/// The most a header's text takes: three items of the longest dimension
+/// name, and numbers of 19 digits, come to well under this.
+const LINE: usize = 256;
+
+/// A header's text as it is written.
+struct Line {
+    bytes: [u8; LINE],
+    len: usize,
+    /// Set if the text did not fit: the header is not sent.
+    overflowed: bool,
 }
 
-fn number(buffer: &mut Vec<u8>, key: &[u8], value: i64) {
-    buffer.extend_from_slice(key);
-    buffer.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+impl Line {
+    fn new() -> Line {
+        Line {
+            bytes: [0; LINE],
+            len: 0,
+            overflowed: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, text: &[u8]) {
+        match self.bytes.get_mut(self.len..self.len + text.len()) {
+            Some(room) => {
+                room.copy_from_slice(text);
+                self.len += text.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        let text = self.bytes.get(..self.len).filter(|_| !self.overflowed)?;
+        HeaderValue::from_bytes(text).ok()
+    }
+}
+
+/// Starts a list item named `name` (a structured-field string), after a
+/// comma if one came before.
+fn item(line: &mut Line, name: &str) {
+    if !line.is_empty() {
+        line.push(b",");
+    }
+    line.push(b"\"");
+    line.push(name.as_bytes());
+    line.push(b"\"");
+}
+
+fn number(line: &mut Line, key: &[u8], value: i64) {
+    line.push(key);
+    line.push(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// Whole seconds in `delta`, any part of one counting as one; 0 if it is
