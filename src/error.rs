@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use crate::Body;
@@ -103,6 +104,47 @@ pub struct Denial {
     pub exceeded: Exceeded,
     pub policy: Arc<OrgPolicy>,
     pub period: Period,
+    /// The RateLimit headers of the refused cost's limited dimensions.
+    pub rate_limit: Option<RateLimitHeaders>,
+}
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The RateLimit headers of a metered answer, made by
+/// [`crate::meter::headers`]. Kept here, beside the answers they go on, so
+/// that both the 402 and the stack (on a forwarded answer) set them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    /// `RateLimit-Policy`: each limited dimension's limit and period.
+    pub policy: HeaderValue,
+    /// `RateLimit`: each limited dimension's remaining amount and the
+    /// seconds to its period's end.
+    pub state: HeaderValue,
+    /// Seconds to the end of the period, rounded up: a 402 on a period
+    /// dimension's `Retry-After`.
+    pub period_ends_in: u64,
+}
+
+impl RateLimitHeaders {
+    /// Sets both headers, replacing any an upstream sent under these names:
+    /// on a metered route the gateway's quota is the one they describe.
+    /// Moved, not cloned: a clone of a value made once costs an allocation.
+    pub fn set_on(self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_POLICY, self.policy);
+        headers.insert(RATELIMIT, self.state);
+    }
+
+    /// Removes what an upstream sent under these names, for a metered
+    /// answer whose counters the gateway does not know (mode `off`, the
+    /// store failed): a client must not read an upstream's figures as its
+    /// quota.
+    pub fn clear(headers: &mut HeaderMap) {
+        headers.remove(RATELIMIT_POLICY);
+        headers.remove(RATELIMIT);
+    }
 }
 
 impl GatewayError {
@@ -194,6 +236,7 @@ impl GatewayError {
         // request path free of panics all the same.
         let json = serde_json::to_vec(&envelope)
             .unwrap_or_else(|_| br#"{"success":false,"error":{"code":"INTERNAL_ERROR"}}"#.to_vec());
+        drop(envelope);
         let mut response = Response::new(crate::full_body(Bytes::from(json)));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -201,10 +244,34 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let GatewayError::MethodNotAllowed(allowed) = self {
-            headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
+        match self {
+            GatewayError::QuotaExceeded(denial) => denial_headers(*denial, headers),
+            // The store is usually back within a second (a restart, a
+            // failover); a client waiting longer would only wait.
+            GatewayError::StoreUnavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::MethodNotAllowed(allowed) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
+            }
+            _ => {}
         }
         response
+    }
+}
+
+/// A 402's RateLimit headers and, when a period dimension refused it,
+/// `Retry-After`: that quota comes back when the period ends. A gauge's
+/// (seats) comes back only when a seat is released, at no time the
+/// gateway can tell.
+fn denial_headers(denial: Denial, headers: &mut HeaderMap) {
+    let Some(rate_limit) = denial.rate_limit else {
+        return;
+    };
+    let period_ends_in = rate_limit.period_ends_in;
+    rate_limit.set_on(headers);
+    if !denial.exceeded.dimension.is_gauge() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(period_ends_in));
     }
 }
 
@@ -293,6 +360,7 @@ mod tests {
             },
             period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
             policy,
+            rate_limit: None,
         };
         let (status, body) = json(GatewayError::QuotaExceeded(Box::new(denial))).await;
         assert_eq!(status, StatusCode::PAYMENT_REQUIRED);

@@ -356,12 +356,18 @@ mod tests {
         let refused = |body: &str| OrgRecord::from_json(body.as_bytes()).unwrap_err();
         assert!(matches!(
             refused(r#"{"periodAnchorDay":0}"#),
-            InvalidOrg::AnchorDay(0)
+            InvalidOrg::AnchorDay(day) if day == "0"
         ));
         assert!(matches!(
             refused(r#"{"periodAnchorDay":32}"#),
-            InvalidOrg::AnchorDay(32)
+            InvalidOrg::AnchorDay(day) if day == "32"
         ));
+        assert!(matches!(
+            refused(r#"{"periodAnchorDay":5.5}"#),
+            InvalidOrg::AnchorDay(day) if day == "5.5"
+        ));
+        assert!(OrgRecord::from_json(br#"{"periodAnchorDay":5.0}"#).is_ok());
+        assert!(matches!(refused("[null]"), InvalidOrg::NotAnObject));
         assert!(matches!(
             refused(r#"{"enforcement":"loud"}"#),
             InvalidOrg::Mode(_)

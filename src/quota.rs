@@ -232,6 +232,17 @@ pub enum Decision {
     Deny(Exceeded),
 }
 
+/// A reservation's decision and the counters it leaves, as one store call
+/// answers both: what the RateLimit headers report needs no second look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decided {
+    pub decision: Decision,
+    /// The counters of the requested dimensions after the reservation:
+    /// with what was applied added when admitted, as found when denied.
+    /// Dimensions not requested are 0 (not read).
+    pub counters: Amounts,
+}
+
 /// Decides one reservation of `requested` against `limits`, given the
 /// counters' `current` values.
 ///
@@ -239,7 +250,20 @@ pub enum Decision {
 /// counter below zero, so `applied` can be smaller in magnitude than
 /// `requested`; the store records what it applied so that a refund undoes
 /// exactly that.
-pub fn decide(limits: &Limits, current: &Amounts, requested: &Amounts, mode: Mode) -> Decision {
+pub fn decide(limits: &Limits, current: &Amounts, requested: &Amounts, mode: Mode) -> Decided {
+    let decision = decision(limits, current, requested, mode);
+    let applied = match decision {
+        Decision::Admit { applied, .. } => applied,
+        Decision::Deny(_) => Amounts::ZERO,
+    };
+    let mut counters = Amounts::ZERO;
+    for (d, _) in requested.iter() {
+        counters.set(d, current.get(d).saturating_add(applied.get(d)));
+    }
+    Decided { decision, counters }
+}
+
+fn decision(limits: &Limits, current: &Amounts, requested: &Amounts, mode: Mode) -> Decision {
     let exceeded = Dimension::ALL.into_iter().find_map(|d| {
         let (want, have) = (requested.get(d), current.get(d));
         let limit = limits.get(d)?;
@@ -286,7 +310,7 @@ mod tests {
     fn admits_the_run_that_reaches_the_limit() {
         let limits = Limits::UNLIMITED.with(RUNS, 10);
         assert_eq!(
-            decide(&limits, &runs(9), &runs(1), Mode::Enforce),
+            decide(&limits, &runs(9), &runs(1), Mode::Enforce).decision,
             Decision::Admit {
                 applied: runs(1),
                 over: None
@@ -298,7 +322,7 @@ mod tests {
     fn denies_the_run_after_the_limit() {
         let limits = Limits::UNLIMITED.with(RUNS, 10);
         assert_eq!(
-            decide(&limits, &runs(10), &runs(1), Mode::Enforce),
+            decide(&limits, &runs(10), &runs(1), Mode::Enforce).decision,
             Decision::Deny(Exceeded {
                 dimension: RUNS,
                 current: 10,
@@ -315,7 +339,8 @@ mod tests {
             &runs(i64::MAX - 1),
             &runs(5),
             Mode::Enforce,
-        );
+        )
+        .decision;
         assert!(matches!(decision, Decision::Admit { over: None, .. }));
     }
 
@@ -326,7 +351,7 @@ mod tests {
             .with(RUNS, 10);
         let current = Amounts::ZERO.with(Dimension::Tokens, 95);
         let requested = Amounts::ZERO.with(Dimension::Tokens, 10).with(RUNS, 1);
-        let decision = decide(&limits, &current, &requested, Mode::Enforce);
+        let decision = decide(&limits, &current, &requested, Mode::Enforce).decision;
         assert_eq!(
             decision,
             Decision::Deny(Exceeded {
@@ -341,7 +366,7 @@ mod tests {
     #[test]
     fn shadow_mode_admits_and_names_the_quota_it_would_have_denied() {
         let limits = Limits::UNLIMITED.with(RUNS, 10);
-        let decision = decide(&limits, &runs(10), &runs(1), Mode::Shadow);
+        let decision = decide(&limits, &runs(10), &runs(1), Mode::Shadow).decision;
         assert_eq!(
             decision,
             Decision::Admit {
@@ -361,14 +386,14 @@ mod tests {
         let seats = |n| Amounts::ZERO.with(Dimension::Seats, n);
         let limits = Limits::UNLIMITED.with(Dimension::Seats, 3);
         assert_eq!(
-            decide(&limits, &seats(5), &seats(-1), Mode::Enforce),
+            decide(&limits, &seats(5), &seats(-1), Mode::Enforce).decision,
             Decision::Admit {
                 applied: seats(-1),
                 over: None
             }
         );
         assert_eq!(
-            decide(&limits, &seats(0), &seats(-1), Mode::Enforce),
+            decide(&limits, &seats(0), &seats(-1), Mode::Enforce).decision,
             Decision::Admit {
                 applied: seats(0),
                 over: None
@@ -381,7 +406,7 @@ mod tests {
         let limits = Limits::UNLIMITED.with(Dimension::Tokens, 0);
         let requested = Amounts::ZERO.with(Dimension::Tokens, 1);
         assert!(matches!(
-            decide(&limits, &Amounts::ZERO, &requested, Mode::Enforce),
+            decide(&limits, &Amounts::ZERO, &requested, Mode::Enforce).decision,
             Decision::Deny(_)
         ));
     }
@@ -418,5 +443,42 @@ mod tests {
         assert_eq!(merged.get(Dimension::Tokens), Some(99));
         assert_eq!(merged.get(RUNS), Some(5));
         assert_eq!(merged.get(Dimension::Seats), None);
+    }
+
+    #[test]
+    fn an_admission_reports_the_counters_with_the_cost_applied() {
+        let limits = Limits::UNLIMITED.with(Dimension::Tokens, 100);
+        let current = Amounts::ZERO
+            .with(Dimension::Tokens, 40)
+            .with(RUNS, 7)
+            .with(Dimension::Seats, 2);
+        let requested = Amounts::ZERO.with(Dimension::Tokens, 10).with(RUNS, 1);
+        let decided = decide(&limits, &current, &requested, Mode::Enforce);
+        assert_eq!(
+            decided.counters,
+            Amounts::ZERO.with(Dimension::Tokens, 50).with(RUNS, 8)
+        );
+    }
+
+    #[test]
+    fn a_denial_reports_the_counters_as_found() {
+        let limits = Limits::UNLIMITED.with(RUNS, 10);
+        let decided = decide(&limits, &runs(10), &runs(1), Mode::Enforce);
+        assert!(matches!(decided.decision, Decision::Deny(_)));
+        assert_eq!(decided.counters, runs(10));
+    }
+
+    #[test]
+    fn a_shadow_admission_reports_the_counters_past_the_limit() {
+        let limits = Limits::UNLIMITED.with(RUNS, 10);
+        let decided = decide(&limits, &runs(10), &runs(1), Mode::Shadow);
+        assert_eq!(decided.counters, runs(11));
+    }
+
+    #[test]
+    fn a_release_at_zero_reports_the_counter_at_zero() {
+        let seats = |n| Amounts::ZERO.with(Dimension::Seats, n);
+        let decided = decide(&Limits::UNLIMITED, &seats(0), &seats(-1), Mode::Enforce);
+        assert_eq!(decided.counters, seats(0));
     }
 }

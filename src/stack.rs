@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 
 use crate::accept::{ClientAddr, HttpService, client_body};
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RateLimitHeaders};
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::live::Live;
@@ -185,6 +185,11 @@ impl Gateway {
 
         let mut response =
             settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
+        // The gateway's quota replaces whatever an upstream sent by these names.
+        match admitted.rate_limit {
+            Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
+            None => RateLimitHeaders::clear(response.headers_mut()),
+        }
         if let Some(over) = admitted.over {
             response.headers_mut().insert(
                 SHADOW_EXCEEDED,

@@ -1,11 +1,12 @@
 //! Any text as a reserve or settle script's reply: read without panic, and
-//! whatever is taken holds no amount beyond what the store may hold.
+//! whatever is taken holds no amount beyond what the store may hold, and
+//! counters only of the dimensions the cost names.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tollgate::org::OrgId;
 use tollgate::period::Period;
-use tollgate::quota::{Amounts, Decision, Dimension, Limits, MAX_AMOUNT, Mode};
+use tollgate::quota::{Amounts, Decided, Decision, Dimension, Limits, MAX_AMOUNT, Mode};
 use tollgate::store::redis_reply;
 use tollgate::store::{ReservationId, ReserveRequest, Settlement};
 
@@ -27,10 +28,14 @@ fuzz_target!(|input: (u8, &str)| {
     };
     if let Ok(decisions) = redis_reply::reserve(text, &vec![request; count]) {
         assert_eq!(decisions.len(), count);
-        for decision in decisions.into_iter().flatten() {
+        for Decided { decision, counters } in decisions.into_iter().flatten() {
             if let Decision::Admit { applied, .. } = decision {
                 assert!(applied.iter().all(|(_, amount)| amount.abs() <= MAX_AMOUNT));
             }
+            // Counters only of the cost's dimensions, within what a counter holds.
+            assert!(counters.iter().all(|(d, amount)| {
+                cost.get(d) != 0 && amount.abs() <= MAX_AMOUNT
+            }));
         }
     }
     let settlement = Settlement::new(ReservationId::next(), org, period, cost);

@@ -5,7 +5,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -179,14 +178,16 @@ async fn check(app: &App, asked: CheckRequest) -> Result<Response<Body>, Gateway
     let decision = match policy.mode {
         // Nothing is counted, so nothing is refused.
         Mode::Off => None,
-        mode => Some(quota::decide(&policy.limits, &used, &cost, mode)),
+        mode => Some(quota::decide(&policy.limits, &used, &cost, mode).decision),
     };
     let answer = match decision {
         Some(Decision::Deny(exceeded)) => {
+            // A dry run answers in JSON alone: no headers.
             let denial = Denial {
                 exceeded,
                 policy,
                 period,
+                rate_limit: None,
             };
             let refused = GatewayError::QuotaExceeded(Box::new(denial));
             json!({"allowed": false, "error": refused.error_object()})

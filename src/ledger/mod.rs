@@ -28,10 +28,10 @@ use self::outbox::{ChargeKey, GiveUp};
 use crate::metrics::Metrics;
 use crate::org::OrgId;
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, MAX_AMOUNT};
+use crate::quota::{Amounts, Decided, Decision, Dimension, MAX_AMOUNT};
 use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
 
-type StoreCall = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
+type StoreCall = Pin<Box<dyn Future<Output = Result<Decided, StoreError>> + Send>>;
 
 /// Where reservations are kept and settled: the store, how long one call to
 /// it may take, the metrics, the settlements still running in the
@@ -105,8 +105,9 @@ impl PendingReservation {
         }
     }
 
-    /// The store's decision, or [`StoreError::Timeout`] after the store timeout.
-    pub async fn decision(&mut self) -> Result<Decision, StoreError> {
+    /// The store's decision, with the counters it left, or
+    /// [`StoreError::Timeout`] after the store timeout.
+    pub async fn decision(&mut self) -> Result<Decided, StoreError> {
         let Some(call) = self.call.as_mut() else {
             return Err(StoreError::Backend(
                 "the reservation was already decided".into(),
@@ -117,6 +118,11 @@ impl PendingReservation {
             .map_err(|_| StoreError::Timeout)?;
         self.call = None;
         decided
+    }
+
+    /// The amounts asked for.
+    pub fn cost(&self) -> Amounts {
+        self.cost
     }
 
     /// The admitted reservation, holding what the store `applied`.
@@ -156,7 +162,11 @@ impl Drop for PendingReservation {
         let ticket = self.ticket.clone();
         let settling = ticket.ledger.settling.clone();
         settling.spawn_on(async move {
-            if let Ok(Decision::Admit { applied, .. }) = call.await {
+            if let Ok(Decided {
+                decision: Decision::Admit { applied, .. },
+                ..
+            }) = call.await
+            {
                 tracing::debug!(org = %ticket.org, reservation = %ticket.id, "refunding a reservation applied after its request stopped waiting");
                 ticket.admitted(applied, None).refund();
             }

@@ -537,7 +537,7 @@ mod tests {
     use super::*;
     use crate::org::OrgId;
     use crate::period::Period;
-    use crate::quota::{Amounts, Decision};
+    use crate::quota::{Amounts, Decided};
     use crate::store::{
         CatalogWrite, KeyRecord, MemoryStore, ReservationId, ReserveRequest, StoredCatalog,
     };
@@ -556,7 +556,7 @@ mod tests {
 
     #[async_trait]
     impl QuotaStore for Flaky {
-        async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
+        async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
             self.store.reserve(request).await
         }
 

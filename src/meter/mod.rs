@@ -5,7 +5,11 @@
 //! estimate routes, the token estimate of the body ([`crate::llm`]), and one
 //! atomic reservation covers every dimension of it. An estimate route's
 //! `completion_bound` may write the bound into the body before it goes on,
-//! and lower it (`fit`) to what the org has left.
+//! and lower it (`fit`) to what the org has left. The store's answer also
+//! gives the counters the reservation left, from which [`headers`] makes
+//! the answer's RateLimit headers.
+
+pub mod headers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +25,7 @@ use http::HeaderValue;
 
 use crate::accept::ClientFault;
 use crate::catalog::Catalog;
-use crate::error::{Denial, GatewayError};
+use crate::error::{Denial, GatewayError, RateLimitHeaders};
 use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
@@ -29,7 +33,7 @@ use crate::llm::{Api, CompletionBound, Reading};
 use crate::metrics::Metrics;
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
+use crate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Mode};
 use crate::route::{Cost, Route};
 use crate::store::{OnStoreError, ReservationId, ReserveRequest, StoreError};
 use crate::{Body, BoxError, full_body};
@@ -59,6 +63,10 @@ pub struct Admitted {
     pub over: Option<Exceeded>,
     /// Estimate routes: how to read the response for the usage to reconcile.
     pub reading: Option<Reading>,
+    /// The RateLimit headers for the answer; `None` when no counters are
+    /// known (with `reservation` `None`, or deferred) or no dimension of
+    /// the cost has a limit.
+    pub rate_limit: Option<RateLimitHeaders>,
 }
 
 impl Admitted {
@@ -69,6 +77,7 @@ impl Admitted {
             reservation: None,
             over: None,
             reading: None,
+            rate_limit: None,
         }
     }
 }
@@ -79,12 +88,19 @@ struct Charge<'a> {
     org: OrgId,
     policy: Arc<OrgPolicy>,
     period: Period,
+    /// The meter's clock when the request was priced: the period's and
+    /// the RateLimit headers' "now".
+    now: DateTime<Utc>,
 }
 
 /// Gives back what a reservation took, for a request that cannot go on
 /// after all.
-fn give_back(pending: PendingReservation, decided: Result<Decision, StoreError>) {
-    if let Ok(Decision::Admit { applied, .. }) = decided {
+fn give_back(pending: PendingReservation, decided: Result<Decided, StoreError>) {
+    if let Ok(Decided {
+        decision: Decision::Admit { applied, .. },
+        ..
+    }) = decided
+    {
         pending.admitted(applied).refund();
     }
 }
@@ -110,11 +126,13 @@ impl Meter {
                 self.ledger.metrics.client_body_failed(ClientFault::Late);
                 GatewayError::from(ClientFault::Late)
             })??;
+        let now = (self.clock)();
         let charge = Charge {
             route,
             org,
-            period: policy.period((self.clock)()),
+            period: policy.period(now),
             policy,
+            now,
         };
         if cost.estimate_tokens {
             return self.admit_estimated(charge, cost, head, body).await;
@@ -151,7 +169,10 @@ impl Meter {
                 CompletionBound::Fit {
                     min_completion_tokens,
                 },
-                Ok(Decision::Deny(refused)),
+                Ok(Decided {
+                    decision: Decision::Deny(refused),
+                    ..
+                }),
             ) if api.bound_field().is_some() => {
                 let refused = *refused;
                 match self
@@ -205,7 +226,7 @@ impl Meter {
         charge: &Charge<'_>,
         cost: &Cost,
         estimate: &Estimate,
-    ) -> (PendingReservation, Result<Decision, StoreError>) {
+    ) -> (PendingReservation, Result<Decided, StoreError>) {
         let tokens = cost
             .fixed
             .get(Dimension::Tokens)
@@ -227,7 +248,7 @@ impl Meter {
         estimate: &mut Estimate,
         min_completion_tokens: i64,
         mut refused: Exceeded,
-    ) -> Option<(PendingReservation, Result<Decision, StoreError>)> {
+    ) -> Option<(PendingReservation, Result<Decided, StoreError>)> {
         let fixed_tokens = cost.fixed.get(Dimension::Tokens);
         let mut last = None;
         for _ in 0..FIT_ATTEMPTS {
@@ -239,7 +260,10 @@ impl Meter {
             estimate.completion_bound = bound;
             let (pending, decided) = self.reserve_estimate(charge, cost, estimate).await;
             let again = match &decided {
-                Ok(Decision::Deny(exceeded)) => Some(*exceeded),
+                Ok(Decided {
+                    decision: Decision::Deny(exceeded),
+                    ..
+                }) => Some(*exceeded),
                 _ => None,
             };
             last = Some((pending, decided));
@@ -256,7 +280,7 @@ impl Meter {
         &self,
         charge: &Charge<'_>,
         amounts: Amounts,
-    ) -> (PendingReservation, Result<Decision, StoreError>) {
+    ) -> (PendingReservation, Result<Decided, StoreError>) {
         let reserve = ReserveRequest {
             id: ReservationId::next(),
             org: charge.org.clone(),
@@ -276,30 +300,44 @@ impl Meter {
         charge: &Charge<'_>,
         request: Request<Body>,
         pending: PendingReservation,
-        decided: Result<Decision, StoreError>,
+        decided: Result<Decided, StoreError>,
         reading: Option<Reading>,
     ) -> Result<Admitted, GatewayError> {
         let Charge { route, org, .. } = charge;
+        let cost = pending.cost();
+        let rate_limit = |counters: &Amounts| {
+            let limits = &charge.policy.limits;
+            headers::rate_limit(limits, &cost, counters, &charge.period, charge.now)
+        };
         match decided {
-            Ok(Decision::Admit { applied, over }) => {
+            Ok(Decided {
+                decision: Decision::Admit { applied, over },
+                counters,
+            }) => {
                 if let Some(over) = over {
                     Metrics::count(&self.ledger.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
+                let rate_limit = rate_limit(&counters);
                 Ok(Admitted {
                     request,
                     reservation: Some(pending.admitted(applied)),
                     over,
                     reading,
+                    rate_limit,
                 })
             }
-            Ok(Decision::Deny(exceeded)) => {
+            Ok(Decided {
+                decision: Decision::Deny(exceeded),
+                counters,
+            }) => {
                 Metrics::count(&self.ledger.metrics.quota_denials);
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
                     exceeded,
                     policy: charge.policy.clone(),
                     period: charge.period,
+                    rate_limit: rate_limit(&counters),
                 })))
             }
             Err(error) => {
@@ -338,6 +376,7 @@ impl Meter {
             reservation: Some(reservation),
             over: None,
             reading,
+            rate_limit: None,
         })
     }
 

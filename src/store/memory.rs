@@ -14,7 +14,7 @@ use super::{
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, decide};
+use crate::quota::{Amounts, Decided, Decision, Dimension, decide};
 
 /// How long a settled reservation id is remembered, so that a repeated
 /// settlement is recognised. Not sized from `store.settle_retry_for`: a
@@ -113,15 +113,15 @@ impl MemoryStore {
 
 #[async_trait]
 impl QuotaStore for MemoryStore {
-    async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
         let mut state = self.state()?;
         state.sweep(&request.period);
         let current = state.read(&request.org, &request.period);
-        let decision = decide(&request.limits, &current, &request.cost, request.mode);
-        if let Decision::Admit { applied, .. } = &decision {
+        let decided = decide(&request.limits, &current, &request.cost, request.mode);
+        if let Decision::Admit { applied, .. } = &decided.decision {
             state.add(&request.org, &request.period, applied);
         }
-        Ok(decision)
+        Ok(decided)
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, Limits, Mode};
+use crate::quota::{Amounts, Decided, Dimension, Limits, Mode};
 
 /// What a metered request gets when the store cannot answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +196,9 @@ pub enum CatalogNotice {
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {
     /// Checks and applies `request.cost` atomically: all of it or none.
-    async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError>;
+    /// The answer carries the counters of the cost's dimensions after the
+    /// call, from the same atomic step (see [`Decided`]).
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError>;
 
     /// Applies a settlement's correction, once: repeating the same
     /// settlement (a clone of it, as a retry sends) changes nothing, and

@@ -63,7 +63,7 @@ use super::{
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
-use crate::quota::{Amounts, Decision, Dimension, Mode};
+use crate::quota::{Amounts, Decided, Dimension, Mode};
 
 /// How long a period's counters outlive it, so last period's usage can still
 /// be read during the whole next one.
@@ -140,7 +140,7 @@ pub struct RedisStore {
 }
 
 struct Queues {
-    reservations: mpsc::UnboundedSender<Queued<ReserveRequest, Decision>>,
+    reservations: mpsc::UnboundedSender<Queued<ReserveRequest, Decided>>,
     settlements: mpsc::UnboundedSender<Queued<Settlement, ()>>,
 }
 
@@ -452,7 +452,7 @@ impl Redis {
     async fn reserve_all(
         self,
         requests: Vec<ReserveRequest>,
-    ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
         let sequence = self
             .calls
             .as_ref()
@@ -516,7 +516,7 @@ impl Redis {
         sequence: u64,
         requests: &[ReserveRequest],
         lost: RedisError,
-    ) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
         let Some(calls) = &self.calls else {
             return Err(backend(lost));
         };
@@ -652,7 +652,7 @@ fn gauge_flag(dimension: Dimension) -> &'static str {
 
 #[async_trait]
 impl QuotaStore for RedisStore {
-    async fn reserve(&self, request: &ReserveRequest) -> Result<Decision, StoreError> {
+    async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
         self.call(|queues| &queues.reservations, request, Redis::reserve_all)
             .await
     }

@@ -13,6 +13,7 @@ mod jwt;
 mod llm;
 mod llm_bounds;
 mod paths;
+mod ratelimit_headers;
 mod redis_gateway;
 mod reload;
 mod runtime_orgs;

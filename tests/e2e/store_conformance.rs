@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tollgate::org::{OrgId, OrgRecord};
 use tollgate::period::Period;
-use tollgate::quota::{Amounts, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode};
+use tollgate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Limits, MAX_AMOUNT, Mode};
 use tollgate::store::{
     CatalogChange, CatalogNotice, KeyRecord, MemoryStore, QuotaStore, RedisStore, RedisTarget,
     ReservationId, ReserveRequest, Settlement, StoreError,
@@ -67,6 +67,19 @@ async fn reserve(
     cost: Amounts,
     mode: Mode,
 ) -> (ReservationId, Decision) {
+    let (id, decided) = reserve_decided(store, org, period, limits, cost, mode).await;
+    (id, decided.decision)
+}
+
+/// [`reserve`], with the counters the reservation left.
+async fn reserve_decided(
+    store: &dyn QuotaStore,
+    org: &OrgId,
+    period: Period,
+    limits: Limits,
+    cost: Amounts,
+    mode: Mode,
+) -> (ReservationId, Decided) {
     let id = ReservationId::next();
     let request = ReserveRequest {
         id,
@@ -439,6 +452,66 @@ async fn a_change_is_noticed_with_its_version_and_record(store: &dyn QuotaStore,
     );
 }
 
+async fn a_reservation_reports_the_counters_it_leaves(store: &dyn QuotaStore) {
+    let org = &org("org_counters");
+    let limits = Limits::UNLIMITED.with(TOKENS, 100).with(RUNS, 2);
+    let both = Amounts::ZERO.with(TOKENS, 30).with(RUNS, 1);
+    let counters = |mode, cost| async move {
+        reserve_decided(store, org, this_period(), limits, cost, mode)
+            .await
+            .1
+    };
+    store.set_usage(org, this_period(), SEATS, 4).await.unwrap();
+
+    let first = counters(Mode::Enforce, both).await;
+    let second = counters(Mode::Enforce, both).await;
+    let denied = counters(Mode::Enforce, both).await;
+    let shadow = counters(Mode::Shadow, both).await;
+    let seat = counters(Mode::Enforce, Amounts::ZERO.with(SEATS, 1)).await;
+
+    // After applying when admitted; only the cost's dimensions.
+    assert_eq!(first.counters, both);
+    assert_eq!(
+        second.counters,
+        Amounts::ZERO.with(TOKENS, 60).with(RUNS, 2)
+    );
+    // As found when denied.
+    assert!(matches!(denied.decision, Decision::Deny(_)));
+    assert_eq!(denied.counters, second.counters);
+    // Shadow mode applies past the limit, and says where that left them.
+    assert!(matches!(
+        shadow.decision,
+        Decision::Admit { over: Some(_), .. }
+    ));
+    assert_eq!(
+        shadow.counters,
+        Amounts::ZERO.with(TOKENS, 90).with(RUNS, 3)
+    );
+    // A gauge reports its value, whatever the period.
+    assert_eq!(seat.counters, Amounts::ZERO.with(SEATS, 5));
+    assert_eq!(
+        store.usage(org, this_period()).await.unwrap(),
+        Amounts::ZERO.with(TOKENS, 90).with(RUNS, 3).with(SEATS, 5)
+    );
+}
+
+async fn a_release_reports_the_gauge_it_leaves(store: &dyn QuotaStore) {
+    let org = org("org_released");
+    let limits = Limits::UNLIMITED.with(SEATS, 3);
+    let release = Amounts::ZERO.with(SEATS, -1);
+    store
+        .set_usage(&org, this_period(), SEATS, 1)
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    for _ in 0..2 {
+        let (_, decided) =
+            reserve_decided(store, &org, this_period(), limits, release, Mode::Enforce).await;
+        left.push(decided.counters.get(SEATS));
+    }
+    assert_eq!(left, [0, 0]);
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -480,6 +553,17 @@ macro_rules! conformance {
             async fn applies_past_the_limit_in_shadow_mode_and_says_so() {
                 shadow_mode_applies_past_the_limit_and_says_so(&*Backend::$backend().await.store)
                     .await;
+            }
+
+            #[tokio::test]
+            async fn reports_the_counters_a_reservation_leaves() {
+                a_reservation_reports_the_counters_it_leaves(&*Backend::$backend().await.store)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn reports_a_released_gauge_at_zero_at_the_least() {
+                a_release_reports_the_gauge_it_leaves(&*Backend::$backend().await.store).await;
             }
 
             #[tokio::test]
@@ -583,7 +667,7 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
     let org = org("org_batched");
     let limits = Limits::UNLIMITED.with(TOKENS, 1000);
     let reserved = join_all((0..200).map(|_| {
-        reserve(
+        reserve_decided(
             &*store,
             &org,
             this_period(),
@@ -596,18 +680,27 @@ async fn reservations_and_settlements_arriving_together_share_script_calls_and_s
 
     let admitted: Vec<ReservationId> = reserved
         .iter()
-        .filter(|(_, d)| matches!(d, Decision::Admit { .. }))
+        .filter(|(_, d)| matches!(d.decision, Decision::Admit { .. }))
         .map(|(id, _)| *id)
         .collect();
     assert_eq!(admitted.len(), 100);
-    for (_, decision) in &reserved {
-        if let Decision::Deny(denied) = decision {
+    for (_, decided) in &reserved {
+        if let Decision::Deny(denied) = decided.decision {
             assert_eq!(
                 (denied.current, denied.limit, denied.requested),
                 (1000, 1000, 10)
             );
+            assert_eq!(decided.counters.get(TOKENS), 1000);
         }
     }
+    // Each admission in a shared call sees the counter as it left it.
+    let mut after: Vec<i64> = reserved
+        .iter()
+        .filter(|(_, d)| matches!(d.decision, Decision::Admit { .. }))
+        .map(|(_, d)| d.counters.get(TOKENS))
+        .collect();
+    after.sort_unstable();
+    assert_eq!(after, (1..=100).map(|n| n * 10).collect::<Vec<_>>());
     assert_eq!(
         store.usage(&org, this_period()).await.unwrap().get(TOKENS),
         1000
@@ -762,8 +855,18 @@ async fn a_key_tollgate_did_not_write_fails_only_the_calls_of_its_own_org() {
         (1, 1),
         "each burst is one script call"
     );
-    assert!(matches!(reserved[0], Ok(Decision::Admit { .. })));
-    assert!(matches!(reserved[1], Ok(Decision::Admit { .. })));
+    for admitted in &reserved[..2] {
+        assert!(
+            matches!(
+                admitted,
+                Ok(Decided {
+                    decision: Decision::Admit { .. },
+                    ..
+                })
+            ),
+            "{admitted:?}"
+        );
+    }
     assert!(settled[0].is_ok());
     assert!(matches!(&settled[1], Err(StoreError::DamagedKey(o)) if *o == marked));
     for (i, org) in damaged.iter().enumerate() {
@@ -881,21 +984,26 @@ async fn a_reservation_whose_reply_is_lost_is_asked_about_and_its_decision_learn
 
     proxy.cut_next(Cut::Reply);
     let limits = Limits::UNLIMITED.with(TOKENS, 100);
-    let decision = enforce(
+    let (_, decided) = reserve_decided(
         &store,
         &org,
         this_period(),
         limits,
         Amounts::ZERO.with(TOKENS, 7),
+        Mode::Enforce,
     )
     .await;
 
     assert!(proxy.cut_made());
     assert_eq!(
-        decision,
-        Decision::Admit {
-            applied: Amounts::ZERO.with(TOKENS, 7),
-            over: None
+        decided,
+        Decided {
+            decision: Decision::Admit {
+                applied: Amounts::ZERO.with(TOKENS, 7),
+                over: None
+            },
+            // The recorded reply carries the counters too.
+            counters: Amounts::ZERO.with(TOKENS, 12),
         }
     );
     assert_eq!(tokens_of(&store, &org).await, 12);
@@ -950,14 +1058,17 @@ async fn a_reservation_the_cluster_client_resends_is_applied_once() {
 
     assert_eq!(
         first,
-        Decision::Admit {
-            applied: Amounts::ZERO.with(RUNS, 1),
-            over: None
+        Decided {
+            decision: Decision::Admit {
+                applied: Amounts::ZERO.with(RUNS, 1),
+                over: None
+            },
+            counters: Amounts::ZERO.with(RUNS, 1),
         }
     );
     assert_eq!(
         resent, first,
-        "a resent call must get the first reply, not a denial"
+        "a resent call must get the first reply, counters and all, not a denial"
     );
     assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 1);
 }
@@ -997,7 +1108,13 @@ async fn a_reply_marker_tollgate_did_not_write_fails_only_its_own_reservation() 
         );
     }
     assert!(
-        matches!(admitted, Ok(Decision::Admit { .. })),
+        matches!(
+            admitted,
+            Ok(Decided {
+                decision: Decision::Admit { .. },
+                ..
+            })
+        ),
         "{admitted:?}"
     );
     assert_eq!(store.usage(&org, this_period()).await.unwrap().get(RUNS), 1);

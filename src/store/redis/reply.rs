@@ -5,14 +5,14 @@
 //! for that item alone.
 
 use super::super::{ReserveRequest, Settlement, StoreError};
-use crate::quota::{Amounts, Decision, Dimension, Exceeded, MAX_AMOUNT};
+use crate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, MAX_AMOUNT};
 
-/// The decision for each of `requests` in the reserve script's reply
-/// `text` (see reserve.lua).
+/// The decision for each of `requests`, with the counters it left, in the
+/// reserve script's reply `text` (see reserve.lua).
 pub fn reserve(
     text: &str,
     requests: &[ReserveRequest],
-) -> Result<Vec<Result<Decision, StoreError>>, StoreError> {
+) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
     let unexpected = || {
         StoreError::Backend(format!(
             "unexpected reply from the reserve script: {text:?}"
@@ -23,10 +23,6 @@ pub fn reserve(
     for request in requests {
         let part = parts.next().ok_or_else(unexpected)?;
         decisions.push(match part {
-            "1" => Ok(Decision::Admit {
-                applied: request.cost,
-                over: None,
-            }),
             "E" => Err(StoreError::DamagedKey(request.org.clone())),
             _ => Ok(reserve_outcome(part, request).ok_or_else(unexpected)?),
         });
@@ -37,23 +33,48 @@ pub fn reserve(
     Ok(decisions)
 }
 
-/// One reservation's reply other than `1` and `E`: admitted (1 or 0), the
-/// index of its first exceeded counter or 0, that counter's value, then the
-/// amount applied to each counter of its cost. `None` if it is not that.
-fn reserve_outcome(part: &str, request: &ReserveRequest) -> Option<Decision> {
-    let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
-    let reply = part
-        .split(' ')
-        .map(str::parse)
-        .collect::<Result<Vec<i64>, _>>()
-        .ok()?;
-    let (&[admitted, exceeded_at, current], applied) = reply.split_first_chunk::<3>()?;
-    if applied.len() != cost.len()
-        || !(0..=1).contains(&admitted)
-        || applied.iter().any(|amount| amount.abs() > MAX_AMOUNT)
-    {
+/// The most counters a reservation has: one per dimension.
+const MOST_COUNTERS: usize = Dimension::ALL.len();
+
+/// One reservation's reply other than `E`: either the usual one, each
+/// counter's value after it, or admitted (1 or 0), the index of its first
+/// exceeded counter or 0, that counter's value, the amount applied to each
+/// counter of its cost, then each counter's value after it. `None` if it is
+/// neither.
+fn reserve_outcome(part: &str, request: &ReserveRequest) -> Option<Decided> {
+    let mut cost = [(Dimension::Tokens, 0); MOST_COUNTERS];
+    let mut n = 0;
+    for entry in request.cost.iter() {
+        cost[n] = entry;
+        n += 1;
+    }
+    let cost = &cost[..n];
+    let mut reply = [0i64; 3 + 2 * MOST_COUNTERS];
+    let mut length = 0;
+    if !part.is_empty() {
+        for number in part.split(' ') {
+            *reply.get_mut(length)? = number.parse().ok()?;
+            length += 1;
+        }
+    }
+    let reply = &reply[..length];
+    if reply.iter().any(|amount| amount.abs() > MAX_AMOUNT) {
         return None;
     }
+    if length == n {
+        return Some(Decided {
+            decision: Decision::Admit {
+                applied: request.cost,
+                over: None,
+            },
+            counters: amounts(cost, reply),
+        });
+    }
+    let (&[admitted, exceeded_at, current], rest) = reply.split_first_chunk::<3>()?;
+    if rest.len() != 2 * n || !(0..=1).contains(&admitted) {
+        return None;
+    }
+    let (applied, after) = rest.split_at(n);
     let exceeded = match usize::try_from(exceeded_at).ok()? {
         0 => None,
         position => {
@@ -66,17 +87,27 @@ fn reserve_outcome(part: &str, request: &ReserveRequest) -> Option<Decision> {
             })
         }
     };
-    if admitted == 0 {
-        return exceeded.map(Decision::Deny);
-    }
-    let mut amounts = Amounts::ZERO;
-    for (&(dimension, _), &amount) in cost.iter().zip(applied) {
-        amounts.set(dimension, amount);
-    }
-    Some(Decision::Admit {
-        applied: amounts,
-        over: exceeded,
+    let decision = if admitted == 0 {
+        Decision::Deny(exceeded?)
+    } else {
+        Decision::Admit {
+            applied: amounts(cost, applied),
+            over: exceeded,
+        }
+    };
+    Some(Decided {
+        decision,
+        counters: amounts(cost, after),
     })
+}
+
+/// `values`, one per dimension of `cost`, as amounts.
+fn amounts(cost: &[(Dimension, i64)], values: &[i64]) -> Amounts {
+    let mut amounts = Amounts::ZERO;
+    for (&(dimension, _), &value) in cost.iter().zip(values) {
+        amounts.set(dimension, value);
+    }
+    amounts
 }
 
 /// Whether each of `settlements` is settled, from the settle script's
@@ -134,33 +165,48 @@ mod tests {
     const RUNS: Dimension = Dimension::PlaybookRuns;
 
     #[test]
-    fn the_usual_reply_admits_every_cost_as_asked() {
+    fn the_usual_reply_admits_every_cost_as_asked_and_gives_the_counters() {
         let cost = Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1);
-        let decisions = reserve("1;1", &vec![request(cost, Limits::UNLIMITED); 2]).unwrap();
-        for decision in decisions {
-            assert_eq!(
-                decision.unwrap(),
-                Decision::Admit {
-                    applied: cost,
-                    over: None
-                }
-            );
-        }
+        let decisions = reserve("10 1;20 2", &vec![request(cost, Limits::UNLIMITED); 2]).unwrap();
+        let counters: Vec<Amounts> = decisions
+            .into_iter()
+            .map(|decided| {
+                let decided = decided.unwrap();
+                assert_eq!(
+                    decided.decision,
+                    Decision::Admit {
+                        applied: cost,
+                        over: None
+                    }
+                );
+                decided.counters
+            })
+            .collect();
+        assert_eq!(
+            counters,
+            [
+                Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1),
+                Amounts::ZERO.with(TOKENS, 20).with(RUNS, 2)
+            ]
+        );
     }
 
     #[test]
     fn a_refusal_names_the_counter_its_value_and_its_limit() {
         let cost = Amounts::ZERO.with(TOKENS, 10).with(RUNS, 1);
         let limits = Limits::UNLIMITED.with(RUNS, 3);
-        let decisions = reserve("0 2 3 0 0", &[request(cost, limits)]).unwrap();
+        let decisions = reserve("0 2 3 0 0 500 3", &[request(cost, limits)]).unwrap();
         assert_eq!(
             decisions[0].as_ref().unwrap(),
-            &Decision::Deny(Exceeded {
-                dimension: RUNS,
-                current: 3,
-                limit: 3,
-                requested: 1
-            })
+            &Decided {
+                decision: Decision::Deny(Exceeded {
+                    dimension: RUNS,
+                    current: 3,
+                    limit: 3,
+                    requested: 1
+                }),
+                counters: Amounts::ZERO.with(TOKENS, 500).with(RUNS, 3),
+            }
         );
     }
 
@@ -169,10 +215,10 @@ mod tests {
         // A seat released at zero applies nothing.
         let cost = Amounts::ZERO.with(Dimension::Seats, -1);
         let limits = Limits::UNLIMITED.with(Dimension::Seats, 3);
-        let decision = reserve("1 0 0 0", &[request(cost, limits)]).unwrap();
+        let decision = reserve("1 0 0 0 0", &[request(cost, limits)]).unwrap();
         assert_eq!(
-            decision[0].as_ref().unwrap(),
-            &Decision::Admit {
+            decision[0].as_ref().unwrap().decision,
+            Decision::Admit {
                 applied: Amounts::ZERO,
                 over: None
             }
@@ -183,17 +229,20 @@ mod tests {
     fn a_shadow_admission_reports_the_limit_it_passed() {
         let cost = Amounts::ZERO.with(TOKENS, 10);
         let limits = Limits::UNLIMITED.with(TOKENS, 5);
-        let decision = reserve("1 1 0 10", &[request(cost, limits)]).unwrap();
+        let decision = reserve("1 1 0 10 10", &[request(cost, limits)]).unwrap();
         assert_eq!(
             decision[0].as_ref().unwrap(),
-            &Decision::Admit {
-                applied: cost,
-                over: Some(Exceeded {
-                    dimension: TOKENS,
-                    current: 0,
-                    limit: 5,
-                    requested: 10
-                })
+            &Decided {
+                decision: Decision::Admit {
+                    applied: cost,
+                    over: Some(Exceeded {
+                        dimension: TOKENS,
+                        current: 0,
+                        limit: 5,
+                        requested: 10
+                    })
+                },
+                counters: Amounts::ZERO.with(TOKENS, 10),
             }
         );
     }
@@ -213,15 +262,20 @@ mod tests {
         for text in [
             "",
             "1;1",
-            "2 0 0 10",
+            "2 0 0 10 10",
+            "1 0",
             "1 0 0",
-            "1 0 0 10 10",
-            "1 2 0 10",
-            "0 0 0 0",
-            "1 0 0 9007199254740992",
-            "1 0 0 x",
-            "1 -1 0 10",
+            "1 0 0 10",
+            "1 0 0 10 10 10",
+            "1 2 0 10 10",
+            "0 0 0 0 0",
+            "1 0 0 9007199254740992 0",
+            "9007199254740992",
+            "1 0 0 x 0",
+            "1 -1 0 10 10",
+            "1 0 0 10 10 10 10 10 10 10 10 10 10",
             " 1",
+            "1 ",
             "1;",
         ] {
             assert!(
@@ -230,7 +284,7 @@ mod tests {
             );
         }
         // Exceeded on a counter without a limit: no 402 can be made of it.
-        assert!(reserve("0 1 0 0", &[request(cost, Limits::UNLIMITED)]).is_err());
+        assert!(reserve("0 1 0 0 0", &[request(cost, Limits::UNLIMITED)]).is_err());
     }
 
     #[test]

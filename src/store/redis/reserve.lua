@@ -8,20 +8,26 @@
 -- n; and n times the counter's cost, limit (-1: none), '1' if a gauge.
 -- Reply: 'S' for a call numbered no higher than the record's, which was
 -- asked about (ask.lua) and answered as not run: it runs nothing. Else one
--- string, a part per reservation, separated by ';'. The usual outcome,
--- admitted with nothing exceeded and every cost applied as asked,
--- is '1'; 'E' is a reservation not made, as its marker or a counter holds
--- what tollgate did not write there. Any other is integers separated by
--- spaces: admitted (1 or 0), the index of its first exceeded counter or 0,
--- that counter's value, then the amount applied to each counter.
+-- string, a part per reservation, separated by ';'. 'E' is a reservation
+-- not made, as its marker or a counter holds what tollgate did not write
+-- there. The usual outcome, admitted with nothing exceeded and every cost
+-- applied as asked, is n integers separated by spaces: each counter's value
+-- after it (what the gateway's RateLimit headers report). Any other is 3 +
+-- 2n integers separated by spaces: admitted (1 or 0), the index of its
+-- first exceeded counter or 0, that counter's value, the amount applied to
+-- each counter, then each counter's value after it (as found, if denied).
+-- The two never have the same count, so the count tells them apart.
 -- (Converting numbers to and from text is most of what a reservation costs
--- Redis, hence also each cost parsed once into `costs`; reading an array of
+-- Redis, hence also each cost parsed once into `costs`, and no more than
+-- the counters' values added to the usual reply; reading an array of
 -- integers is most of what the reply costs the gateway.)
 -- The reply a marker remembers, or false if it holds no reply of a
--- reservation of `counters` counters.
+-- reservation of `counters` counters. (Only the process that wrote a marker
+-- reads it, under its reservation's id, so a marker never holds another
+-- version's reply.)
 local function remembered(text, counters)
   local decoded, reply = pcall(cjson.decode, text)
-  if not decoded or type(reply) ~= 'table' or #reply ~= 3 + counters then
+  if not decoded or type(reply) ~= 'table' or #reply ~= 3 + 2 * counters then
     return false
   end
   for i = 1, #reply do
@@ -82,6 +88,7 @@ while arg <= #ARGV do
       reply[3 + i] = admitted
         and add(KEYS[first + i], costs[i], ARGV[arg + 3 * i + 2], expire_at)
         or 0
+      reply[3 + counters + i] = value(KEYS[first + i])
     end
     if markers == 1 then
       write_later('SET', KEYS[key], cjson.encode(reply), 'EX', remember)
@@ -94,7 +101,15 @@ while arg <= #ARGV do
   if reply == 'E' then
     replies[#replies + 1] = 'E'
   elseif usual then
-    replies[#replies + 1] = '1'
+    -- Numbers below 10^14 are left to table.concat, whose conversion
+    -- ('%.14g') writes them as the same digits as '%d' at less cost than
+    -- string.format; larger ones would come out in exponent form.
+    local parts = {}
+    for i = 1, counters do
+      local after = reply[3 + counters + i]
+      parts[i] = after < 1e14 and after or string.format('%d', after)
+    end
+    replies[#replies + 1] = counters == 1 and parts[1] or table.concat(parts, ' ')
   else
     local parts = {}
     for i, part in ipairs(reply) do

@@ -1,0 +1,223 @@
+//! The RateLimit headers of a metered answer
+//! (draft-ietf-httpapi-ratelimit-headers): one list item per dimension of
+//! the cost that has a limit, named by the dimension.
+//!
+//! `RateLimit-Policy: "tokens";q=100000;w=2592000` is the limit and the
+//! period's length in seconds; `RateLimit: "tokens";r=4000;t=86400` what
+//! remains after this request and the seconds to the period's end. Seats
+//! are a gauge, held until released rather than reset when a period ends:
+//! their policy has no window (`w`) and their state no reset time (`t`),
+//! as nothing frees a seat at a time the gateway could name.
+//!
+//! Built digit by digit into a buffer on the stack, copied once into its
+//! header value: this runs on every metered answer, and the formatting
+//! machinery, or a growing heap buffer, would cost more than the rest.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use http::HeaderValue;
+
+use crate::error::RateLimitHeaders;
+use crate::period::Period;
+use crate::quota::{Amounts, Limits};
+
+/// The headers for a reservation of `cost` against `limits` that left the
+/// store's `counters` (after it when admitted, as found when denied), in
+/// `period` at `now`. `None` when no dimension of the cost has a limit.
+pub fn rate_limit(
+    limits: &Limits,
+    cost: &Amounts,
+    counters: &Amounts,
+    period: &Period,
+    now: DateTime<Utc>,
+) -> Option<RateLimitHeaders> {
+    let window = (period.end - period.start).num_seconds().max(0);
+    let ends_in = seconds_rounded_up(period.end - now);
+    let (mut policy, mut state) = (Line::new(), Line::new());
+    for (dimension, _) in cost.iter() {
+        let Some(limit) = limits.get(dimension) else {
+            continue;
+        };
+        let remaining = limit.saturating_sub(counters.get(dimension)).max(0);
+        let period_dimension = !dimension.is_gauge();
+        item(&mut policy, dimension.as_str());
+        number(&mut policy, b";q=", limit);
+        item(&mut state, dimension.as_str());
+        number(&mut state, b";r=", remaining);
+        if period_dimension {
+            number(&mut policy, b";w=", window);
+            number(&mut state, b";t=", ends_in);
+        }
+    }
+    if policy.is_empty() {
+        return None;
+    }
+    Some(RateLimitHeaders {
+        policy: policy.value()?,
+        state: state.value()?,
+        period_ends_in: u64::try_from(ends_in).unwrap_or(0),
+    })
+}
+
+/// The most a header's text takes: three items of the longest dimension
+/// name, and numbers of 19 digits, come to well under this.
+const LINE: usize = 256;
+
+/// A header's text as it is written.
+struct Line {
+    bytes: [u8; LINE],
+    len: usize,
+    /// Set if the text did not fit: the header is not sent.
+    overflowed: bool,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line {
+            bytes: [0; LINE],
+            len: 0,
+            overflowed: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, text: &[u8]) {
+        match self.bytes.get_mut(self.len..self.len + text.len()) {
+            Some(room) => {
+                room.copy_from_slice(text);
+                self.len += text.len();
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        let text = self.bytes.get(..self.len).filter(|_| !self.overflowed)?;
+        HeaderValue::from_bytes(text).ok()
+    }
+}
+
+/// Starts a list item named `name` (a structured-field string), after a
+/// comma if one came before.
+fn item(line: &mut Line, name: &str) {
+    if !line.is_empty() {
+        line.push(b",");
+    }
+    line.push(b"\"");
+    line.push(name.as_bytes());
+    line.push(b"\"");
+}
+
+fn number(line: &mut Line, key: &[u8], value: i64) {
+    line.push(key);
+    line.push(itoa::Buffer::new().format(value).as_bytes());
+}
+
+/// Whole seconds in `delta`, any part of one counting as one; 0 if it is
+/// not positive.
+fn seconds_rounded_up(delta: TimeDelta) -> i64 {
+    let whole = delta.num_seconds();
+    let part = delta.subsec_nanos() > 0;
+    (whole + i64::from(part)).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::Dimension;
+
+    const TOKENS: Dimension = Dimension::Tokens;
+    const RUNS: Dimension = Dimension::PlaybookRuns;
+    const SEATS: Dimension = Dimension::Seats;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    /// November 2026 (30 days, 2592000 s), a day before its end.
+    fn november() -> (Period, DateTime<Utc>) {
+        let now = at("2026-11-30T00:00:00Z");
+        (Period::containing(now, 1), now)
+    }
+
+    fn texts(headers: &RateLimitHeaders) -> (&str, &str) {
+        (
+            headers.policy.to_str().unwrap(),
+            headers.state.to_str().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_period_dimension_gives_its_limit_window_remaining_and_reset() {
+        let (period, now) = november();
+        let limits = Limits::UNLIMITED.with(TOKENS, 100000);
+        let cost = Amounts::ZERO.with(TOKENS, 10000);
+        let counters = Amounts::ZERO.with(TOKENS, 96000);
+        let headers = rate_limit(&limits, &cost, &counters, &period, now).unwrap();
+        assert_eq!(
+            texts(&headers),
+            ("\"tokens\";q=100000;w=2592000", "\"tokens\";r=4000;t=86400")
+        );
+        assert_eq!(headers.period_ends_in, 86400);
+    }
+
+    #[test]
+    fn several_limited_dimensions_give_one_item_each_and_unlimited_ones_none() {
+        let (period, now) = november();
+        let limits = Limits::UNLIMITED.with(TOKENS, 100).with(RUNS, 10);
+        let cost = Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1);
+        let counters = Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1);
+        let headers = rate_limit(&limits, &cost, &counters, &period, now).unwrap();
+        assert_eq!(
+            texts(&headers),
+            (
+                "\"tokens\";q=100;w=2592000,\"playbook_runs\";q=10;w=2592000",
+                "\"tokens\";r=95;t=86400,\"playbook_runs\";r=9;t=86400"
+            )
+        );
+        let unlimited_runs = Limits::UNLIMITED.with(TOKENS, 100);
+        let headers = rate_limit(&unlimited_runs, &cost, &counters, &period, now).unwrap();
+        assert_eq!(texts(&headers).1, "\"tokens\";r=95;t=86400");
+    }
+
+    #[test]
+    fn remaining_never_goes_below_zero() {
+        let (period, now) = november();
+        let limits = Limits::UNLIMITED.with(RUNS, 10);
+        let cost = Amounts::ZERO.with(RUNS, 1);
+        let over = Amounts::ZERO.with(RUNS, 11);
+        let headers = rate_limit(&limits, &cost, &over, &period, now).unwrap();
+        assert_eq!(texts(&headers).1, "\"playbook_runs\";r=0;t=86400");
+    }
+
+    #[test]
+    fn seats_have_no_window_and_no_reset() {
+        let (period, now) = november();
+        let limits = Limits::UNLIMITED.with(SEATS, 5);
+        let cost = Amounts::ZERO.with(SEATS, 1);
+        let counters = Amounts::ZERO.with(SEATS, 3);
+        let headers = rate_limit(&limits, &cost, &counters, &period, now).unwrap();
+        assert_eq!(texts(&headers), ("\"seats\";q=5", "\"seats\";r=2"));
+    }
+
+    #[test]
+    fn a_part_of_a_second_to_the_end_counts_as_a_second() {
+        let (period, _) = november();
+        let limits = Limits::UNLIMITED.with(TOKENS, 10);
+        let cost = Amounts::ZERO.with(TOKENS, 1);
+        let now = at("2026-11-30T23:59:58.250Z");
+        let headers = rate_limit(&limits, &cost, &cost, &period, now).unwrap();
+        assert_eq!(headers.period_ends_in, 2);
+        assert_eq!(texts(&headers).1, "\"tokens\";r=9;t=2");
+    }
+
+    #[test]
+    fn a_cost_without_a_limited_dimension_has_no_headers() {
+        let (period, now) = november();
+        let limits = Limits::UNLIMITED.with(RUNS, 10);
+        let cost = Amounts::ZERO.with(TOKENS, 1);
+        assert_eq!(rate_limit(&limits, &cost, &cost, &period, now), None);
+    }
+}
