@@ -124,6 +124,7 @@ fn routing_and_decision(c: &mut Criterion) {
         completion_bound: CompletionBound::AsSent,
         on_store_error: None,
         refund_statuses: None,
+        metrics: Default::default(),
     };
     let router = Router::new(
         &[

@@ -14,11 +14,11 @@ use crate::forward::Forwarder;
 use crate::identify::Identifier;
 use crate::ledger::{Ledger, Outbox};
 use crate::meter::{Clock, Meter};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::org::OrgId;
 use crate::quota::Amounts;
-use crate::route::Router;
-use crate::stack::{self, Gateway};
+use crate::route::{Route, Router};
+use crate::stack::{self, Gateway, Observer};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
 
 /// The parts every worker shares. Cloning is cheap: it shares them.
@@ -103,12 +103,39 @@ impl App {
             self.metrics.clone(),
         )?;
         let gateway = Gateway::new(
-            Router::new(&config.routes, config.server.paths),
+            Router::new(&self.bound_routes(), config.server.paths),
             Identifier::new(config.identity.clone()),
             meter,
             forwarder,
+            self.observer(),
         );
         Ok(stack::build(gateway, config.server.body_read_timeout))
+    }
+
+    /// The config's routes, each holding its counters in the process's
+    /// families: looked up here, once a build, never on a request.
+    fn bound_routes(&self) -> Vec<Route> {
+        self.config
+            .routes
+            .iter()
+            .map(|route| Route {
+                metrics: self.metrics.route(&route.name),
+                ..route.clone()
+            })
+            .collect()
+    }
+
+    fn observer(&self) -> Observer {
+        let config = &self.config;
+        Observer {
+            unrouted: self.metrics.route(""),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|upstream| self.metrics.upstream(&upstream.name))
+                .collect(),
+            access_log: config.server.access_log,
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -124,7 +151,14 @@ impl App {
     /// `org`'s counters in its current billing period.
     pub async fn usage(&self, org: &OrgId) -> Result<Amounts, StoreError> {
         let period = self.config.orgs.policy(org).period((self.clock)());
-        self.store.usage(org, period).await
+        let usage = self
+            .metrics
+            .timed(StoreOp::Usage, self.store.usage(org, period))
+            .await;
+        if let Err(error) = &usage {
+            self.metrics.store_failed(StoreOp::Usage, error);
+        }
+        usage
     }
 
     /// Serves on `listener` with `server.workers` threads until `shutdown`

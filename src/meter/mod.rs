@@ -25,7 +25,7 @@ use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
 use crate::llm::{Api, CompletionBound, Reading};
-use crate::metrics::Metrics;
+use crate::metrics::StoreOp;
 use crate::org::{OrgDirectory, OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Decision, Dimension, Exceeded, Mode};
@@ -56,6 +56,8 @@ pub struct Admitted {
     pub over: Option<Exceeded>,
     /// Estimate routes: how to read the response for the usage to reconcile.
     pub reading: Option<Reading>,
+    /// Forwarded uncounted because the store failed (`on_error = "allow"`).
+    pub fail_open: bool,
 }
 
 impl Admitted {
@@ -66,6 +68,7 @@ impl Admitted {
             reservation: None,
             over: None,
             reading: None,
+            fail_open: false,
         }
     }
 }
@@ -262,7 +265,8 @@ impl Meter {
             cost: amounts,
             mode: charge.policy.mode,
         };
-        let mut pending = PendingReservation::start(&self.ledger, reserve);
+        let mut pending =
+            PendingReservation::start(&self.ledger, reserve, charge.route.metrics.clone());
         let decided = pending.decision().await;
         (pending, decided)
     }
@@ -280,7 +284,6 @@ impl Meter {
         match decided {
             Ok(Decision::Admit { applied, over }) => {
                 if let Some(over) = over {
-                    Metrics::count(&self.ledger.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
                 Ok(Admitted {
@@ -288,10 +291,11 @@ impl Meter {
                     reservation: Some(pending.admitted(applied)),
                     over,
                     reading,
+                    fail_open: false,
                 })
             }
             Ok(Decision::Deny(exceeded)) => {
-                Metrics::count(&self.ledger.metrics.quota_denials);
+                route.metrics.denied(exceeded.dimension);
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
                     exceeded,
@@ -300,7 +304,7 @@ impl Meter {
                 })))
             }
             Err(error) => {
-                self.ledger.metrics.store_failed("reserve", &error);
+                self.ledger.metrics.store_failed(StoreOp::Reserve, &error);
                 self.store_failed(route, request, pending, reading)
             }
         }
@@ -315,11 +319,12 @@ impl Meter {
         pending: PendingReservation,
         reading: Option<Reading>,
     ) -> Result<Admitted, GatewayError> {
-        let metrics = &self.ledger.metrics;
         let deferred = match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
-                Metrics::count(&metrics.fail_open_passes);
-                return Ok(Admitted::uncounted(request));
+                return Ok(Admitted {
+                    fail_open: true,
+                    ..Admitted::uncounted(request)
+                });
             }
             OnStoreError::Deny => None,
             // A full outbox refuses the request rather than let it through
@@ -327,7 +332,6 @@ impl Meter {
             OnStoreError::Defer => pending.defer(),
         };
         let Some(reservation) = deferred else {
-            Metrics::count(&metrics.fail_closed_denials);
             return Err(GatewayError::StoreUnavailable);
         };
         Ok(Admitted {
@@ -335,6 +339,7 @@ impl Meter {
             reservation: Some(reservation),
             over: None,
             reading,
+            fail_open: false,
         })
     }
 
