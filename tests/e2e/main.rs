@@ -10,6 +10,7 @@ mod identity;
 mod jwt;
 mod llm;
 mod llm_bounds;
+mod metrics;
 mod paths;
 mod redis_gateway;
 mod store_conformance;
