@@ -137,8 +137,8 @@ type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 /// Store calls take well under a millisecond on loopback; a second is
 /// far past any `store.timeout` worth setting.
 const STORE_BUCKETS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 /// From a loopback upstream's fraction of a millisecond to an LLM's
@@ -396,10 +396,9 @@ impl Metrics {
 
     /// The histogram of the upstream named `upstream`, taken once per build.
     pub fn upstream(&self, upstream: &str) -> Histogram {
-        self.upstream_duration
-            .get_or_create_owned(&UpstreamLabel {
-                upstream: upstream.to_owned(),
-            })
+        self.upstream_duration.get_or_create_owned(&UpstreamLabel {
+            upstream: upstream.to_owned(),
+        })
     }
 
     /// Records that one `op` store call took `took`.
@@ -418,7 +417,9 @@ impl Metrics {
     /// Counts a config reload, `ok` or not.
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.config_reloads.get_or_create(&ResultLabel { result }).inc();
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn open_reservations(&self) -> i64 {
@@ -604,13 +605,16 @@ mod tests {
         metrics.route("").counted(Outcome::NotFound);
         let text = metrics.encode();
         assert!(text.contains("# TYPE tollgate_requests counter\n"));
-        assert_eq!(lines(&text, "tollgate_requests_total{route=\"chat\"").len(), 9);
+        assert_eq!(
+            lines(&text, "tollgate_requests_total{route=\"chat\"").len(),
+            9
+        );
         assert!(text.contains("tollgate_requests_total{route=\"chat\",outcome=\"denied\"} 2\n"));
         assert!(text.contains("tollgate_requests_total{route=\"chat\",outcome=\"forwarded\"} 0\n"));
         assert!(text.contains("tollgate_requests_total{route=\"\",outcome=\"not_found\"} 1\n"));
-        assert!(text.contains(
-            "tollgate_quota_denials_total{route=\"chat\",quota_type=\"tokens\"} 1\n"
-        ));
+        assert!(
+            text.contains("tollgate_quota_denials_total{route=\"chat\",quota_type=\"tokens\"} 1\n")
+        );
         assert!(text.contains("tollgate_tokens_reserved_total{route=\"chat\"} 120\n"));
         assert!(text.contains("tollgate_tokens_reconciled_total{route=\"chat\"} 80\n"));
         assert!(text.contains("tollgate_refunds_total{route=\"chat\"} 1\n"));
@@ -622,7 +626,11 @@ mod tests {
         let metrics = Metrics::new();
         metrics.route("chat").refunded();
         metrics.route("chat").refunded();
-        assert!(metrics.encode().contains("tollgate_refunds_total{route=\"chat\"} 2\n"));
+        assert!(
+            metrics
+                .encode()
+                .contains("tollgate_refunds_total{route=\"chat\"} 2\n")
+        );
     }
 
     #[test]

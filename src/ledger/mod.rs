@@ -119,7 +119,9 @@ impl PendingReservation {
         let ledger = &self.ticket.ledger;
         let started = Instant::now();
         let decided = tokio::time::timeout(ledger.store_timeout, call).await;
-        ledger.metrics.observe_store(StoreOp::Reserve, started.elapsed());
+        ledger
+            .metrics
+            .observe_store(StoreOp::Reserve, started.elapsed());
         let decided = decided.map_err(|_| StoreError::Timeout)?;
         self.call = None;
         decided

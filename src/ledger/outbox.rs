@@ -882,10 +882,7 @@ mod tests {
         assert_eq!(Instant::now(), deadline);
         assert!(outbox.is_empty());
         assert_eq!(count(&outbox.metrics.settlements_failed), 2);
-        assert_eq!(
-            outbox.metrics.settlements_pending.get(),
-            0
-        );
+        assert_eq!(outbox.metrics.settlements_pending.get(), 0);
         let logged = text(&lines);
         assert!(logged.contains("grace period ended with settlements unapplied"));
         assert!(logged.contains("tokens=-20"), "{logged}");

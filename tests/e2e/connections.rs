@@ -222,9 +222,7 @@ async fn past_max_connections_a_new_connection_is_closed_at_once_and_counted() {
     let (after, received) = closed_after(&mut third, opened).await;
     assert!(received.is_empty());
     assert!(after < Duration::from_secs(5), "closed after {after:?}");
-    let refused = || {
-        gateway.app.metrics().connections_refused.get()
-    };
+    let refused = || gateway.app.metrics().connections_refused.get();
     assert_eq!(refused(), 1);
 
     // A connection that closes makes room for the next.

@@ -204,7 +204,11 @@ async fn shadow_mode_forwards_past_the_limit_and_names_the_quota_in_a_header() {
         "shadow mode still counts"
     );
     assert_eq!(
-        crate::support::count(&gateway.app, "tollgate_requests_total", &[("outcome", "shadow_exceeded")]),
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "shadow_exceeded")]
+        ),
         1
     );
 }

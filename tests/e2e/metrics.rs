@@ -130,24 +130,36 @@ fn by_route(gateway: &Gateway, name: &str, route: &str) -> u64 {
 /// each counted where the table says, and the store agreeing.
 async fn a_known_sequence(gateway: &Gateway) {
     assert_eq!(send(gateway, "POST", "/run", &[ORG]).await, 200);
-    assert_eq!(send(gateway, "POST", "/run", &[ORG, ("x-test-status", "500")]).await, 500);
+    assert_eq!(
+        send(gateway, "POST", "/run", &[ORG, ("x-test-status", "500")]).await,
+        500
+    );
     assert_eq!(send(gateway, "POST", "/gone", &[ORG]).await, 502);
     eventually("the two failures are refunded", async || {
         by_route(gateway, "tollgate_refunds_total", "run") == 1
             && by_route(gateway, "tollgate_refunds_total", "gone") == 1
     })
     .await;
-    gateway.settles_at("org_m", Dimension::PlaybookRuns, 1).await;
+    gateway
+        .settles_at("org_m", Dimension::PlaybookRuns, 1)
+        .await;
     for _ in 0..2 {
         assert_eq!(send(gateway, "POST", "/run", &[ORG]).await, 200);
     }
     assert_eq!(send(gateway, "POST", "/run", &[ORG]).await, 402);
-    gateway.settles_at("org_m", Dimension::PlaybookRuns, 3).await;
+    gateway
+        .settles_at("org_m", Dimension::PlaybookRuns, 3)
+        .await;
     assert_eq!(send(gateway, "POST", "/run", &[]).await, 401);
     assert_eq!(send(gateway, "GET", "/nowhere", &[ORG]).await, 404);
     assert_eq!(send(gateway, "GET", "/health", &[]).await, 200);
-    assert_eq!(send(gateway, "POST", "/v1/chat/completions", &[ORG]).await, 200);
-    gateway.settles_at("org_m", Dimension::Tokens, OPENAI_USAGE).await;
+    assert_eq!(
+        send(gateway, "POST", "/v1/chat/completions", &[ORG]).await,
+        200
+    );
+    gateway
+        .settles_at("org_m", Dimension::Tokens, OPENAI_USAGE)
+        .await;
 
     // An upstream's own 500 was still forwarded; the missing upstream was not.
     assert_eq!(requests(gateway, "run", "forwarded"), 4);
@@ -159,7 +171,10 @@ async fn a_known_sequence(gateway: &Gateway) {
     assert_eq!(requests(gateway, "chat", "forwarded"), 1);
     assert_eq!(requests(gateway, "run", "fail_open"), 0);
     let denials = &[("route", "run"), ("quota_type", "playbook_runs")];
-    assert_eq!(count(&gateway.app, "tollgate_quota_denials_total", denials), 1);
+    assert_eq!(
+        count(&gateway.app, "tollgate_quota_denials_total", denials),
+        1
+    );
     assert_eq!(count(&gateway.app, "tollgate_quota_denials_total", &[]), 1);
 
     // The estimate was reserved, then replaced by the usage reported.
@@ -168,28 +183,79 @@ async fn a_known_sequence(gateway: &Gateway) {
         by_route(gateway, "tollgate_tokens_reconciled_total", "chat"),
         OPENAI_USAGE as u64
     );
-    assert_eq!(by_route(gateway, "tollgate_tokens_reserved_total", "run"), 0);
+    assert_eq!(
+        by_route(gateway, "tollgate_tokens_reserved_total", "run"),
+        0
+    );
     assert_eq!(by_route(gateway, "tollgate_refunds_total", "chat"), 0);
 
     // Seven reservations, each answered; two refunds and the
     // reconciliation settled in the store.
     let reserves = &[("operation", "reserve")];
-    assert_eq!(count(&gateway.app, "tollgate_store_duration_seconds_count", reserves), 7);
-    assert!(metric(&gateway.app, "tollgate_store_duration_seconds_sum", reserves) > 0.0);
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_store_duration_seconds_count",
+            reserves
+        ),
+        7
+    );
+    assert!(
+        metric(
+            &gateway.app,
+            "tollgate_store_duration_seconds_sum",
+            reserves
+        ) > 0.0
+    );
     let settles = &[("operation", "settle")];
-    assert_eq!(count(&gateway.app, "tollgate_store_duration_seconds_count", settles), 3);
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_store_duration_seconds_count",
+            settles
+        ),
+        3
+    );
     assert_eq!(count(&gateway.app, "tollgate_store_errors_total", &[]), 0);
     // Four answers from the stand-in (one a 500), one from the provider.
     let api = &[("upstream", "api")];
-    assert_eq!(count(&gateway.app, "tollgate_upstream_duration_seconds_count", api), 5);
-    let openai = &[("upstream", "openai")];
-    assert_eq!(count(&gateway.app, "tollgate_upstream_duration_seconds_count", openai), 1);
-    let dead = &[("upstream", "dead")];
-    assert_eq!(count(&gateway.app, "tollgate_upstream_duration_seconds_count", dead), 0);
-    assert_eq!(count(&gateway.app, "tollgate_reservations_open", &[]), 0);
-    assert_eq!(count(&gateway.app, "tollgate_settlements_failed_total", &[]), 0);
     assert_eq!(
-        count(&gateway.app, "tollgate_config_reloads_total", &[("result", "ok")]),
+        count(
+            &gateway.app,
+            "tollgate_upstream_duration_seconds_count",
+            api
+        ),
+        5
+    );
+    let openai = &[("upstream", "openai")];
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_upstream_duration_seconds_count",
+            openai
+        ),
+        1
+    );
+    let dead = &[("upstream", "dead")];
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_upstream_duration_seconds_count",
+            dead
+        ),
+        0
+    );
+    assert_eq!(count(&gateway.app, "tollgate_reservations_open", &[]), 0);
+    assert_eq!(
+        count(&gateway.app, "tollgate_settlements_failed_total", &[]),
+        0
+    );
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_config_reloads_total",
+            &[("result", "ok")]
+        ),
         0
     );
 }
@@ -208,12 +274,25 @@ async fn a_known_sequence_on_redis_is_counted_and_a_stopped_redis_fails_open() {
     a_known_sequence(gateway).await;
 
     redis.stop();
-    assert_eq!(send(gateway, "POST", "/run", &[("x-org-id", "org_other")]).await, 200);
+    assert_eq!(
+        send(gateway, "POST", "/run", &[("x-org-id", "org_other")]).await,
+        200
+    );
     assert_eq!(requests(gateway, "run", "fail_open"), 1);
     assert_eq!(requests(gateway, "run", "forwarded"), 4);
     let reserves = &[("operation", "reserve")];
-    assert_eq!(count(&gateway.app, "tollgate_store_errors_total", reserves), 1);
-    assert_eq!(count(&gateway.app, "tollgate_store_duration_seconds_count", reserves), 8);
+    assert_eq!(
+        count(&gateway.app, "tollgate_store_errors_total", reserves),
+        1
+    );
+    assert_eq!(
+        count(
+            &gateway.app,
+            "tollgate_store_duration_seconds_count",
+            reserves
+        ),
+        8
+    );
     assert_eq!(by_route(gateway, "tollgate_refunds_total", "run"), 1);
 }
 
@@ -278,7 +357,10 @@ async fn the_access_log_writes_one_json_line_per_request_with_its_fields() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
     let config = CONFIG
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"\naccess_log = true"))
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\"\naccess_log = true"),
+        )
         .replace("${UPSTREAM}", &upstream.addr.to_string())
         .replace("${PROVIDER}", "127.0.0.1:9")
         .replace("${DEAD_UPSTREAM}", "127.0.0.1:9");
@@ -292,11 +374,18 @@ async fn the_access_log_writes_one_json_line_per_request_with_its_fields() {
         .unwrap();
     let mut log = Log(BufReader::new(child.stderr.take().unwrap()).lines());
     eventually("the gateway listens", async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
     })
     .await;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
-    let ran = client().post(url("/run")).header("x-org-id", "org_m").send().await.unwrap();
+    let ran = client()
+        .post(url("/run"))
+        .header("x-org-id", "org_m")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ran.status(), 200);
     let missing = client().get(url("/nowhere")).send().await.unwrap();
     assert_eq!(missing.status(), 404);

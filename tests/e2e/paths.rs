@@ -3,7 +3,6 @@
 //! trailing slashes and method overrides are charged or refused, never
 //! forwarded uncharged to a metered handler.
 
-
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;

@@ -82,7 +82,10 @@ async fn two_gateways_sharing_one_redis_admit_exactly_the_limit() {
         redis.command::<i64>(&["GET", &counter_key("org_pair", "tokens")]),
         1000
     );
-    assert_eq!(crate::support::count(&first.app, "tollgate_store_errors_total", &[]), 0);
+    assert_eq!(
+        crate::support::count(&first.app, "tollgate_store_errors_total", &[]),
+        0
+    );
 }
 
 /// Drives `path` from four clients until Redis is stopped partway and twenty
@@ -161,8 +164,11 @@ async fn with_on_error_allow_requests_pass_while_redis_is_down() {
         "{answers:?}"
     );
     assert!(
-        crate::support::count(&gateway.app, "tollgate_requests_total", &[("outcome", "fail_open")])
-            >= 20
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ) >= 20
     );
     assert_eq!(gateway.app.metrics().open_reservations(), 0);
 }
@@ -233,8 +239,11 @@ async fn the_gateway_recovers_by_itself_when_redis_comes_back() {
     redis.stop();
     assert_eq!(post(&gateway, "/ten", "org_back").await.status(), 200);
     assert!(
-        crate::support::count(&gateway.app, "tollgate_requests_total", &[("outcome", "fail_open")])
-            >= 1
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ) >= 1
     );
     redis.restart().await;
 
@@ -314,7 +323,11 @@ async fn a_reservation_the_store_confirms_after_its_timeout_is_refunded() {
         "fails open after 100ms"
     );
     assert_eq!(
-        crate::support::count(&gateway.app, "tollgate_requests_total", &[("outcome", "fail_open")]),
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ),
         1
     );
 
