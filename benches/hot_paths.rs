@@ -7,9 +7,13 @@
 //!   against copying the same pieces;
 //! - routing among the reference config's eight routes; normalizing a path
 //!   before it (the common already-normal path, against copying it, and one
-//!   that needs work); and the quota decision.
+//!   that needs work); and the quota decision;
+//! - the metrics one metered request records: its outcome and tokens on
+//!   its route's counters, and the store and upstream times, each read
+//!   from the clock and observed in a histogram (which takes a lock).
 
 use std::hint::black_box;
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -17,6 +21,7 @@ use http::Method;
 use tollgate::llm::estimate::{self, EstimateRules};
 use tollgate::llm::sse::SseScanner;
 use tollgate::llm::{Api, CompletionBound};
+use tollgate::metrics::{Metrics, Outcome, StoreOp};
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
 use tollgate::route::path::{AmbiguousPaths, normalize};
 use tollgate::route::{PathRules, Route, Router};
@@ -208,5 +213,35 @@ fn routing_and_decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, estimation, stream_tap, routing_and_decision);
+fn metrics(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let route = metrics.route("chat");
+    let upstream = metrics.upstream("openai");
+    let mut group = c.benchmark_group("metrics per request");
+    group.bench_function("count an outcome", |b| {
+        b.iter(|| route.counted(black_box(Outcome::Forwarded)))
+    });
+    group.bench_function("observe a histogram", |b| {
+        b.iter(|| upstream.observe(black_box(0.0042)))
+    });
+    group.bench_function("a metered request: outcome, tokens, two timings", |b| {
+        b.iter(|| {
+            let started = Instant::now();
+            metrics.observe_store(StoreOp::Reserve, started.elapsed());
+            let started = Instant::now();
+            upstream.observe(started.elapsed().as_secs_f64());
+            route.reserved(black_box(120));
+            route.counted(Outcome::Forwarded);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    estimation,
+    stream_tap,
+    routing_and_decision,
+    metrics
+);
 criterion_main!(benches);
