@@ -10,8 +10,12 @@
 //!   that needs work); and the quota decision;
 //! - identifying a request by its gateway API key among 1 and 100,000
 //!   configured keys, and among 100,000 runtime keys (the catalog's).
+//! - the metrics one metered request records: its outcome and tokens on
+//!   its route's counters, and the store and upstream times, each read
+//!   from the clock and observed in a histogram (which takes a lock).
 
 use std::hint::black_box;
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -28,6 +32,7 @@ use tollgate::llm::estimate::{self, EstimateRules};
 use tollgate::llm::sse::SseScanner;
 use tollgate::llm::{Api, CompletionBound};
 use tollgate::org::OrgId;
+use tollgate::metrics::{Metrics, Outcome, StoreOp};
 use tollgate::quota::{Amounts, Dimension, Limits, Mode, decide};
 use tollgate::route::path::{AmbiguousPaths, normalize};
 use tollgate::route::{PathRules, Route, Router};
@@ -136,6 +141,7 @@ fn routing_and_decision(c: &mut Criterion) {
         completion_bound: CompletionBound::AsSent,
         on_store_error: None,
         refund_statuses: None,
+        metrics: Default::default(),
     };
     let router = Router::new(
         &[
@@ -285,11 +291,36 @@ fn key_lookup(c: &mut Criterion) {
     group.finish();
 }
 
+fn metrics(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let route = metrics.route("chat");
+    let upstream = metrics.upstream("openai");
+    let mut group = c.benchmark_group("metrics per request");
+    group.bench_function("count an outcome", |b| {
+        b.iter(|| route.counted(black_box(Outcome::Forwarded)))
+    });
+    group.bench_function("observe a histogram", |b| {
+        b.iter(|| upstream.observe(black_box(0.0042)))
+    });
+    group.bench_function("a metered request: outcome, tokens, two timings", |b| {
+        b.iter(|| {
+            let started = Instant::now();
+            metrics.observe_store(StoreOp::Reserve, started.elapsed());
+            let started = Instant::now();
+            upstream.observe(started.elapsed().as_secs_f64());
+            route.reserved(black_box(120));
+            route.counted(Outcome::Forwarded);
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     estimation,
     stream_tap,
     routing_and_decision,
-    key_lookup
+    key_lookup,
+    metrics
 );
 criterion_main!(benches);

@@ -18,12 +18,12 @@ use crate::identify::Identifier;
 use crate::ledger::{Ledger, Outbox};
 use crate::live::{Live, ReloadError, Reloaded};
 use crate::meter::{Clock, Meter};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Dimension};
-use crate::route::Router;
-use crate::stack::{self, BuildSteps, Gateway, Steps};
+use crate::route::{Route, Router};
+use crate::stack::{self, BuildSteps, Gateway, Observer, Steps};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
 
 /// The parts every worker shares. Cloning is cheap: it shares them.
@@ -135,10 +135,11 @@ impl App {
         )?;
         Ok(Steps::new(
             config.clone(),
-            Router::new(&config.routes, config.server.paths),
+            Router::new(&self.bound_routes(&config), config.server.paths),
             Identifier::new(config.identity.clone()).with_catalog(self.catalog.clone()),
             meter,
             forwarder,
+            self.observer(&config),
         ))
     }
 
@@ -151,6 +152,7 @@ impl App {
     /// with problems changes nothing, and each problem is logged.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let reloaded = self.live.reload();
+        self.metrics.reloaded(reloaded.is_ok());
         if reloaded.is_ok() {
             // Runtime orgs resolve against the file's plans, orgs and defaults.
             self.catalog.set_directory(self.live.config().orgs.clone());
@@ -175,6 +177,31 @@ impl App {
     /// The runtime orgs and keys: what the admin API reads and changes.
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
+    }
+
+    /// The config's routes, each holding its counters in the process's
+    /// families: looked up here, once a build, never on a request.
+    fn bound_routes(&self, config: &Config) -> Vec<Route> {
+        config
+            .routes
+            .iter()
+            .map(|route| Route {
+                metrics: self.metrics.route(&route.name),
+                ..route.clone()
+            })
+            .collect()
+    }
+
+    fn observer(&self, config: &Config) -> Observer {
+        Observer {
+            unrouted: self.metrics.route(""),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|upstream| self.metrics.upstream(&upstream.name))
+                .collect(),
+            access_log: config.server.access_log,
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -233,11 +260,12 @@ impl App {
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let timeout = self.live.config().store.timeout;
-        let result = tokio::time::timeout(timeout, call)
+        let timed = self.metrics.timed(StoreOp::Usage, call);
+        let result = tokio::time::timeout(timeout, timed)
             .await
             .unwrap_or(Err(StoreError::Timeout));
         if let Err(error) = &result {
-            self.metrics.store_failed("usage", error);
+            self.metrics.store_failed(StoreOp::Usage, error);
         }
         result
     }

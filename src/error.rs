@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::Body;
 use crate::accept::ClientFault;
 use crate::catalog::CatalogError;
+use crate::metrics::Outcome;
 use crate::org::OrgPolicy;
 use crate::period::{Period, rfc3339};
 use crate::quota::Exceeded;
@@ -148,6 +149,37 @@ impl RateLimitHeaders {
 }
 
 impl GatewayError {
+    /// How `tollgate_requests_total` counts a request answered with this.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
+                Outcome::NotFound
+            }
+            // The admin API's own answers; no proxy request ends in them.
+            GatewayError::MethodNotAllowed(_)
+            | GatewayError::ConfigRejected(_)
+            | GatewayError::ReloadUnavailable => Outcome::BadRequest,
+            GatewayError::AdminUnauthorized
+            | GatewayError::Unauthenticated
+            | GatewayError::InvalidToken(_)
+            | GatewayError::UnknownApiKey => Outcome::Unauthorized,
+            GatewayError::Target(_)
+            | GatewayError::InvalidOrgId
+            | GatewayError::DuplicateHeader(_)
+            | GatewayError::InvalidBody(_)
+            | GatewayError::ClientBody
+            | GatewayError::BodyTooLarge { .. }
+            | GatewayError::BodyTimeout => Outcome::BadRequest,
+            GatewayError::QuotaExceeded(_) => Outcome::Denied,
+            GatewayError::StoreUnavailable => Outcome::StoreUnavailable,
+            // The gateway's own 500 counts with the upstream's failures: in
+            // both, a request that was let in could not go on.
+            GatewayError::UpstreamUnreachable
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Internal => Outcome::UpstreamError,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute | GatewayError::NoEndpoint | GatewayError::NotFound(_) => {
@@ -395,5 +427,57 @@ mod tests {
             body,
             serde_json::json!({"success": false, "error": {"code": "GATEWAY_TIMEOUT", "message": "the upstream did not answer in time"}})
         );
+    }
+
+    #[test]
+    fn each_answer_counts_as_the_outcome_its_status_names() {
+        let policy = Arc::new(OrgPolicy {
+            plan: "free".into(),
+            billing_status: "active".into(),
+            period_anchor_day: 1,
+            mode: Mode::Enforce,
+            limits: Limits::UNLIMITED,
+        });
+        let denial = Denial {
+            exceeded: Exceeded {
+                dimension: Dimension::Tokens,
+                current: 1,
+                limit: 1,
+                requested: 1,
+            },
+            period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
+            policy,
+            rate_limit: None,
+        };
+        let answers = [
+            GatewayError::NoRoute,
+            GatewayError::Target(TargetError::Unforwardable),
+            GatewayError::Unauthenticated,
+            GatewayError::InvalidToken("expired"),
+            GatewayError::UnknownApiKey,
+            GatewayError::DuplicateHeader(http::header::AUTHORIZATION),
+            GatewayError::InvalidOrgId,
+            GatewayError::BodyTooLarge { limit: 1 },
+            GatewayError::InvalidBody("bad".into()),
+            GatewayError::ClientBody,
+            GatewayError::BodyTimeout,
+            GatewayError::QuotaExceeded(Box::new(denial)),
+            GatewayError::StoreUnavailable,
+            GatewayError::UpstreamUnreachable,
+            GatewayError::UpstreamTimeout,
+            GatewayError::Internal,
+        ];
+        for answer in answers {
+            let expected = match answer.status().as_u16() {
+                404 => Outcome::NotFound,
+                400 | 408 | 413 => Outcome::BadRequest,
+                401 => Outcome::Unauthorized,
+                402 => Outcome::Denied,
+                503 => Outcome::StoreUnavailable,
+                500 | 502 | 504 => Outcome::UpstreamError,
+                other => panic!("no outcome is documented for {other}"),
+            };
+            assert_eq!(answer.outcome(), expected, "{answer:?}");
+        }
     }
 }

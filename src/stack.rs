@@ -6,11 +6,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus_client::metrics::histogram::Histogram;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -27,8 +29,11 @@ use crate::error::{GatewayError, RateLimitHeaders};
 use crate::forward::{self, Forwarder};
 use crate::identify::Identifier;
 use crate::live::Live;
-use crate::meter::Meter;
-use crate::route::Router;
+use crate::meter::{Admitted, Meter};
+use crate::metrics::{Outcome, RouteMetrics};
+use crate::org::OrgId;
+use crate::quota::{Amounts, Dimension};
+use crate::route::{Route, Router};
 use crate::settle;
 use crate::{Body, BoxError};
 
@@ -89,7 +94,33 @@ pub struct Steps {
     identifier: Identifier,
     meter: Meter,
     forwarder: Forwarder,
+    observer: Observer,
 }
+
+/// What the gateway records of each request, built with the other
+/// per-config parts so that a reload changes it with them.
+pub struct Observer {
+    /// The counters of requests that matched no route (`route=""`).
+    pub unrouted: RouteMetrics,
+    /// Time to the response headers, by upstream (the config's order).
+    pub upstreams: Vec<Histogram>,
+    /// `server.access_log`: one line per request.
+    pub access_log: bool,
+}
+
+/// What one request came to, as far as the steps got: its outcome is
+/// counted, and its access line written, from this.
+struct Trail<'s> {
+    route: Option<&'s Route>,
+    /// How a request that the upstream answered counts.
+    forwarded_as: Outcome,
+    /// The org and the amounts reserved, kept for the access log only.
+    org: Option<OrgId>,
+    reserved: Option<Amounts>,
+    /// Time to the upstream's response headers.
+    upstream: Option<Duration>,
+}
+
 
 impl Steps {
     pub fn new(
@@ -98,6 +129,7 @@ impl Steps {
         identifier: Identifier,
         meter: Meter,
         forwarder: Forwarder,
+        observer: Observer,
     ) -> Steps {
         Steps {
             config,
@@ -105,6 +137,7 @@ impl Steps {
             identifier,
             meter,
             forwarder,
+            observer,
         }
     }
 }
@@ -148,40 +181,39 @@ impl Gateway {
             }
         }
     }
+}
 
-    async fn handle(self, request: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
-        let steps = self.steps();
-        let steps = &*steps;
-        // The steps see one request body type: the client's, boxed.
-        let body_read_timeout = steps.config.server.body_read_timeout;
-        let mut request = request.map(|body| client_body(body, body_read_timeout));
+impl Steps {
+    async fn handle<'s>(
+        &'s self,
+        mut request: Request<Body>,
+        trail: &mut Trail<'s>,
+    ) -> Result<Response<Body>, GatewayError> {
         let client = request.extensions_mut().remove::<ClientAddr>();
         // First, so that no header the client names in `Connection` can take
         // away one the gateway sets later: the org header, X-Forwarded-*, an
         // upstream's `headers`.
         forward::remove_hop_by_hop(request.headers_mut());
         let peer = client.as_ref().map(|c| c.ip);
-        let route = steps
+        let route = self
             .router
             .route(&mut request)?
             .ok_or(GatewayError::NoRoute)?;
+        trail.route = Some(route);
 
         let Some(cost) = &route.cost else {
-            steps
-                .identifier
+            self.identifier
                 .pass_unmetered(request.headers_mut(), peer)?;
-            return steps
-                .forwarder
-                .forward(route.upstream, request, client)
-                .await;
+            return self.forward(route, request, client, trail).await;
         };
 
-        let org = steps.identifier.identify(request.headers_mut(), peer)?;
-        let admitted = steps.meter.admit(route, cost, org, request).await?;
-        let forwarded = steps
-            .forwarder
-            .forward(route.upstream, admitted.request, client)
-            .await;
+        let org = self.identifier.identify(request.headers_mut(), peer)?;
+        if self.observer.access_log {
+            trail.org = Some(org.clone());
+        }
+        let admitted = self.meter.admit(route, cost, org, request).await?;
+        trail.admitted(&admitted, self.observer.access_log);
+        let forwarded = self.forward(route, admitted.request, client, trail).await;
 
         let mut response =
             settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
@@ -198,6 +230,94 @@ impl Gateway {
         }
         Ok(response)
     }
+
+    /// Forwards `request`, timing the upstream to its response headers.
+    async fn forward(
+        &self,
+        route: &Route,
+        request: Request<Body>,
+        client: Option<ClientAddr>,
+        trail: &mut Trail<'_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let started = Instant::now();
+        let forwarded = self
+            .forwarder
+            .forward(route.upstream, request, client)
+            .await;
+        if forwarded.is_ok() {
+            let took = started.elapsed();
+            if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
+                histogram.observe(took.as_secs_f64());
+            }
+            trail.upstream = Some(took);
+        }
+        forwarded
+    }
+
+    /// The answer for the client, counted (and logged) by its outcome: the
+    /// one place where the gateway's own errors become responses.
+    fn answer(
+        &self,
+        answered: Result<Response<Body>, GatewayError>,
+        trail: &Trail<'_>,
+    ) -> Response<Body> {
+        let outcome = match &answered {
+            Ok(_) => trail.forwarded_as,
+            Err(error) => error.outcome(),
+        };
+        let counters = trail.route.map_or(&self.observer.unrouted, |r| &r.metrics);
+        counters.counted(outcome);
+        let response = answered.unwrap_or_else(GatewayError::into_response);
+        if self.observer.access_log {
+            trail.log(response.status());
+        }
+        response
+    }
+}
+
+impl<'s> Trail<'s> {
+    fn new() -> Trail<'s> {
+        Trail {
+            route: None,
+            forwarded_as: Outcome::Forwarded,
+            org: None,
+            reserved: None,
+            upstream: None,
+        }
+    }
+
+    /// Notes how the meter let the request in.
+    fn admitted(&mut self, admitted: &Admitted, access_log: bool) {
+        if admitted.over.is_some() {
+            self.forwarded_as = Outcome::ShadowExceeded;
+        } else if admitted.fail_open {
+            self.forwarded_as = Outcome::FailOpen;
+        }
+        if access_log {
+            self.reserved = admitted.reservation.as_ref().map(|r| r.applied());
+        }
+    }
+
+    /// Writes the request's access line; an amount not reserved, or an
+    /// upstream that never answered, leaves its field out.
+    fn log(&self, status: StatusCode) {
+        let reserved = |dimension| {
+            self.reserved
+                .map(|amounts| amounts.get(dimension))
+                .filter(|&amount| amount != 0)
+        };
+        tracing::info!(
+            target: "tollgate::access",
+            route = self.route.map_or("", |r| &*r.name),
+            org = self.org.as_ref().map(OrgId::as_str),
+            status = status.as_u16(),
+            cost.tokens = reserved(Dimension::Tokens),
+            cost.playbook_runs = reserved(Dimension::PlaybookRuns),
+            cost.seats = reserved(Dimension::Seats),
+            upstream_ms = self.upstream.map(|took| took.as_secs_f64() * 1000.0),
+            "request"
+        );
+    }
 }
 
 impl Service<Request<Incoming>> for Gateway {
@@ -210,13 +330,14 @@ impl Service<Request<Incoming>> for Gateway {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let gateway = self.clone();
-        // The one place where the gateway's own errors become responses.
+        let steps = self.steps();
         Box::pin(async move {
-            Ok(gateway
-                .handle(request)
-                .await
-                .unwrap_or_else(GatewayError::into_response))
+            // The steps see one request body type: the client's, boxed.
+            let body_read_timeout = steps.config.server.body_read_timeout;
+            let request = request.map(|body| client_body(body, body_read_timeout));
+            let mut trail = Trail::new();
+            let answered = steps.handle(request, &mut trail).await;
+            Ok(steps.answer(answered, &trail))
         })
     }
 }

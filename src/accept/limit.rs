@@ -5,7 +5,6 @@
 //! connections it already serves, their upstreams and its store.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -69,12 +68,12 @@ impl ConnectionLimit {
     pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
         let permit = self.permits.clone().try_acquire_owned().ok();
         if permit.is_none() {
-            Metrics::count(&self.metrics.connections_refused);
+            self.metrics.connections_refused.inc();
             if let Some(held_back) = self.refusals.admit() {
                 tracing::warn!(
                     max_connections = self.max,
                     held_back,
-                    refused = self.metrics.connections_refused.load(Ordering::Relaxed),
+                    refused = self.metrics.connections_refused.get(),
                     "connection limit reached: new connections are closed at once; \
                      further refusals within {:?} are counted, not logged",
                     self.refusals.window()
@@ -105,7 +104,7 @@ mod tests {
         assert!(first.is_some() && second.is_some());
         assert!(limit.admit().is_none());
         assert!(limit.admit().is_none());
-        assert_eq!(metrics.connections_refused.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.connections_refused.get(), 2);
         drop(first);
         assert!(limit.admit().is_some());
     }

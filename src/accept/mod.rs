@@ -202,7 +202,7 @@ async fn accept(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                Metrics::count(&metrics.accept_errors);
+                metrics.accept_errors.inc();
                 backoff.pause(&error).await;
                 continue;
             }

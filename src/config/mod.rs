@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// How request paths are read before routing.
     pub paths: PathRules,
+    /// One log line per request (target `tollgate::access`).
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -628,6 +630,13 @@ mod tests {
     }
 
     #[test]
+    fn the_access_log_is_off_unless_set() {
+        let server = |text: &str| Config::parse(text, "t.toml", &env).unwrap().server;
+        assert!(!server("").access_log);
+        assert!(server("[server]\naccess_log = true\n").access_log);
+    }
+
+    #[test]
     fn the_outbox_retries_ten_minutes_and_holds_a_hundred_thousand_unless_set() {
         let store = |text: &str| Config::parse(text, "t.toml", &env).unwrap().store;
         let unset = store("");
@@ -672,7 +681,7 @@ mod tests {
                 "3: server.colour: unknown field `colour`, expected one of `listen`, \
                  `max_body_bytes`, `upstream_timeout`, `idle_timeout`, `shutdown_grace`, \
                  `header_read_timeout`, `body_read_timeout`, `ambiguous_paths`, `path_case`, \
-                 `workers`, `max_connections`, `keepalive_timeout`, `tls`",
+                 `workers`, `max_connections`, `keepalive_timeout`, `access_log`, `tls`",
                 "6: orgs.o.limits.tokens: invalid type: string \"lots\", expected i64",
                 "7: orgs.o.plann: unknown field `plann`; did you mean `plan`?",
             ]

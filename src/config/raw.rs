@@ -44,6 +44,7 @@ pub struct RawServer {
     pub workers: Option<i64>,
     pub max_connections: Option<i64>,
     pub keepalive_timeout: Option<String>,
+    pub access_log: Option<bool>,
     pub tls: Option<RawTls>,
 }
 

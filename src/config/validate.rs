@@ -282,6 +282,7 @@ pub(super) fn validate(
                 Duration::from_secs(75),
             ),
             paths: path_rules(&mut c, &path, s),
+            access_log: s.access_log.unwrap_or(false),
         }
     };
 
@@ -1045,6 +1046,7 @@ fn validate_routes(
                 completion_bound,
                 on_store_error,
                 refund_statuses,
+                metrics: Default::default(),
             });
         }
     }

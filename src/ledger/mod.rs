@@ -18,14 +18,13 @@ pub mod outbox;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::task::TaskTracker;
 
 pub use self::outbox::Outbox;
 use self::outbox::{ChargeKey, GiveUp};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics, StoreOp};
 use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::{Amounts, Decided, Decision, Dimension, MAX_AMOUNT};
@@ -46,22 +45,21 @@ pub struct Ledger {
     pub outbox: Arc<Outbox>,
 }
 
-/// Which reservation, and the ledger it is kept in: all a settlement needs
-/// but the amounts.
+/// Which reservation, the ledger it is kept in and its route's counters:
+/// all a settlement needs but the amounts.
 #[derive(Clone)]
 struct Ticket {
     id: ReservationId,
     org: OrgId,
     period: Period,
     ledger: Ledger,
+    route: RouteMetrics,
 }
 
 impl Ticket {
     fn admitted(self, applied: Amounts, deferred: Option<ChargeKey>) -> Reservation {
-        self.ledger
-            .metrics
-            .reservations_open
-            .fetch_add(1, Ordering::Relaxed);
+        self.ledger.metrics.reservations_open.inc();
+        self.route.reserved(applied.get(Dimension::Tokens));
         Reservation {
             ticket: self,
             applied,
@@ -87,13 +85,19 @@ pub struct PendingReservation {
 }
 
 impl PendingReservation {
-    /// Starts `request` in the ledger's store.
-    pub fn start(ledger: &Ledger, request: ReserveRequest) -> PendingReservation {
+    /// Starts `request`, for a request on the route counted by `route`, in
+    /// the ledger's store.
+    pub fn start(
+        ledger: &Ledger,
+        request: ReserveRequest,
+        route: RouteMetrics,
+    ) -> PendingReservation {
         let ticket = Ticket {
             id: request.id,
             org: request.org.clone(),
             period: request.period,
             ledger: ledger.clone(),
+            route,
         };
         let cost = request.cost;
         let store = ledger.store.clone();
@@ -113,9 +117,13 @@ impl PendingReservation {
                 "the reservation was already decided".into(),
             ));
         };
-        let decided = tokio::time::timeout(self.ticket.ledger.store_timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout)?;
+        let ledger = &self.ticket.ledger;
+        let started = Instant::now();
+        let decided = tokio::time::timeout(ledger.store_timeout, call).await;
+        ledger
+            .metrics
+            .observe_store(StoreOp::Reserve, started.elapsed());
+        let decided = decided.map_err(|_| StoreError::Timeout)?;
         self.call = None;
         decided
     }
@@ -184,15 +192,20 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// What the store applied for this reservation.
+    pub fn applied(&self) -> Amounts {
+        self.applied
+    }
+
     /// Leaves the reservation as it is.
     pub fn stand(self) {}
 
     /// Replaces the estimated tokens with the `tokens` the provider reported.
     pub fn reconcile(self, tokens: i64) {
-        Metrics::count(&self.ticket.ledger.metrics.reconciliations);
+        let tokens = tokens.clamp(0, MAX_AMOUNT);
+        self.ticket.route.reconciled(tokens);
         let estimated = self.applied.get(Dimension::Tokens);
-        let correction =
-            Amounts::ZERO.with(Dimension::Tokens, tokens.clamp(0, MAX_AMOUNT) - estimated);
+        let correction = Amounts::ZERO.with(Dimension::Tokens, tokens - estimated);
         self.apply(correction);
     }
 
@@ -207,7 +220,7 @@ impl Reservation {
     /// Gives back everything the reservation took, in the background.
     pub fn refund(self) {
         if !self.applied.is_zero() {
-            Metrics::count(&self.ticket.ledger.metrics.refunds);
+            self.ticket.route.refunded();
         }
         let correction = self.applied.negated();
         self.apply(correction);
@@ -241,12 +254,13 @@ fn send(ledger: Ledger, settlement: Settlement) {
             outbox,
             ..
         } = ledger;
-        let error = match tokio::time::timeout(store_timeout, store.settle(&settlement)).await {
+        let settling = tokio::time::timeout(store_timeout, store.settle(&settlement));
+        let error = match metrics.timed(StoreOp::Settle, settling).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error,
             Err(_elapsed) => StoreError::Timeout,
         };
-        metrics.store_failed("settle", &error);
+        metrics.store_failed(StoreOp::Settle, &error);
         match error {
             // A damaged key stays so until someone repairs it.
             StoreError::DamagedKey(_) => outbox.give_up(&settlement, GiveUp::DamagedKey),
@@ -258,10 +272,7 @@ fn send(ledger: Ledger, settlement: Settlement) {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let ledger = &self.ticket.ledger;
-        ledger
-            .metrics
-            .reservations_open
-            .fetch_sub(1, Ordering::Relaxed);
+        ledger.metrics.reservations_open.dec();
         // A deferred reservation left to stand: its charge alone is applied.
         if let Some(charge) = self.deferred.take() {
             let _ = ledger

@@ -62,7 +62,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::quota::Dimension;
 use crate::store::{QuotaStore, Settlement, StoreError};
 
@@ -185,7 +185,9 @@ impl Outbox {
     /// gives it up if the outbox is full.
     pub fn retry(&self, settlement: Settlement) {
         match self.queue(settlement, Next::Nothing) {
-            Ok(_) => Metrics::count(&self.metrics.settlements_queued),
+            Ok(_) => {
+                self.metrics.settlements_queued.inc();
+            }
             Err(settlement) => self.give_up(&settlement, GiveUp::Full),
         }
     }
@@ -194,7 +196,7 @@ impl Outbox {
     /// was queued.
     pub fn defer(&self, charge: Settlement) -> Option<ChargeKey> {
         let key = self.queue(charge, Next::Open).ok()?;
-        Metrics::count(&self.metrics.deferred_charges);
+        self.metrics.deferred_charges.inc();
         Some(ChargeKey(key))
     }
 
@@ -234,7 +236,7 @@ impl Outbox {
 
     /// Counts and logs `settlement` as given up, with its org and amounts.
     pub fn give_up(&self, settlement: &Settlement, why: GiveUp) {
-        Metrics::count(&self.metrics.settlements_given_up);
+        self.metrics.settlements_failed.inc();
         let amount = |dimension| settlement.correction.get(dimension);
         tracing::warn!(
             org = %settlement.org,
@@ -319,9 +321,7 @@ impl Outbox {
     /// Publishes how many wait, and wakes a drain once none do.
     fn changed(&self, state: &State) {
         let waiting = i64::try_from(state.entries.len()).unwrap_or(i64::MAX);
-        self.metrics
-            .settlements_pending
-            .store(waiting, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.settlements_pending.set(waiting);
         if state.entries.is_empty() {
             self.emptied.notify_waiters();
         }
@@ -343,9 +343,11 @@ impl Outbox {
         let mut sending = JoinSet::new();
         let mut keys = HashMap::new();
         for (key, settlement) in self.take(if probing { 1 } else { ROUND }) {
-            let store = store.clone();
+            let (store, metrics) = (store.clone(), self.metrics.clone());
             let attempt = sending.spawn(async move {
-                tokio::time::timeout(timeout, store.settle(&settlement))
+                let settling = tokio::time::timeout(timeout, store.settle(&settlement));
+                metrics
+                    .timed(StoreOp::Settle, settling)
                     .await
                     .unwrap_or(Err(StoreError::Timeout))
             });
@@ -425,13 +427,13 @@ impl Outbox {
         match outcome {
             Ok(()) => {
                 if let Some(entry) = self.remove(&mut state, key) {
-                    Metrics::count(&self.metrics.settlements_retried);
+                    self.metrics.settlements_retried.inc();
                     self.confirmed(&mut state, key, entry.next);
                 }
                 false
             }
             Err(error @ StoreError::DamagedKey(_)) => {
-                self.metrics.store_failed("settle", &error);
+                self.metrics.store_failed(StoreOp::Settle, &error);
                 let entry = self.remove(&mut state, key);
                 drop(state);
                 if let Some(entry) = entry {
@@ -440,7 +442,7 @@ impl Outbox {
                 false
             }
             Err(error) => {
-                self.metrics.store_failed("settle", &error);
+                self.metrics.store_failed(StoreOp::Settle, &error);
                 if state.entries.contains_key(&key) {
                     state.order.push_back(key);
                 }
@@ -676,8 +678,8 @@ mod tests {
         }
     }
 
-    fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    fn count(counter: &prometheus_client::metrics::counter::Counter) -> u64 {
+        counter.get()
     }
 
     /// The log lines written while `f` runs on this thread.
@@ -737,7 +739,7 @@ mod tests {
         assert_eq!(store.tokens().await, 90);
         assert_eq!(count(&outbox.metrics.settlements_queued), 1);
         assert_eq!(count(&outbox.metrics.settlements_retried), 1);
-        assert_eq!(count(&outbox.metrics.settlements_given_up), 0);
+        assert_eq!(count(&outbox.metrics.settlements_failed), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -770,7 +772,7 @@ mod tests {
         outbox.retry(tokens(-10));
 
         eventually("it is given up", || {
-            count(&outbox.metrics.settlements_given_up) == 1
+            count(&outbox.metrics.settlements_failed) == 1
         })
         .await;
 
@@ -802,7 +804,7 @@ mod tests {
 
         assert_eq!(outbox.len(), 2);
         assert!(outbox.defer(tokens(5)).is_none());
-        assert_eq!(count(&outbox.metrics.settlements_given_up), 1);
+        assert_eq!(count(&outbox.metrics.settlements_failed), 1);
         assert_eq!(count(&outbox.metrics.deferred_charges), 0);
         let logged = text(&lines);
         assert!(logged.contains("the outbox is full"), "{logged}");
@@ -869,13 +871,13 @@ mod tests {
         store.fail(true);
         let key = outbox.defer(tokens(10)).unwrap();
         eventually("the charge is given up", || {
-            count(&outbox.metrics.settlements_given_up) == 1
+            count(&outbox.metrics.settlements_failed) == 1
         })
         .await;
 
         assert!(outbox.follow(key, tokens(-10)).is_none());
 
-        assert_eq!(count(&outbox.metrics.settlements_given_up), 2);
+        assert_eq!(count(&outbox.metrics.settlements_failed), 2);
         assert!(text(&lines).contains("the deferred charge it follows was given up"));
         store.fail(false);
         assert_eq!(store.tokens().await, 100);
@@ -913,11 +915,8 @@ mod tests {
 
         assert_eq!(Instant::now(), deadline);
         assert!(outbox.is_empty());
-        assert_eq!(count(&outbox.metrics.settlements_given_up), 2);
-        assert_eq!(
-            outbox.metrics.settlements_pending.load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(count(&outbox.metrics.settlements_failed), 2);
+        assert_eq!(outbox.metrics.settlements_pending.get(), 0);
         let logged = text(&lines);
         assert!(logged.contains("grace period ended with settlements unapplied"));
         assert!(logged.contains("tokens=-20"), "{logged}");

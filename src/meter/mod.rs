@@ -30,7 +30,7 @@ use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
 use crate::llm::{Api, CompletionBound, Reading};
-use crate::metrics::Metrics;
+use crate::metrics::StoreOp;
 use crate::org::{OrgId, OrgPolicy};
 use crate::period::Period;
 use crate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Mode};
@@ -67,6 +67,8 @@ pub struct Admitted {
     /// known (with `reservation` `None`, or deferred) or no dimension of
     /// the cost has a limit.
     pub rate_limit: Option<RateLimitHeaders>,
+    /// Forwarded uncounted because the store failed (`on_error = "allow"`).
+    pub fail_open: bool,
 }
 
 impl Admitted {
@@ -78,6 +80,7 @@ impl Admitted {
             over: None,
             reading: None,
             rate_limit: None,
+            fail_open: false,
         }
     }
 }
@@ -289,7 +292,8 @@ impl Meter {
             cost: amounts,
             mode: charge.policy.mode,
         };
-        let mut pending = PendingReservation::start(&self.ledger, reserve);
+        let mut pending =
+            PendingReservation::start(&self.ledger, reserve, charge.route.metrics.clone());
         let decided = pending.decision().await;
         (pending, decided)
     }
@@ -315,7 +319,6 @@ impl Meter {
                 counters,
             }) => {
                 if let Some(over) = over {
-                    Metrics::count(&self.ledger.metrics.shadow_exceeded);
                     tracing::info!(org = %org, route = %route.name, quota_type = %over.dimension, "shadow: quota exceeded, forwarded");
                 }
                 let rate_limit = rate_limit(&counters);
@@ -325,13 +328,14 @@ impl Meter {
                     over,
                     reading,
                     rate_limit,
+                    fail_open: false,
                 })
             }
             Ok(Decided {
                 decision: Decision::Deny(exceeded),
                 counters,
             }) => {
-                Metrics::count(&self.ledger.metrics.quota_denials);
+                route.metrics.denied(exceeded.dimension);
                 tracing::info!(org = %org, route = %route.name, quota_type = %exceeded.dimension, "quota exceeded");
                 Err(GatewayError::QuotaExceeded(Box::new(Denial {
                     exceeded,
@@ -341,7 +345,7 @@ impl Meter {
                 })))
             }
             Err(error) => {
-                self.ledger.metrics.store_failed("reserve", &error);
+                self.ledger.metrics.store_failed(StoreOp::Reserve, &error);
                 self.store_failed(route, request, pending, reading)
             }
         }
@@ -356,11 +360,12 @@ impl Meter {
         pending: PendingReservation,
         reading: Option<Reading>,
     ) -> Result<Admitted, GatewayError> {
-        let metrics = &self.ledger.metrics;
         let deferred = match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
-                Metrics::count(&metrics.fail_open_passes);
-                return Ok(Admitted::uncounted(request));
+                return Ok(Admitted {
+                    fail_open: true,
+                    ..Admitted::uncounted(request)
+                });
             }
             OnStoreError::Deny => None,
             // A full outbox refuses the request rather than let it through
@@ -368,7 +373,6 @@ impl Meter {
             OnStoreError::Defer => pending.defer(),
         };
         let Some(reservation) = deferred else {
-            Metrics::count(&metrics.fail_closed_denials);
             return Err(GatewayError::StoreUnavailable);
         };
         Ok(Admitted {
@@ -377,6 +381,7 @@ impl Meter {
             over: None,
             reading,
             rate_limit: None,
+            fail_open: false,
         })
     }
 

@@ -21,6 +21,7 @@ use http::{Method, Request, Uri};
 
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
+use crate::metrics::RouteMetrics;
 use crate::quota::Amounts;
 use crate::store::OnStoreError;
 
@@ -45,6 +46,10 @@ pub struct Route {
     pub on_store_error: Option<OnStoreError>,
     /// Upstream statuses that refund the reservation; `None`: every non-2xx.
     pub refund_statuses: Option<Vec<http::StatusCode>>,
+    /// This route's counters: counted nowhere as the config is read, bound
+    /// to the process's families when the per-config parts are built, so
+    /// that a request counts without a label lookup.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -394,6 +399,7 @@ mod tests {
             completion_bound: crate::llm::CompletionBound::AsSent,
             on_store_error: None,
             refund_statuses: None,
+            metrics: Default::default(),
         }
     }
 

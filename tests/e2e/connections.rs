@@ -5,7 +5,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -223,13 +222,7 @@ async fn past_max_connections_a_new_connection_is_closed_at_once_and_counted() {
     let (after, received) = closed_after(&mut third, opened).await;
     assert!(received.is_empty());
     assert!(after < Duration::from_secs(5), "closed after {after:?}");
-    let refused = || {
-        gateway
-            .app
-            .metrics()
-            .connections_refused
-            .load(Ordering::Relaxed)
-    };
+    let refused = || gateway.app.metrics().connections_refused.get();
     assert_eq!(refused(), 1);
 
     // A connection that closes makes room for the next.
@@ -255,11 +248,7 @@ async fn a_malformed_chunked_body_on_an_unmetered_route_is_400_not_502() {
 
     assert!(head.starts_with("HTTP/1.1 400"), "{head}\n{body}");
     assert!(body.contains(r#""code":"BAD_REQUEST""#), "{body}");
-    let faults = gateway
-        .app
-        .metrics()
-        .client_body_faults
-        .load(Ordering::Relaxed);
+    let faults = gateway.app.metrics().client_body_faults.get();
     assert_eq!(faults, 1);
 }
 

@@ -204,11 +204,11 @@ async fn shadow_mode_forwards_past_the_limit_and_names_the_quota_in_a_header() {
         "shadow mode still counts"
     );
     assert_eq!(
-        gateway
-            .app
-            .metrics()
-            .shadow_exceeded
-            .load(std::sync::atomic::Ordering::Relaxed),
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "shadow_exceeded")]
+        ),
         1
     );
 }

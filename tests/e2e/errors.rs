@@ -182,11 +182,7 @@ async fn an_upstream_error_status_passes_through_and_refunds_the_reservation() {
     assert_eq!(upstream.hits(), 1);
     gateway.settles_at("org_f", Dimension::Tokens, 0).await;
     assert_eq!(
-        gateway
-            .app
-            .metrics()
-            .refunds
-            .load(std::sync::atomic::Ordering::Relaxed),
+        crate::support::count(&gateway.app, "tollgate_refunds_total", &[]),
         1
     );
 }
@@ -269,11 +265,7 @@ async fn a_route_can_name_the_upstream_statuses_that_refund() {
     // The 500 was not in the list: its 10,000 tokens stand; the 503's came back.
     gateway.settles_at("org_q", Dimension::Tokens, 10_000).await;
     assert_eq!(
-        gateway
-            .app
-            .metrics()
-            .refunds
-            .load(std::sync::atomic::Ordering::Relaxed),
+        crate::support::count(&gateway.app, "tollgate_refunds_total", &[]),
         1
     );
 }

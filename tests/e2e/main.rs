@@ -12,6 +12,7 @@ mod identity;
 mod jwt;
 mod llm;
 mod llm_bounds;
+mod metrics;
 mod paths;
 mod ratelimit_headers;
 mod redis_gateway;

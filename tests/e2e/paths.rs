@@ -3,8 +3,6 @@
 //! trailing slashes and method overrides are charged or refused, never
 //! forwarded uncharged to a metered handler.
 
-use std::sync::atomic::Ordering;
-
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -197,7 +195,7 @@ async fn a_path_in_another_case_is_charged_and_refunded_when_a_case_sensitive_ba
 
     assert_eq!(answer.status, 404);
     assert_eq!(upstream.seen()[0].target, "/API/v1/playbooks/pb1/Execute");
-    let refunds = || gateway.app.metrics().refunds.load(Ordering::Relaxed);
+    let refunds = || crate::support::count(&gateway.app, "tollgate_refunds_total", &[]);
     eventually("the reservation is refunded", async || refunds() == 1).await;
     gateway.settles_at(ROOMY, Dimension::PlaybookRuns, 0).await;
 }

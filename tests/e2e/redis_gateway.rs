@@ -82,7 +82,10 @@ async fn two_gateways_sharing_one_redis_admit_exactly_the_limit() {
         redis.command::<i64>(&["GET", &counter_key("org_pair", "tokens")]),
         1000
     );
-    assert_eq!(first.app.metrics().store_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        crate::support::count(&first.app, "tollgate_store_errors_total", &[]),
+        0
+    );
 }
 
 /// Drives `path` from four clients until Redis is stopped partway and twenty
@@ -161,12 +164,11 @@ async fn with_on_error_allow_requests_pass_while_redis_is_down() {
         "{answers:?}"
     );
     assert!(
-        gateway
-            .app
-            .metrics()
-            .fail_open_passes
-            .load(Ordering::Relaxed)
-            >= 20
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ) >= 20
     );
     assert_eq!(gateway.app.metrics().open_reservations(), 0);
 }
@@ -237,12 +239,11 @@ async fn the_gateway_recovers_by_itself_when_redis_comes_back() {
     redis.stop();
     assert_eq!(post(&gateway, "/ten", "org_back").await.status(), 200);
     assert!(
-        gateway
-            .app
-            .metrics()
-            .fail_open_passes
-            .load(Ordering::Relaxed)
-            >= 1
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ) >= 1
     );
     redis.restart().await;
 
@@ -271,7 +272,7 @@ async fn a_script_flush_is_survived_without_a_store_error() {
     assert_eq!(post(&gateway, "/ten", "org_flush").await.status(), 200);
     assert_eq!(gateway.used("org_flush", Dimension::Tokens).await, 20);
     assert_eq!(
-        gateway.app.metrics().store_errors.load(Ordering::Relaxed),
+        crate::support::count(&gateway.app, "tollgate_store_errors_total", &[]),
         0
     );
 }
@@ -322,17 +323,17 @@ async fn a_reservation_the_store_confirms_after_its_timeout_is_refunded() {
         "fails open after 100ms"
     );
     assert_eq!(
-        gateway
-            .app
-            .metrics()
-            .fail_open_passes
-            .load(Ordering::Relaxed),
+        crate::support::count(
+            &gateway.app,
+            "tollgate_requests_total",
+            &[("outcome", "fail_open")]
+        ),
         1
     );
 
     // The late reservation was applied when Redis resumed, then given back.
     eventually("the late reservation is refunded", async || {
-        gateway.app.metrics().refunds.load(Ordering::Relaxed) == 1
+        crate::support::count(&gateway.app, "tollgate_refunds_total", &[]) == 1
     })
     .await;
     eventually("the counter holds only the first request", async || {
@@ -396,7 +397,7 @@ async fn a_refund_against_a_damaged_counter_is_given_up_at_once_and_leaves_the_c
     // Shutdown waits for the settlement, retries included.
     within(Duration::from_secs(10), gateway.shut_down()).await;
 
-    let store_errors = gateway.app.metrics().store_errors.load(Ordering::Relaxed);
+    let store_errors = crate::support::count(&gateway.app, "tollgate_store_errors_total", &[]);
     assert_eq!(store_errors, 1, "tried once, not retried");
     assert_eq!(
         redis.command::<String>(&["GET", &counter_key("org_pair", "tokens")]),

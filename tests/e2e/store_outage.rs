@@ -8,16 +8,17 @@
 //! drains, and the counter in Redis is compared with the answers that
 //! succeeded: the drift, which every policy accounts for to the request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use tollgate::metrics::Metrics;
 
 use crate::support::provider::{OPENAI_USAGE, Provider};
 use crate::support::redis::{RedisServer, counter_key};
-use crate::support::{Gateway, Upstream, client, config_with, eventually, run_clock, within};
+use crate::support::{
+    Gateway, Upstream, client, config_with, count, eventually, run_clock, within,
+};
 
 /// The shared test config on Redis with a store timeout of 100ms, the
 /// policy `on_error`, `store` lines added, and two routes costing a token:
@@ -199,12 +200,13 @@ fn counter(redis: &RedisServer) -> i64 {
         .unwrap_or(0)
 }
 
-fn total(gateways: &[Gateway], counter: fn(&Metrics) -> &AtomicU64) -> u64 {
-    gateways
-        .iter()
-        .map(|g| counter(g.app.metrics()).load(Ordering::Relaxed))
-        .sum()
+fn total(gateways: &[Gateway], name: &str, labels: &[(&str, &str)]) -> u64 {
+    gateways.iter().map(|g| count(&g.app, name, labels)).sum()
 }
+
+const FAIL_OPEN: (&str, &[(&str, &str)]) = ("tollgate_requests_total", &[("outcome", "fail_open")]);
+const DEFERRED: (&str, &[(&str, &str)]) = ("tollgate_deferred_charges_total", &[]);
+const STORE_ERRORS: (&str, &[(&str, &str)]) = ("tollgate_store_errors_total", &[]);
 
 /// Waits until no gateway has a settlement left to apply: none on its
 /// first attempt, none in its outbox, no reservation open.
@@ -225,9 +227,9 @@ async fn through(
     failing_path: &'static str,
 ) -> Row {
     let counted = counter(redis);
-    let failed_open = total(gateways, |m| &m.fail_open_passes);
-    let deferred = total(gateways, |m| &m.deferred_charges);
-    let store_errors = total(gateways, |m| &m.store_errors);
+    let failed_open = total(gateways, FAIL_OPEN.0, FAIL_OPEN.1);
+    let deferred = total(gateways, DEFERRED.0, DEFERRED.1);
+    let store_errors = total(gateways, STORE_ERRORS.0, STORE_ERRORS.1);
     let (answers, stop) = (
         Arc::new(Answers::default()),
         Arc::new(AtomicBool::new(false)),
@@ -258,9 +260,9 @@ async fn through(
         requests: answers.sent.load(Ordering::Relaxed),
         succeeded,
         refused: answers.refused.load(Ordering::Relaxed),
-        failed_open: total(gateways, |m| &m.fail_open_passes) - failed_open,
-        deferred: total(gateways, |m| &m.deferred_charges) - deferred,
-        store_errors: total(gateways, |m| &m.store_errors) - store_errors,
+        failed_open: total(gateways, FAIL_OPEN.0, FAIL_OPEN.1) - failed_open,
+        deferred: total(gateways, DEFERRED.0, DEFERRED.1) - deferred,
+        store_errors: total(gateways, STORE_ERRORS.0, STORE_ERRORS.1) - store_errors,
         drift: counter(redis) - counted - succeeded as i64,
     }
 }
@@ -365,7 +367,7 @@ async fn charges_deferred_while_redis_is_stopped_are_applied_at_shutdown_once_it
         assert_eq!(response.status(), 200);
     }
     let metrics = gateway.app.metrics().clone();
-    assert_eq!(metrics.settlements_pending.load(Ordering::Relaxed), 3);
+    assert_eq!(metrics.settlements_pending.get(), 3);
 
     let stopped = tokio::spawn(gateway.shut_down());
     eventually("the listener is closed", async || {
@@ -381,8 +383,8 @@ async fn charges_deferred_while_redis_is_stopped_are_applied_at_shutdown_once_it
 
     // Read at once: the gateway is gone, so the charges came before it went.
     assert_eq!(counter(&redis), 3);
-    assert_eq!(metrics.settlements_retried.load(Ordering::Relaxed), 3);
-    assert_eq!(metrics.settlements_given_up.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.settlements_retried.get(), 3);
+    assert_eq!(metrics.settlements_failed.get(), 0);
 }
 
 #[tokio::test]
@@ -426,14 +428,14 @@ async fn a_charge_redis_does_not_confirm_within_settle_retry_for_is_given_up_and
 
     let metrics = gateway.app.metrics();
     eventually("the charge is given up", async || {
-        metrics.settlements_given_up.load(Ordering::Relaxed) == 1
+        metrics.settlements_failed.get() == 1
     })
     .await;
 
     redis.restart().await;
     settled(std::slice::from_ref(&gateway)).await;
     assert_eq!(counter(&redis), 0);
-    assert_eq!(metrics.settlements_retried.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.settlements_retried.get(), 0);
 }
 
 #[tokio::test]
@@ -463,11 +465,11 @@ async fn deferred_chat_completions_are_charged_the_usage_reported_and_refunded_w
     }
 
     let metrics = gateway.app.metrics();
-    assert_eq!(metrics.deferred_charges.load(Ordering::Relaxed), 2);
+    assert_eq!(metrics.deferred_charges.get(), 2);
     redis.restart().await;
     settled(std::slice::from_ref(&gateway)).await;
     assert_eq!(counter(&redis), OPENAI_USAGE);
-    assert_eq!(metrics.settlements_given_up.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.settlements_failed.get(), 0);
 }
 
 #[tokio::test]

@@ -27,6 +27,33 @@ pub mod backends;
 pub mod provider;
 pub mod redis;
 
+/// The sum of the samples named `name` whose labels include `labels`, in
+/// the app's metrics text, read by a Prometheus text parser as a scraper
+/// would read it: a counter's `_total` series, a gauge, or a histogram's
+/// `_count` and `_sum`.
+pub fn metric(app: &App, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = app.metrics().encode();
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the metrics text parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .filter(|sample| labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)))
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a single value"),
+        })
+        .sum()
+}
+
+/// [`metric`] as a count.
+pub fn count(app: &App, name: &str, labels: &[(&str, &str)]) -> u64 {
+    metric(app, name, labels) as u64
+}
+
 /// What the stand-in upstream saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {
