@@ -121,7 +121,6 @@ struct Trail<'s> {
     upstream: Option<Duration>,
 }
 
-
 impl Steps {
     pub fn new(
         config: Arc<Config>,

@@ -458,3 +458,104 @@ async fn the_proxy_never_answers_admin_paths_and_the_admin_never_proxies() {
     assert_eq!(upstream.hits(), hits);
     assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 0);
 }
+
+/// A sample of the `/metrics` text, as a Prometheus parser reads it.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("/metrics parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_are_served_without_a_token_and_count_what_happened_on_both_stores() {
+    let upstream = Upstream::start().await;
+    for backing in Backing::both().await {
+        let name = backing.name();
+        let gateway = backing.gateway(&upstream).await;
+        gateway
+            .app
+            .set_usage(&acme(), Dimension::PlaybookRuns, 9)
+            .await
+            .unwrap();
+        run_playbooks(&gateway, 1).await;
+        let refused = client()
+            .post(gateway.url("/api/v1/playbooks/p/execute"))
+            .bearer_auth(KEY_ACME)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 402);
+        // Started without a file: a reload that did not happen.
+        let reload = admin(reqwest::Method::POST, &gateway, "/v1/reload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reload.status(), 409);
+
+        let response = client()
+            .get(gateway.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text"),
+            "{name}"
+        );
+        let text = response.text().await.unwrap();
+        assert!(text.ends_with("# EOF\n"), "{name}");
+        let route = ("route", "playbook-execute");
+        let requests = "tollgate_requests_total";
+        assert_eq!(
+            sample(&text, requests, &[route, ("outcome", "forwarded")]),
+            1.0,
+            "{name}"
+        );
+        assert_eq!(
+            sample(&text, requests, &[route, ("outcome", "denied")]),
+            1.0,
+            "{name}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tollgate_quota_denials_total",
+                &[route, ("quota_type", "playbook_runs")]
+            ),
+            1.0,
+            "{name}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tollgate_config_reloads_total",
+                &[("result", "error")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "tollgate_reservations_open", &[]),
+            0.0,
+            "{name}"
+        );
+        assert!(!text.contains("org_acme"), "an org is never a label");
+        assert_eq!(
+            gateway.used("org_acme", Dimension::PlaybookRuns).await,
+            10,
+            "{name}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use tollgate::quota::Dimension;
 
 use crate::admin::{ADMIN_TOKEN, Backing, admin, admin_section};
 use crate::support::{
-    Gateway, KEY_ACME, Upstream, client, config_with, envelope, fixed_clock, run_clock,
+    Gateway, KEY_ACME, Upstream, client, config_with, count, envelope, fixed_clock, run_clock,
 };
 
 /// A config file a gateway runs on, rewritten by the test.
@@ -106,6 +106,12 @@ async fn a_reload_adds_a_route_and_lowers_a_limit_and_keeps_the_counters() {
             json!({"reloaded": true, "restartRequired": []})
         );
 
+        let reloads = count(
+            &gateway.app,
+            "tollgate_config_reloads_total",
+            &[("result", "ok")],
+        );
+        assert_eq!(reloads, 1, "{name}");
         // The counter survived, the new route is metered, the new limit holds.
         assert_eq!(
             gateway.used("org_acme", Dimension::PlaybookRuns).await,
@@ -157,6 +163,14 @@ async fn a_broken_file_keeps_the_running_config_and_answers_every_problem() {
         "{errors:?}"
     );
 
+    let reloads = |result| {
+        count(
+            &gateway.app,
+            "tollgate_config_reloads_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!((reloads("ok"), reloads("error")), (0, 1));
     // The running config is untouched: the free plan still allows 10 runs.
     for _ in 0..10 {
         assert_eq!(post(&gateway, "/api/v1/playbooks/p/execute").await, 200);
