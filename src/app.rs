@@ -121,6 +121,7 @@ impl App {
                 settling: self.settling.clone(),
                 outbox: self.outbox.clone(),
             },
+            rate_limit_policies: Default::default(),
             catalog: self.catalog.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,

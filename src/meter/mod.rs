@@ -43,6 +43,8 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 pub struct Meter {
     pub(crate) ledger: Ledger,
+    /// The worker's last `RateLimit-Policy` value.
+    pub(crate) rate_limit_policies: headers::PolicyCache,
     /// Where org policies come from: the config's orgs, with the runtime
     /// ones over them.
     pub(crate) catalog: Arc<Catalog>,
@@ -311,7 +313,14 @@ impl Meter {
         let cost = pending.cost();
         let rate_limit = |counters: &Amounts| {
             let limits = &charge.policy.limits;
-            headers::rate_limit(limits, &cost, counters, &charge.period, charge.now)
+            headers::rate_limit(
+                limits,
+                &cost,
+                counters,
+                &charge.period,
+                charge.now,
+                &self.rate_limit_policies,
+            )
         };
         match decided {
             Ok(Decided {
