@@ -18,7 +18,7 @@ pub mod outbox;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
@@ -118,8 +118,9 @@ impl PendingReservation {
             ));
         };
         let ledger = &self.ticket.ledger;
-        let started = Instant::now();
-        let decided = tokio::time::timeout(ledger.store_timeout, call).await;
+        // One clock read for both the deadline and the duration.
+        let started = tokio::time::Instant::now();
+        let decided = tokio::time::timeout_at(started + ledger.store_timeout, call).await;
         ledger
             .metrics
             .observe_store(StoreOp::Reserve, started.elapsed());
