@@ -10,7 +10,7 @@ use tollgate::quota::Dimension;
 use crate::support::redis::RedisServer;
 use crate::support::{
     Gateway, KEY_ACME, Upstream, client, config_with, envelope, eventually, fixed_clock, run_clock,
-    run_started,
+    run_started, sample,
 };
 
 /// The admin token of the tests' `[admin]`.
@@ -457,23 +457,6 @@ async fn the_proxy_never_answers_admin_paths_and_the_admin_never_proxies() {
     }
     assert_eq!(upstream.hits(), hits);
     assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 0);
-}
-
-/// A sample of the `/metrics` text, as a Prometheus parser reads it.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let lines = text.lines().map(|line| Ok(line.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("/metrics parses");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 #[tokio::test]

@@ -2,16 +2,13 @@
 //! memory store and on a real redis-server, and two instances sharing one
 //! Redis that enforce each other's changes within a second.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 use tollgate::quota::Dimension;
 
 use crate::admin::{Backing, admin, admin_section};
 use crate::support::redis::RedisServer;
-use crate::support::{Gateway, Upstream, client, config_with, envelope};
+use crate::support::{Gateway, Upstream, client, config_with, envelope, within_a_second};
 
 const RUNS: Dimension = Dimension::PlaybookRuns;
 
@@ -45,15 +42,6 @@ async fn run_with_key(gateway: &Gateway, key: &str) -> u16 {
         .await
         .unwrap();
     response.status().as_u16()
-}
-
-/// Polls `condition` until it holds; fails if that takes over a second.
-async fn within_a_second(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "not within a second: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn free_defaults(org: &str) -> Value {

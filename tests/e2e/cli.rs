@@ -308,7 +308,7 @@ async fn run_stops_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = tollgate()
+    let child = tollgate()
         .arg("run")
         .arg("--config")
         .arg(&file)
@@ -322,20 +322,25 @@ async fn run_stops_cleanly_on_sigterm() {
             .is_ok()
     })
     .await;
+    let status = terminate(child).await;
+
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Sends the gateway SIGTERM and waits for it to exit.
+async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = within(
+    within(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || child.wait()),
     )
     .await
     .unwrap()
-    .unwrap();
-
-    assert!(status.success(), "exit status {status}");
+    .unwrap()
 }
 
 #[tokio::test]
@@ -401,17 +406,6 @@ async fn sighup_reloads_the_file_and_a_broken_one_leaves_the_gateway_running() {
     assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the process");
     assert_eq!(status_of("/b/x").await, 502);
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = within(
-        Duration::from_secs(10),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let status = terminate(child).await;
     assert!(status.success(), "{status:?}");
 }

@@ -2,14 +2,11 @@
 //! API calls): enforced at once by that instance, within a second by every
 //! other sharing its Redis, and kept across a restart.
 
-use std::time::Duration;
-
-use tokio::time::Instant;
 use tollgate::org::{OrgId, OrgRecord};
 use tollgate::quota::Dimension;
 
 use crate::support::redis::{RedisServer, counter_key};
-use crate::support::{Gateway, Upstream, client, config, config_with, run_clock};
+use crate::support::{Gateway, Upstream, client, config, config_with, run_clock, within_a_second};
 
 const RUNS: Dimension = Dimension::PlaybookRuns;
 const EXECUTE: &str = "/api/v1/playbooks/p1/execute";
@@ -56,15 +53,6 @@ async fn execute_with_key(gateway: &Gateway, key: &str) -> u16 {
         .await
         .unwrap();
     response.status().as_u16()
-}
-
-/// Polls `condition` until it holds, failing if that takes a second.
-async fn within_a_second(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "not within a second: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Sets org_rt to two runs a period, then runs three: the third is refused.

@@ -32,7 +32,11 @@ pub mod redis;
 /// would read it: a counter's `_total` series, a gauge, or a histogram's
 /// `_count` and `_sum`.
 pub fn metric(app: &App, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = app.metrics().encode();
+    sample(&app.metrics().encode(), name, labels)
+}
+
+/// [`metric`] of a metrics text, as `GET /metrics` serves it.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let lines = text.lines().map(|line| Ok(line.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("the metrics text parses");
     scrape
@@ -316,6 +320,19 @@ impl Gateway {
                 server.await.unwrap();
             }
         }
+    }
+}
+
+/// Polls `condition` until it holds; fails if that takes over a second,
+/// the time within which every instance must enforce a catalog change.
+pub async fn within_a_second(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within a second: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
