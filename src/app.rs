@@ -122,6 +122,7 @@ impl App {
                 outbox: self.outbox.clone(),
             },
             rate_limit_policies: Default::default(),
+            periods: Default::default(),
             catalog: self.catalog.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: config.server.body_read_timeout,

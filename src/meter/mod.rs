@@ -32,7 +32,7 @@ use crate::llm::request::{self, StreamUsage};
 use crate::llm::{Api, CompletionBound, Reading};
 use crate::metrics::StoreOp;
 use crate::org::{OrgId, OrgPolicy};
-use crate::period::Period;
+use crate::period::{Period, PeriodCache};
 use crate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Mode};
 use crate::route::{Cost, Route};
 use crate::store::{OnStoreError, ReservationId, ReserveRequest, StoreError};
@@ -45,6 +45,8 @@ pub struct Meter {
     pub(crate) ledger: Ledger,
     /// The worker's last `RateLimit-Policy` value.
     pub(crate) rate_limit_policies: headers::PolicyCache,
+    /// The worker's last billing period.
+    pub(crate) periods: PeriodCache,
     /// Where org policies come from: the config's orgs, with the runtime
     /// ones over them.
     pub(crate) catalog: Arc<Catalog>,
@@ -135,7 +137,7 @@ impl Meter {
         let charge = Charge {
             route,
             org,
-            period: policy.period(now),
+            period: self.periods.containing(now, policy.period_anchor_day),
             policy,
             now,
         };
