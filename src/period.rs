@@ -16,25 +16,27 @@ pub struct Period {
 }
 
 /// A moment as the 402 body and the admin API write it: RFC 3339, whole
-/// seconds, `Z`. Digit by digit: chrono's formatter costs some 400
+/// seconds, `Z`. Into a fixed buffer: chrono's formatter costs some 400
 /// instructions a call (callgrind), and each 402 writes two.
 pub fn rfc3339(time: DateTime<Utc>) -> String {
     let (date, clock) = (time.date_naive(), time.time());
+    let mut text = *b"0000-00-00T00:00:00Z";
     let year = u32::try_from(date.year()).unwrap_or(0);
-    let mut text = String::with_capacity(20);
-    let fields = [
-        (year, 4, '-'),
-        (date.month(), 2, '-'),
-        (date.day(), 2, 'T'),
-        (clock.hour(), 2, ':'),
-        (clock.minute(), 2, ':'),
-        (clock.second(), 2, 'Z'),
-    ];
-    for (value, width, then) in fields {
-        push_digits(&mut text, value, width);
-        text.push(then);
+    for (range, value) in [
+        (0..4, year),
+        (5..7, date.month()),
+        (8..10, date.day()),
+        (11..13, clock.hour()),
+        (14..16, clock.minute()),
+        (17..19, clock.second()),
+    ] {
+        let mut rest = value;
+        for byte in text[range].iter_mut().rev() {
+            *byte = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
     }
-    text
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// `value` in `width` decimal digits, zero-padded.
