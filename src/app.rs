@@ -106,13 +106,19 @@ impl App {
             Backend::Redis(_) => open_store(&self.live.config())?,
         };
         let app = self.clone();
-        let build: BuildSteps = Box::new(move |config| app.steps(config, store.clone()));
+        let build: BuildSteps =
+            Box::new(move |generation, config| app.steps(generation, config, store.clone()));
         let gateway = Gateway::new(self.live.clone(), build).map_err(StartError::Steps)?;
         Ok(stack::build(gateway))
     }
 
     /// One worker's steps on `config`, with the worker's `store`.
-    fn steps(&self, config: Arc<Config>, store: Arc<dyn QuotaStore>) -> Result<Steps, BoxError> {
+    fn steps(
+        &self,
+        generation: u64,
+        config: Arc<Config>,
+        store: Arc<dyn QuotaStore>,
+    ) -> Result<Steps, BoxError> {
         let meter = Meter {
             ledger: Ledger {
                 store,
@@ -136,6 +142,7 @@ impl App {
             self.metrics.clone(),
         )?;
         Ok(Steps::new(
+            generation,
             config.clone(),
             Router::new(&self.bound_routes(&config), config.server.paths),
             Identifier::new(config.identity.clone()).with_catalog(self.catalog.clone()),

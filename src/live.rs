@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -21,6 +22,9 @@ use crate::config::{Config, ConfigError};
 /// The running config, and the file it is reloaded from.
 pub struct Live {
     current: ArcSwap<Config>,
+    /// Counts the swaps, so that a worker tells a new snapshot with one
+    /// atomic load.
+    generation: AtomicU64,
     path: Option<PathBuf>,
 }
 
@@ -45,6 +49,7 @@ impl Live {
     pub fn new(config: Config, path: Option<PathBuf>) -> Live {
         Live {
             current: ArcSwap::from_pointee(config),
+            generation: AtomicU64::new(0),
             path,
         }
     }
@@ -54,10 +59,18 @@ impl Live {
         self.current.load_full()
     }
 
-    /// Whether `config` is still the snapshot new requests run on: one
-    /// atomic load and a pointer comparison, cheap enough for every request.
-    pub fn is_current(&self, config: &Arc<Config>) -> bool {
-        Arc::ptr_eq(&self.current.load(), config)
+    /// The snapshot new requests run on, with its generation: read in this
+    /// order, so that a reload in between leaves the generation older
+    /// than the snapshot (and the next request builds again), never newer.
+    pub fn snapshot(&self) -> (u64, Arc<Config>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        (generation, self.current.load_full())
+    }
+
+    /// Whether a snapshot of `generation` is still the current one: one
+    /// atomic load, cheap enough for every request.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) == generation
     }
 
     /// Reads the file again and, if it is valid, makes it the config of
@@ -68,6 +81,7 @@ impl Live {
         let running = self.current.load_full();
         let restart_required = keep_restart_only(&running, &mut next);
         self.current.store(Arc::new(next));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(Reloaded { restart_required })
     }
 }
