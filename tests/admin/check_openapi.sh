@@ -61,6 +61,8 @@ request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/openapi.jso
                                  headers={"Authorization": f"Bearer {sys.argv[2]}"})
 open(sys.argv[3], "wb").write(urllib.request.urlopen(request, timeout=5).read())
 PY
+# From the temporary directory, where schemathesis keeps its cache.
+cd "$dir"
 "$schemathesis" run "$dir/openapi.json" --url "http://127.0.0.1:$admin" \
   --header "Authorization: Bearer $token" \
   --checks all --max-examples 25 --no-color "$@" \
