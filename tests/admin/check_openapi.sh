@@ -7,6 +7,7 @@ set -euo pipefail
 binary=$1 schemathesis=$2
 shift 2
 cd "$(dirname "$0")/../.."
+schemathesis=$(realpath -s "$schemathesis")
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 proxy=$(free_port) admin=$(free_port)
