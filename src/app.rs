@@ -225,8 +225,18 @@ impl App {
 
     /// `org`'s counters in its current billing period.
     pub async fn usage(&self, org: &OrgId) -> Result<Amounts, StoreError> {
-        let (_, period) = self.policy_now(org);
-        self.store_call(self.store.usage(org, period)).await
+        Ok(self.usage_now(org).await?.2)
+    }
+
+    /// `org`'s policy now, its current period, and its counters in that
+    /// period, read from the store: the three of one moment.
+    pub async fn usage_now(
+        &self,
+        org: &OrgId,
+    ) -> Result<(Arc<OrgPolicy>, Period, Amounts), StoreError> {
+        let (policy, period) = self.policy_now(org);
+        let used = self.store_call(self.store.usage(org, period)).await?;
+        Ok((policy, period, used))
     }
 
     /// The policy `org` is metered on now, and its current period.

@@ -20,6 +20,7 @@ use crate::org::OrgPolicy;
 use crate::period::{Period, rfc3339};
 use crate::quota::Exceeded;
 use crate::route::{PathError, TargetError};
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -80,6 +81,15 @@ impl From<ClientFault> for GatewayError {
     }
 }
 
+/// A store call outside the request path (the admin API's) that failed;
+/// the call itself counted and logged it. The request path decides by
+/// `store.on_error` instead, and never converts.
+impl From<StoreError> for GatewayError {
+    fn from(_: StoreError) -> GatewayError {
+        GatewayError::StoreUnavailable
+    }
+}
+
 /// A change to the runtime catalog that could not be made.
 impl From<CatalogError> for GatewayError {
     fn from(error: CatalogError) -> GatewayError {
@@ -89,7 +99,7 @@ impl From<CatalogError> for GatewayError {
             }
             CatalogError::Store(error) => {
                 tracing::warn!(%error, "the store refused a catalog change");
-                GatewayError::StoreUnavailable
+                error.into()
             }
             CatalogError::Random(error) => {
                 tracing::error!(%error, "no random bytes for a new key");

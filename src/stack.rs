@@ -26,7 +26,7 @@ use crate::accept::{ClientAddr, HttpService, client_body};
 use crate::config::Config;
 use crate::error::{GatewayError, RateLimitHeaders};
 use crate::forward::{self, Forwarder};
-use crate::identify::Identifier;
+use crate::identify::{Identifier, X_API_KEY};
 use crate::live::Live;
 use crate::meter::{Admitted, Meter};
 use crate::metrics::{Outcome, RouteMetrics};
@@ -85,7 +85,7 @@ fn mark_credentials_sensitive(headers: &mut http::HeaderMap) {
         if *name == AUTHORIZATION
             || *name == PROXY_AUTHORIZATION
             || *name == COOKIE
-            || name.as_str() == "x-api-key"
+            || *name == X_API_KEY
         {
             value.set_sensitive(true);
         }

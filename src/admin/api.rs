@@ -14,6 +14,7 @@ use super::views::{
 };
 use super::{Endpoint, READ_TIMEOUT, json, with_type};
 use crate::app::App;
+use crate::catalog::CatalogError;
 use crate::error::{Denial, GatewayError};
 use crate::live::ReloadError;
 use crate::org::OrgId;
@@ -46,15 +47,12 @@ pub(super) async fn handle(
             let (org, dimension) = (org_id(org)?, dimension_named(dimension)?);
             let SetUsage { used: Whole(used) } = read_json(request).await?;
             app.set_usage(&org, dimension, amount("used", used)?)
-                .await
-                .map_err(|_| GatewayError::StoreUnavailable)?;
+                .await?;
             Ok(json(ok, &summary(app, &org).await?))
         }
         Endpoint::ResetUsage(org) => {
             let org = org_id(org)?;
-            app.reset_usage(&org)
-                .await
-                .map_err(|_| GatewayError::StoreUnavailable)?;
+            app.reset_usage(&org).await?;
             Ok(json(ok, &summary(app, &org).await?))
         }
         Endpoint::Check => check(app, read_json(request).await?).await,
@@ -72,7 +70,7 @@ pub(super) async fn handle(
             let catalog = app.catalog();
             let record = catalog
                 .parse_org(&read_body(request).await?)
-                .map_err(|invalid| GatewayError::InvalidBody(invalid.to_string()))?;
+                .map_err(CatalogError::from)?;
             let effective = catalog.put_org(&org, record).await?;
             Ok(json(ok, &OrgView::new(&effective)))
         }
@@ -154,11 +152,7 @@ async fn readiness(app: &App) -> Response<Body> {
 
 /// An org's summary, its counters read from the store (never a cache).
 async fn summary(app: &App, org: &OrgId) -> Result<Summary, GatewayError> {
-    let (policy, period) = app.policy_now(org);
-    let used = app
-        .usage(org)
-        .await
-        .map_err(|_| GatewayError::StoreUnavailable)?;
+    let (policy, period, used) = app.usage_now(org).await?;
     Ok(Summary::new(org.clone(), &policy, period, &used))
 }
 
@@ -170,11 +164,7 @@ async fn check(app: &App, asked: CheckRequest) -> Result<Response<Body>, Gateway
     for (name, &Whole(value)) in &asked.cost {
         cost.set(dimension_named(name)?, amount(name, value)?);
     }
-    let (policy, period) = app.policy_now(&org);
-    let used = app
-        .usage(&org)
-        .await
-        .map_err(|_| GatewayError::StoreUnavailable)?;
+    let (policy, period, used) = app.usage_now(&org).await?;
     let decision = match policy.mode {
         // Nothing is counted, so nothing is refused.
         Mode::Off => None,

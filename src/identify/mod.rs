@@ -56,7 +56,8 @@ use crate::config::{HeaderSource, IdentitySource, JwtConfig};
 use crate::error::GatewayError;
 use crate::org::OrgId;
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The second header a gateway API key may come in.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// What one source made of a request: `None` when nothing was presented to it.
 type Answer = Option<Result<OrgId, GatewayError>>;
