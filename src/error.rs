@@ -420,6 +420,24 @@ mod tests {
     use crate::quota::{Dimension, Limits, Mode};
     use http_body_util::BodyExt;
 
+    /// A 402 of org plan `plan` (anchored on the 1st, in November 2026) for
+    /// `exceeded`.
+    fn quota_exceeded(plan: &str, billing_status: &str, exceeded: Exceeded) -> GatewayError {
+        let policy = Arc::new(OrgPolicy {
+            plan: plan.into(),
+            billing_status: billing_status.into(),
+            period_anchor_day: 1,
+            mode: Mode::Enforce,
+            limits: Limits::UNLIMITED,
+        });
+        GatewayError::QuotaExceeded(Box::new(Denial {
+            exceeded,
+            period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
+            policy,
+            rate_limit: None,
+        }))
+    }
+
     async fn json(error: GatewayError) -> (StatusCode, serde_json::Value) {
         let response = error.into_response();
         let status = response.status();
@@ -429,25 +447,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_402_body_is_exactly_the_documented_shape() {
-        let policy = Arc::new(OrgPolicy {
-            plan: "free".into(),
-            billing_status: "active".into(),
-            period_anchor_day: 1,
-            mode: Mode::Enforce,
-            limits: Limits::UNLIMITED,
-        });
-        let denial = Denial {
-            exceeded: Exceeded {
+        let denial = quota_exceeded(
+            "free",
+            "active",
+            Exceeded {
                 dimension: Dimension::Tokens,
                 current: 95000,
                 limit: 100000,
                 requested: 10000,
             },
-            period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
-            policy,
-            rate_limit: None,
-        };
-        let (status, body) = json(GatewayError::QuotaExceeded(Box::new(denial))).await;
+        );
+        let (status, body) = json(denial).await;
         assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
         assert_eq!(
             body,
@@ -475,24 +485,13 @@ mod tests {
     #[test]
     fn the_hand_written_402_is_what_serde_writes_even_for_names_to_escape() {
         for (plan, status) in [("free", "active"), ("pro \"2\"\\", "past_due\n\u{1}ü")] {
-            let policy = Arc::new(OrgPolicy {
-                plan: plan.into(),
-                billing_status: status.into(),
-                period_anchor_day: 5,
-                mode: Mode::Enforce,
-                limits: Limits::UNLIMITED,
-            });
-            let denial = GatewayError::QuotaExceeded(Box::new(Denial {
-                exceeded: Exceeded {
-                    dimension: Dimension::Seats,
-                    current: 3,
-                    limit: 3,
-                    requested: 1,
-                },
-                period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
-                policy,
-                rate_limit: None,
-            }));
+            let seats = Exceeded {
+                dimension: Dimension::Seats,
+                current: 3,
+                limit: 3,
+                requested: 1,
+            };
+            let denial = quota_exceeded(plan, status, seats);
             let GatewayError::QuotaExceeded(quota) = &denial else {
                 unreachable!()
             };
@@ -521,23 +520,11 @@ mod tests {
 
     #[test]
     fn each_answer_counts_as_the_outcome_its_status_names() {
-        let policy = Arc::new(OrgPolicy {
-            plan: "free".into(),
-            billing_status: "active".into(),
-            period_anchor_day: 1,
-            mode: Mode::Enforce,
-            limits: Limits::UNLIMITED,
-        });
-        let denial = Denial {
-            exceeded: Exceeded {
-                dimension: Dimension::Tokens,
-                current: 1,
-                limit: 1,
-                requested: 1,
-            },
-            period: policy.period("2026-11-27T20:46:00Z".parse().unwrap()),
-            policy,
-            rate_limit: None,
+        let tokens = Exceeded {
+            dimension: Dimension::Tokens,
+            current: 1,
+            limit: 1,
+            requested: 1,
         };
         let answers = [
             GatewayError::NoRoute,
@@ -551,7 +538,7 @@ mod tests {
             GatewayError::InvalidBody("bad".into()),
             GatewayError::ClientBody,
             GatewayError::BodyTimeout,
-            GatewayError::QuotaExceeded(Box::new(denial)),
+            quota_exceeded("free", "active", tokens),
             GatewayError::StoreUnavailable,
             GatewayError::UpstreamUnreachable,
             GatewayError::UpstreamTimeout,
