@@ -21,14 +21,22 @@ const DEMO_KEY: &str = "demo-key-acme";
 /// org_globex's key: a pro plan in shadow mode.
 const GLOBEX_KEY: &str = "demo-key-globex";
 
-/// Loads the demo config with the stand-in backend at `upstream` and the
-/// gateway on `listen`.
-pub fn config(upstream: SocketAddr, listen: Option<SocketAddr>) -> Result<Config, ConfigError> {
+/// The admin token of the demo's `[admin]` section.
+pub const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
+
+/// Loads the demo config with the stand-in backend at `upstream`, the
+/// gateway on `listen` and its admin listener on `admin`.
+pub fn config(
+    upstream: SocketAddr,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Config, ConfigError> {
     let upstream = upstream.to_string();
     let env = |name: &str| (name == "TOLLGATE_DEMO_UPSTREAM").then(|| upstream.clone());
     let mut config = Config::parse(DEMO_CONFIG, "config/demo.toml", &env)?;
-    if let Some(listen) = listen {
-        config.server.listen = listen;
+    config.server.listen = listen;
+    if let Some(section) = config.admin.as_mut() {
+        section.listen = admin;
     }
     Ok(config)
 }

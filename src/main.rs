@@ -41,9 +41,30 @@ enum Command {
         /// Where the gateway listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where its admin listener (health, metrics, the usage API and
+        /// pages) listens; the demo goes on without one if it is taken.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
         /// Stop after the scripted tour instead of serving until Ctrl-C.
         #[arg(long)]
         exit_after_tour: bool,
+    },
+    /// Serve only the demo's stand-in backend, for a gateway run elsewhere
+    /// (the compose file's `backend`).
+    StandIn {
+        /// Where the stand-in backend listens.
+        #[arg(long, default_value = "127.0.0.1:3001")]
+        listen: SocketAddr,
+    },
+    /// Exit 0 when a health endpoint answers 200, 1 otherwise: a container's
+    /// HEALTHCHECK without curl in the image.
+    Health {
+        /// The endpoint to GET (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -66,10 +87,15 @@ fn main() -> ExitCode {
         (
             Command::Demo {
                 listen,
+                admin_listen,
                 exit_after_tour,
             },
             _,
-        ) => runtime.block_on(run_demo(listen, exit_after_tour)),
+        ) => runtime.block_on(run_demo(listen, admin_listen, exit_after_tour)),
+        (Command::StandIn { listen }, _) => runtime.block_on(run_stand_in(listen)),
+        (Command::Health { url, timeout }, _) => runtime
+            .block_on(admin::probe::health(&url, timeout))
+            .map_err(|error| format!("{url}: {error}").into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,12 +157,16 @@ async fn reload_on_hangup(app: App) {
     }
 }
 
-async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollgate::BoxError> {
+async fn run_demo(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    exit_after_tour: bool,
+) -> Result<(), tollgate::BoxError> {
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_addr = backend.local_addr()?;
     tokio::spawn(demo::stand_in_backend(backend));
 
-    let config = demo::config(backend_addr, Some(listen))?;
+    let config = demo::config(backend_addr, listen, admin_listen)?;
     let listener = TcpListener::bind(config.server.listen).map_err(|e| {
         format!("cannot listen on {listen} ({e}); pick another address with --listen")
     })?;
@@ -144,12 +174,30 @@ async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollg
     println!(
         "tollgate demo: gateway on http://{gateway_addr}, stand-in backend on http://{backend_addr}"
     );
+    // The admin listener is a bonus of the demo: a taken port costs the
+    // pages, not the tour.
+    let admin = match TcpListener::bind(admin_listen) {
+        Ok(admin) => {
+            let addr = admin.local_addr()?;
+            println!(
+                "admin listener on http://{addr} (token {}): /healthz, /metrics, /v1/orgs/org_acme/usage",
+                demo::DEMO_ADMIN_TOKEN
+            );
+            Some(admin)
+        }
+        Err(e) => {
+            println!(
+                "no admin listener: cannot listen on {admin_listen} ({e}); pick another address with --admin-listen"
+            );
+            None
+        }
+    };
     println!();
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let app = App::new(config)?;
     let server = tokio::spawn(async move {
-        app.serve(listener, async {
+        admin::serve_all(&app, listener, admin, async {
             let _ = stopped.await;
         })
         .await
@@ -162,6 +210,18 @@ async fn run_demo(listen: SocketAddr, exit_after_tour: bool) -> Result<(), tollg
     }
     let _ = stop.send(());
     server.await??;
+    Ok(())
+}
+
+async fn run_stand_in(listen: SocketAddr) -> Result<(), tollgate::BoxError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} ({e})"))?;
+    tracing::info!(addr = %listener.local_addr()?, "stand-in backend serving");
+    tokio::select! {
+        () = demo::stand_in_backend(listener) => {}
+        () = shutdown_signal() => {}
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 //! outbox: its traffic is an operator's, a few requests a second at most.
 
 mod api;
+pub mod probe;
 mod views;
 
 use std::convert::Infallible;

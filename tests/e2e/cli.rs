@@ -1,9 +1,11 @@
-//! The `tollgate` binary: `check`, `demo`, and `run` stopped by SIGTERM.
+//! The `tollgate` binary: `check`, `demo`, `health`, and `run` stopped by
+//! SIGTERM.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::within;
+use crate::admin::Backing;
+use crate::support::{Upstream, within};
 
 fn tollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -274,7 +276,14 @@ plan = "free"
 #[test]
 fn the_demo_shows_requests_passing_and_then_a_402() {
     let output = tollgate()
-        .args(["demo", "--listen", "127.0.0.1:0", "--exit-after-tour"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--exit-after-tour")
         .output()
         .unwrap();
 
@@ -290,6 +299,82 @@ fn the_demo_shows_requests_passing_and_then_a_402() {
         "{stdout}"
     );
     assert!(stdout.contains("\"code\": \"QUOTA_EXCEEDED\""), "{stdout}");
+    assert!(
+        stdout.contains("admin listener on http://127.0.0.1:"),
+        "{stdout}"
+    );
+}
+
+/// `tollgate health --url URL`, run to its exit.
+async fn health(url: String) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["health", "--timeout", "5s", "--url", &url])
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn health_exits_zero_when_the_admin_listener_answers_200() {
+    let upstream = Upstream::start().await;
+    let gateway = Backing::Memory.gateway(&upstream).await;
+
+    let output = health(gateway.admin_url("/healthz")).await;
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn health_fails_on_an_answer_other_than_200() {
+    let upstream = Upstream::start().await;
+    let gateway = Backing::Memory.gateway(&upstream).await;
+
+    let output = health(gateway.admin_url("/no-such-endpoint")).await;
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("answered 404 Not Found, not 200"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn health_fails_when_nothing_listens() {
+    // A port that was free a moment ago, with its listener closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    let output = health(format!("http://127.0.0.1:{port}/healthz")).await;
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot connect to 127.0.0.1:"), "{stderr}");
+}
+
+#[tokio::test]
+async fn health_fails_at_its_timeout_when_the_listener_never_answers() {
+    // Accepted by the kernel's backlog, never read: the probe must give up.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/healthz", silent.local_addr().unwrap());
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["health", "--timeout", "200ms", "--url", &url])
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no answer within 200ms"), "{stderr}");
+    drop(silent);
 }
 
 #[tokio::test]
@@ -408,4 +493,63 @@ async fn sighup_reloads_the_file_and_a_broken_one_leaves_the_gateway_running() {
 
     let status = terminate(child).await;
     assert!(status.success(), "{status:?}");
+}
+
+/// The JSON-array commands on the lines of `text` that start with `prefix`.
+fn commands(text: &str, prefix: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix(prefix))
+        .map(|array| serde_json::from_str(array).unwrap_or_else(|e| panic!("{array}: {e}")))
+        .collect()
+}
+
+#[test]
+fn the_container_files_run_commands_the_binary_accepts() {
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    let compose = std::fs::read_to_string("compose.yaml").unwrap();
+    let mut all = commands(&dockerfile, "CMD ");
+    all.extend(commands(&compose, "command: "));
+    // The image's entrypoint is the binary; the health check names it.
+    for command in &mut all {
+        if command.first().map(String::as_str) == Some("tollgate") {
+            command.remove(0);
+        }
+    }
+    assert_eq!(all.len(), 5, "{all:?}");
+
+    for command in all.iter().filter(|c| c[0] != "redis-server") {
+        let output = tollgate().args(command).arg("--help").output().unwrap();
+        assert!(
+            output.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_container_builds_on_the_projects_toolchain() {
+    let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
+    let rust_version = env!("CARGO_PKG_RUST_VERSION");
+    assert!(
+        dockerfile.contains(&format!("FROM rust:{rust_version}-slim-bookworm AS build")),
+        "the builder stage is not rust {rust_version}"
+    );
+}
+
+#[test]
+fn check_accepts_the_compose_config() {
+    let output = tollgate()
+        .args(["check", "--config", "config/compose.toml"])
+        .env("TOLLGATE_REDIS_URL", "redis://redis:6379")
+        .env("TOLLGATE_DEMO_UPSTREAM", "backend:3001")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("store redis"), "{stdout}");
 }
