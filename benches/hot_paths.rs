@@ -5,7 +5,8 @@
 //!   estimate has to do anyway);
 //! - scanning an SSE stream for usage, passing it through or rewriting it,
 //!   against copying the same pieces;
-//! - routing among the reference config's eight routes; normalizing a path
+//! - routing among the reference config's eight routes, and among the same
+//!   eight behind 1,000 others; normalizing a path
 //!   before it (the common already-normal path, against copying it, and one
 //!   that needs work); and the quota decision;
 //! - identifying a request by its gateway API key among 1 and 100,000
@@ -143,40 +144,50 @@ fn routing_and_decision(c: &mut Criterion) {
         refund_statuses: None,
         metrics: Default::default(),
     };
-    let router = Router::new(
-        &[
-            route(
-                "playbook-execute",
-                Some(Method::POST),
-                "/api/v1/playbooks/{id}/execute",
-            ),
-            route(
-                "brief-generate",
-                Some(Method::POST),
-                "/api/v1/content/briefs/generate",
-            ),
-            route(
-                "content-rewrite",
-                Some(Method::POST),
-                "/api/v1/content/rewrite",
-            ),
-            route(
-                "member-add",
-                Some(Method::POST),
-                "/api/v1/orgs/{org}/members",
-            ),
-            route(
-                "member-remove",
-                Some(Method::DELETE),
-                "/api/v1/orgs/{org}/members/{member}",
-            ),
-            route("openai-chat", Some(Method::POST), "/v1/chat/completions"),
-            route("anthropic-messages", Some(Method::POST), "/v1/messages"),
-            route("everything-else", None, "/{*rest}"),
-        ],
-        PathRules::default(),
-    );
+    let eight = [
+        route(
+            "playbook-execute",
+            Some(Method::POST),
+            "/api/v1/playbooks/{id}/execute",
+        ),
+        route(
+            "brief-generate",
+            Some(Method::POST),
+            "/api/v1/content/briefs/generate",
+        ),
+        route(
+            "content-rewrite",
+            Some(Method::POST),
+            "/api/v1/content/rewrite",
+        ),
+        route(
+            "member-add",
+            Some(Method::POST),
+            "/api/v1/orgs/{org}/members",
+        ),
+        route(
+            "member-remove",
+            Some(Method::DELETE),
+            "/api/v1/orgs/{org}/members/{member}",
+        ),
+        route("openai-chat", Some(Method::POST), "/v1/chat/completions"),
+        route("anthropic-messages", Some(Method::POST), "/v1/messages"),
+        route("everything-else", None, "/{*rest}"),
+    ];
+    let router = Router::new(&eight, PathRules::default());
+    // The same eight behind 1,000 routes of other services: what a large
+    // config costs a request, against the eight alone in the same run.
+    let others =
+        (0..1000).map(|i| route(&format!("svc-{i}"), None, &format!("/svc{i}/items/{{id}}")));
+    let thousand: Vec<Route> = others.chain(eight.iter().cloned()).collect();
+    let large = Router::new(&thousand, PathRules::default());
     let mut group = c.benchmark_group("per request");
+    group.bench_function("route: first of eight, behind 1,000 others", |b| {
+        b.iter(|| black_box(large.find(&Method::POST, black_box("/api/v1/playbooks/pb_1/execute"))))
+    });
+    group.bench_function("route: catch-all, last of 1,008", |b| {
+        b.iter(|| black_box(large.find(&Method::GET, black_box("/api/v2/reports/weekly"))))
+    });
     group.bench_function("route: first of eight", |b| {
         b.iter(|| {
             black_box(router.find(&Method::POST, black_box("/api/v1/playbooks/pb_1/execute")))

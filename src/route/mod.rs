@@ -10,6 +10,7 @@
 //! route only in letter case or a trailing slash, which Express and others
 //! route to the same handler, is metered by that route ([`PathCase`]).
 
+mod candidates;
 mod method;
 pub mod path;
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Uri};
 
+use self::candidates::Candidates;
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
 use crate::metrics::RouteMetrics;
@@ -102,6 +104,10 @@ pub enum TargetError {
 
 pub struct Router {
     routes: Vec<Entry>,
+    /// The routes a path can match exactly.
+    exact: Candidates,
+    /// The metered routes a path's loose key can match.
+    loose: Candidates,
     rules: PathRules,
     /// Every method a route names, for [`method::miscased`].
     methods: Vec<Method>,
@@ -145,26 +151,45 @@ impl Router {
     /// Builds the router from validated routes, whose patterns
     /// [`check_pattern`] has accepted.
     pub fn new(config: &[Route], rules: PathRules) -> Router {
-        let routes = config
+        let mut loose_patterns = Vec::new();
+        let routes: Vec<Entry> = config
             .iter()
             .filter_map(|route| {
+                let exact = matcher(&route.path)?;
                 let loose = match &route.cost {
                     None => Loose::Unmetered,
                     Some(_) => match loose_key(&route.path, rules.case) {
-                        Cow::Borrowed(_) => Loose::Same,
-                        Cow::Owned(pattern) => matcher(&pattern).map_or(Loose::Same, Loose::Own),
+                        Cow::Borrowed(pattern) => {
+                            loose_patterns.push(pattern.to_owned());
+                            Loose::Same
+                        }
+                        Cow::Owned(pattern) => match matcher(&pattern) {
+                            Some(own) => {
+                                loose_patterns.push(pattern);
+                                Loose::Own(own)
+                            }
+                            None => {
+                                loose_patterns.push(route.path.clone());
+                                Loose::Same
+                            }
+                        },
                     },
                 };
                 Some(Entry {
                     route: Arc::new(route.clone()),
-                    exact: matcher(&route.path)?,
+                    exact,
                     loose,
                 })
             })
             .collect();
+        let exact = Candidates::new(positions(&routes).zip(routes.iter().map(|e| &*e.route.path)));
+        let metered = positions(&routes).filter(|&at| routes[at as usize].route.cost.is_some());
+        let loose = Candidates::new(metered.zip(loose_patterns.iter().map(String::as_str)));
         let methods = config.iter().filter_map(|r| r.method.clone()).collect();
         Router {
             routes,
+            exact,
+            loose,
             rules,
             methods,
         }
@@ -193,8 +218,7 @@ impl Router {
     /// the metered handler.
     pub fn find(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
         let exact = self
-            .routes
-            .iter()
+            .tried(&self.exact, path)
             .find(|entry| entry.allows(method) && entry.exact.at(path).is_ok());
         match exact {
             Some(entry) if entry.route.cost.is_some() => Some(&entry.route),
@@ -207,11 +231,23 @@ impl Router {
     fn find_loosely(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
         let key = loose_key(path, self.rules.case);
         let key_differs = matches!(key, Cow::Owned(_));
-        self.routes
-            .iter()
+        self.tried(&self.loose, &key)
             .find(|entry| entry.allows(method) && entry.matches_loosely(path, &key, key_differs))
             .map(|entry| &entry.route)
     }
+
+    /// The routes of `index` that can match `path`, in config order.
+    fn tried<'a>(&'a self, index: &'a Candidates, path: &str) -> impl Iterator<Item = &'a Entry> {
+        index
+            .of(path)
+            .iter()
+            .filter_map(|&at| self.routes.get(at as usize))
+    }
+}
+
+/// Each entry's position, as the index keeps it.
+fn positions(routes: &[Entry]) -> impl Iterator<Item = u32> + use<> {
+    0..u32::try_from(routes.len()).unwrap_or(u32::MAX)
 }
 
 /// A matcher of `pattern`.
@@ -507,6 +543,68 @@ mod tests {
             ],
             rules,
         )
+    }
+
+    /// What [`Router::find`] answers, by trying every route in config order.
+    fn find_by_trying_all(router: &Router, method: &Method, path: &str) -> Option<String> {
+        let exact = router
+            .routes
+            .iter()
+            .find(|entry| entry.allows(method) && entry.exact.at(path).is_ok());
+        if let Some(entry) = exact.filter(|entry| entry.route.cost.is_some()) {
+            return Some(entry.route.name.to_string());
+        }
+        let key = loose_key(path, router.rules.case);
+        let key_differs = matches!(key, Cow::Owned(_));
+        router
+            .routes
+            .iter()
+            .find(|entry| entry.allows(method) && entry.matches_loosely(path, &key, key_differs))
+            .or(exact)
+            .map(|entry| entry.route.name.to_string())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_index_finds_the_route_that_trying_every_route_in_order_finds(
+            patterns in proptest::collection::vec(
+                (proptest::bool::ANY, proptest::bool::ANY,
+                 proptest::collection::vec(
+                    proptest::sample::select(vec!["a", "B", "b", "{x}", "v1", ""]), 0..4),
+                 proptest::bool::ANY),
+                1..12),
+            paths in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(vec!["a", "A", "b", "B", "v1", "V1", "z", ""]), 0..5),
+                1..20),
+            sensitive in proptest::bool::ANY,
+        ) {
+            let routes: Vec<Route> = patterns
+                .iter()
+                .enumerate()
+                .map(|(i, (is_metered, post_only, segments, catch_all))| {
+                    let mut path = format!("/{}", segments.join("/"));
+                    if *catch_all {
+                        path = format!("{}/{{*rest}}", path.trim_end_matches('/'));
+                    }
+                    let method = post_only.then_some(Method::POST);
+                    let name = format!("r{i}");
+                    if *is_metered { metered(&name, method, &path) } else { route(&name, method, &path) }
+                })
+                .filter(|route| check_pattern(&route.path).is_ok())
+                .collect();
+            let case = if sensitive { PathCase::Sensitive } else { PathCase::Insensitive };
+            let router = Router::new(&routes, PathRules { case, ..PathRules::default() });
+            for segments in &paths {
+                let path = format!("/{}", segments.join("/"));
+                for method in [Method::GET, Method::POST] {
+                    proptest::prop_assert_eq!(
+                        found(&router, method.clone(), &path),
+                        find_by_trying_all(&router, &method, &path),
+                        "{} {}", method, path
+                    );
+                }
+            }
+        }
     }
 
     fn found(router: &Router, method: Method, path: &str) -> Option<String> {
