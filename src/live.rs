@@ -111,6 +111,12 @@ fn keep_restart_only(running: &Config, next: &mut Config) -> Vec<&'static str> {
         "store.max_pending_settlements",
         store.max_pending_settlements
     );
+    // The certificate and key, and the handshake timeout, apply to the next
+    // handshake; only a listener with TLS or without it is set up once.
+    if running.server.tls.is_some() != next.server.tls.is_some() {
+        next.server.tls = running.server.tls.clone();
+        changed.push("server.tls");
+    }
     if running.store.backend != next.store.backend {
         next.store.backend = running.store.backend.clone();
         changed.push("store.backend");

@@ -74,6 +74,19 @@ pub struct ServerConfig {
     pub paths: PathRules,
     /// One log line per request (target `tollgate::access`).
     pub access_log: bool,
+    /// `[server.tls]`: the listener terminates TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`, read and checked when the file is loaded, so that a
+/// reload reads the certificate and key again.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// The certificate chain and key, with the protocol versions and ALPN;
+    /// redacted, for the key in it.
+    pub server: Redacted<Arc<rustls::ServerConfig>>,
+    /// A connection that has not finished its handshake by then is closed.
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -261,8 +274,12 @@ impl Config {
             Some(admin) => format!(", admin on {}", admin.listen),
             None => String::new(),
         };
+        let tls = match &self.server.tls {
+            Some(_) => " (TLS)",
+            None => "",
+        };
         format!(
-            "listen {}{admin}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
+            "listen {}{tls}{admin}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
             self.server.listen,
             match &self.store.backend {
                 Backend::Memory => "memory",
