@@ -164,4 +164,23 @@ mod tests {
         let text = "[server]\nworkers = 2\n";
         assert!(keep_restart_only(&config(text), &mut config(text)).is_empty());
     }
+
+    #[test]
+    fn turning_tls_on_or_off_waits_for_a_restart_and_a_new_certificate_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = crate::config::test_tls_section(dir.path());
+        let running = config("");
+        let mut next = config(&tls);
+        assert_eq!(keep_restart_only(&running, &mut next), ["server.tls"]);
+        assert!(next.server.tls.is_none());
+
+        let running = config(&tls);
+        let mut next = config("");
+        assert_eq!(keep_restart_only(&running, &mut next), ["server.tls"]);
+        assert!(next.server.tls.is_some());
+
+        let renewed = crate::config::test_tls_section(dir.path());
+        let mut next = config(&renewed);
+        assert!(keep_restart_only(&running, &mut next).is_empty());
+    }
 }

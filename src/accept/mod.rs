@@ -12,7 +12,9 @@
 //! worker accept from the socket, keeps the workers evenly loaded without
 //! `SO_REUSEPORT`, which would let a second gateway bind the same port.
 //!
-//! Each connection speaks HTTP/1.1 or HTTP/2 (by preface), is one of at
+//! With `[server.tls]`, each connection first completes a TLS handshake
+//! within `handshake_timeout`, in its own task (`tls`). Each connection
+//! speaks HTTP/1.1 or HTTP/2 (by ALPN over TLS, else by preface), is one of at
 //! most `server.max_connections` (`limit`), must make its first request in
 //! time and is closed once idle (`conn`), has its request body read as the
 //! client's (`body`), and shuts down gracefully: on the signal the
