@@ -10,9 +10,10 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::BoxError;
-use crate::accept::HttpService;
+use crate::accept::{HttpService, Tls};
 use crate::catalog::Catalog;
 use crate::config::{Backend, Config, Redacted};
+use crate::error::GatewayError;
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
 use crate::ledger::{Ledger, Outbox};
@@ -317,6 +318,7 @@ impl App {
             &config.server,
             self.metrics.clone(),
             move || app.worker_service(),
+            self.tls(&config),
             self.settling.clone(),
             shutdown,
         )
@@ -330,6 +332,27 @@ impl App {
             watching.abort();
         }
         served
+    }
+}
+
+impl App {
+    /// TLS on the listener, when `config` (the config it starts with) has
+    /// it: each handshake takes the current config's certificate. Whether
+    /// there is TLS at all stays as it started (see [`crate::live`]).
+    fn tls(&self, config: &Config) -> Option<Tls> {
+        let started = config.server.tls.clone()?;
+        let live = self.live.clone();
+        let current = move || {
+            live.config()
+                .server
+                .tls
+                .clone()
+                .unwrap_or_else(|| started.clone())
+        };
+        Some(Tls {
+            current: Arc::new(current),
+            plain_http: || GatewayError::PlainHttpOnTlsPort.into_response(),
+        })
     }
 }
 

@@ -69,6 +69,9 @@ pub enum GatewayError {
     ConfigRejected(Vec<String>),
     #[error("the gateway was started without a config file, so there is nothing to reload")]
     ReloadUnavailable,
+    /// Said once, on a TLS listener, before the connection is closed.
+    #[error("a plain HTTP request was sent to the HTTPS port; use https://")]
+    PlainHttpOnTlsPort,
 }
 
 /// A request body the client got wrong: 400, or 408 when it went silent.
@@ -179,7 +182,8 @@ impl GatewayError {
             | GatewayError::InvalidBody(_)
             | GatewayError::ClientBody
             | GatewayError::BodyTooLarge { .. }
-            | GatewayError::BodyTimeout => Outcome::BadRequest,
+            | GatewayError::BodyTimeout
+            | GatewayError::PlainHttpOnTlsPort => Outcome::BadRequest,
             GatewayError::QuotaExceeded(_) => Outcome::Denied,
             GatewayError::StoreUnavailable => Outcome::StoreUnavailable,
             // The gateway's own 500 counts with the upstream's failures: in
@@ -206,7 +210,8 @@ impl GatewayError {
             | GatewayError::InvalidOrgId
             | GatewayError::DuplicateHeader(_)
             | GatewayError::InvalidBody(_)
-            | GatewayError::ClientBody => StatusCode::BAD_REQUEST,
+            | GatewayError::ClientBody
+            | GatewayError::PlainHttpOnTlsPort => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
@@ -226,6 +231,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             GatewayError::ConfigRejected(_) => "CONFIG_INVALID",
             GatewayError::ReloadUnavailable => "RELOAD_UNAVAILABLE",
+            GatewayError::PlainHttpOnTlsPort => "PLAIN_HTTP_ON_TLS_PORT",
             GatewayError::Target(TargetError::Path(PathError::Ambiguous(_))) => "AMBIGUOUS_PATH",
             GatewayError::Target(TargetError::Path(PathError::BadEscape))
             | GatewayError::Target(TargetError::Unforwardable) => "INVALID_PATH",

@@ -3,7 +3,8 @@
 //! A request meets these modules in this order:
 //!
 //! 1. [`accept`]: the listener, whose connections are dealt to worker
-//!    threads (one single-threaded runtime each); HTTP/1.1 and HTTP/2, the
+//!    threads (one single-threaded runtime each); optional TLS (rustls,
+//!    the certificate of the current config), HTTP/1.1 and HTTP/2, the
 //!    connection limit, the first-request and keep-alive timeouts, the
 //!    client's request body (400, 408), graceful shutdown.
 //!

@@ -111,6 +111,12 @@ fn keep_restart_only(running: &Config, next: &mut Config) -> Vec<&'static str> {
         "store.max_pending_settlements",
         store.max_pending_settlements
     );
+    // The certificate and key, and the handshake timeout, apply to the next
+    // handshake; only a listener with TLS or without it is set up once.
+    if running.server.tls.is_some() != next.server.tls.is_some() {
+        next.server.tls = running.server.tls.clone();
+        changed.push("server.tls");
+    }
     if running.store.backend != next.store.backend {
         next.store.backend = running.store.backend.clone();
         changed.push("store.backend");
@@ -157,5 +163,24 @@ mod tests {
     fn an_unchanged_file_needs_no_restart() {
         let text = "[server]\nworkers = 2\n";
         assert!(keep_restart_only(&config(text), &mut config(text)).is_empty());
+    }
+
+    #[test]
+    fn turning_tls_on_or_off_waits_for_a_restart_and_a_new_certificate_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = crate::config::test_tls_section(dir.path());
+        let running = config("");
+        let mut next = config(&tls);
+        assert_eq!(keep_restart_only(&running, &mut next), ["server.tls"]);
+        assert!(next.server.tls.is_none());
+
+        let running = config(&tls);
+        let mut next = config("");
+        assert_eq!(keep_restart_only(&running, &mut next), ["server.tls"]);
+        assert!(next.server.tls.is_some());
+
+        let renewed = crate::config::test_tls_section(dir.path());
+        let mut next = config(&renewed);
+        assert!(keep_restart_only(&running, &mut next).is_empty());
     }
 }

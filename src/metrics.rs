@@ -123,6 +123,11 @@ struct OperationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabel {
     upstream: String,
 }
@@ -194,6 +199,11 @@ pub struct Metrics {
     pub accept_errors: Counter,
     /// Requests whose body the client sent malformed, cut off or not at all.
     pub client_body_faults: Counter,
+    /// TLS handshakes that did not finish within `handshake_timeout`.
+    pub tls_handshake_timeouts: Counter,
+    /// TLS handshakes that failed: a client rustls refused, plain HTTP or
+    /// anything else that is not TLS, a client gone mid-handshake.
+    pub tls_handshake_errors: Counter,
     /// Paces the log lines about store failures.
     pub store_error_log: BurstLog,
     /// Paces the log lines about clients' bodies.
@@ -275,7 +285,17 @@ impl Metrics {
             "Config reloads, by result",
             config_reloads.clone(),
         );
+        let tls_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the listener that failed, by reason (timeout, error)",
+            tls_failures.clone(),
+        );
         let metrics = Metrics {
+            tls_handshake_timeouts: tls_failures
+                .get_or_create_owned(&ReasonLabel { reason: "timeout" }),
+            tls_handshake_errors: tls_failures
+                .get_or_create_owned(&ReasonLabel { reason: "error" }),
             store_error_counts: StoreOp::ALL.map(|op| {
                 store_errors.get_or_create_owned(&OperationLabel {
                     operation: op.as_str(),

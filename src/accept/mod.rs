@@ -12,7 +12,9 @@
 //! worker accept from the socket, keeps the workers evenly loaded without
 //! `SO_REUSEPORT`, which would let a second gateway bind the same port.
 //!
-//! Each connection speaks HTTP/1.1 or HTTP/2 (by preface), is one of at
+//! With `[server.tls]`, each connection first completes a TLS handshake
+//! within `handshake_timeout`, in its own task (`tls`). Each connection
+//! speaks HTTP/1.1 or HTTP/2 (by ALPN over TLS, else by preface), is one of at
 //! most `server.max_connections` (`limit`), must make its first request in
 //! time and is closed once idle (`conn`), has its request body read as the
 //! client's (`body`), and shuts down gracefully: on the signal the
@@ -23,6 +25,7 @@
 mod body;
 mod conn;
 mod limit;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +38,7 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
@@ -46,6 +50,7 @@ use tower::util::BoxCloneSyncService;
 pub use self::body::{ClientBodyError, ClientFault, client_body};
 use self::conn::{Activity, ConnectionService, IdleLimits};
 use self::limit::ConnectionLimit;
+pub use self::tls::Tls;
 use crate::Body;
 use crate::config::ServerConfig;
 use crate::metrics::{BurstLog, Metrics};
@@ -61,6 +66,9 @@ pub type HttpService = BoxCloneSyncService<Request<Incoming>, Response<Body>, In
 pub struct ClientAddr {
     pub ip: IpAddr,
     pub forwarded_for: HeaderValue,
+    /// The connection is TLS the gateway terminated (`X-Forwarded-Proto:
+    /// https`); known per connection, so it costs a request nothing.
+    pub https: bool,
 }
 
 impl ClientAddr {
@@ -71,7 +79,19 @@ impl ClientAddr {
         // An IP's text is always a valid header value.
         let forwarded_for = HeaderValue::try_from(ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientAddr { ip, forwarded_for }
+        ClientAddr {
+            ip,
+            forwarded_for,
+            https: false,
+        }
+    }
+
+    /// The same client, over TLS.
+    pub fn over_tls(self) -> ClientAddr {
+        ClientAddr {
+            https: true,
+            ..self
+        }
     }
 }
 
@@ -86,8 +106,9 @@ struct Accepted {
 
 /// Serves `listener` on `server.workers` threads, each running the service
 /// `service_for_worker` builds on it, until `shutdown` completes; then
-/// drains every worker and waits for the `settling` tasks. Refused
-/// connections and failed accepts are counted in `metrics`.
+/// drains every worker and waits for the `settling` tasks. With `tls`, every
+/// connection is TLS first. Refused connections, failed accepts and failed
+/// handshakes are counted in `metrics`.
 ///
 /// Returns an error, with every worker stopped, if one could not start:
 /// the error `service_for_worker` gave, or why a thread or runtime could not.
@@ -96,6 +117,7 @@ pub async fn serve_on_workers<E>(
     server: &ServerConfig,
     metrics: Arc<Metrics>,
     service_for_worker: impl Fn() -> Result<HttpService, E> + Send + Sync + 'static,
+    tls: Option<Tls>,
     settling: TaskTracker,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), E>
@@ -115,6 +137,8 @@ where
             connections,
             server: server.clone(),
             settling: settling.clone(),
+            tls: tls.clone(),
+            metrics: metrics.clone(),
         };
         let service_for_worker = service_for_worker.clone();
         let ready = ready.clone();
@@ -289,6 +313,8 @@ struct Worker {
     connections: mpsc::UnboundedReceiver<Accepted>,
     server: ServerConfig,
     settling: TaskTracker,
+    tls: Option<Tls>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -343,10 +369,17 @@ impl Worker {
 
         while let Some(accepted) = self.connections.recv().await {
             while open.try_join_next().is_some() {}
-            let service = service.clone();
-            if let Some(connection) = connection(&builder, service, accepted, limits, &shutdown) {
-                open.spawn(connection);
-            }
+            let Some(opened) = Opened::new(service.clone(), accepted) else {
+                continue;
+            };
+            let (limits, shutdown) = (limits, shutdown.clone());
+            match &self.tls {
+                None => open.spawn(opened.serve(&builder, limits, shutdown)),
+                Some(tls) => {
+                    let (builder, metrics) = (builder.clone(), self.metrics.clone());
+                    open.spawn(opened.serve_tls(tls, builder, metrics, limits, shutdown))
+                }
+            };
         }
 
         shutdown.cancel();
@@ -384,47 +417,120 @@ async fn drain(mut open: JoinSet<()>, deadline: Instant) {
     }
 }
 
-/// The task that serves one accepted connection to its close.
-fn connection(
-    builder: &auto::Builder<TokioExecutor>,
-    service: HttpService,
-    accepted: Accepted,
-    limits: IdleLimits,
-    shutdown: &CancellationToken,
-) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let Accepted {
-        stream,
-        peer,
-        at,
-        permit,
-    } = accepted;
-    let stream = TcpStream::from_std(stream)
-        .map_err(|error| tracing::debug!(%peer, %error, "could not take on a connection"))
-        .ok()?;
-    let activity = Activity::new(at);
-    let service = ConnectionService {
-        service,
-        client: ClientAddr::new(peer),
-        activity: activity.clone(),
-    };
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let shutdown = shutdown.clone();
-    Some(async move {
-        let ended = conn::drive(
-            connection,
-            |connection| connection.graceful_shutdown(),
+/// An accepted connection, on its worker's runtime.
+struct Opened {
+    stream: TcpStream,
+    peer: SocketAddr,
+    activity: Activity,
+    service: ConnectionService,
+    /// Its place under `max_connections`, given back when it closes.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Opened {
+    fn new(service: HttpService, accepted: Accepted) -> Option<Opened> {
+        let Accepted {
+            stream,
+            peer,
+            at,
+            permit,
+        } = accepted;
+        let stream = TcpStream::from_std(stream)
+            .map_err(|error| tracing::debug!(%peer, %error, "could not take on a connection"))
+            .ok()?;
+        let activity = Activity::new(at);
+        let service = ConnectionService {
+            service,
+            client: ClientAddr::new(peer),
+            activity: activity.clone(),
+        };
+        Some(Opened {
+            stream,
+            peer,
             activity,
+            service,
+            permit,
+        })
+    }
+
+    /// The task that serves this plain connection to its close.
+    fn serve(
+        self,
+        builder: &auto::Builder<TokioExecutor>,
+        limits: IdleLimits,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let connection = builder
+            .serve_connection(TokioIo::new(self.stream), self.service)
+            .into_owned();
+        drive(
+            connection,
+            self.activity,
             limits,
             shutdown,
+            self.peer,
+            self.permit,
         )
-        .await;
-        if let Err(error) = ended {
-            tracing::debug!(%peer, error = %error, "connection ended with an error");
+    }
+
+    /// The task that serves this connection to its close, TLS first. The
+    /// settings are read now, as the worker takes the connection on.
+    fn serve_tls(
+        self,
+        tls: &Tls,
+        builder: auto::Builder<TokioExecutor>,
+        metrics: Arc<Metrics>,
+        limits: IdleLimits,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (settings, plain_http) = ((tls.current)(), tls.plain_http);
+        let Opened {
+            stream,
+            peer,
+            activity,
+            mut service,
+            permit,
+        } = self;
+        async move {
+            let handshake = tls::handshake(stream, settings, plain_http, peer, &metrics);
+            let Some(stream) = handshake.await else {
+                return;
+            };
+            service.client = service.client.over_tls();
+            let builder = tls::for_alpn(builder, &stream);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            drive(connection, activity, limits, shutdown, peer, permit).await;
         }
-        drop(permit);
-    })
+    }
+}
+
+/// Drives `connection` to its close (see [`conn::drive`]), then gives its
+/// place back.
+async fn drive<C>(
+    connection: C,
+    activity: Activity,
+    limits: IdleLimits,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let ended = conn::drive(
+        connection,
+        |connection| connection.graceful_shutdown(),
+        activity,
+        limits,
+        shutdown,
+    )
+    .await;
+    if let Err(error) = ended {
+        tracing::debug!(%peer, error = %error, "connection ended with an error");
+    }
+    drop(permit);
 }
 
 /// Waits for the worker threads without blocking the caller's runtime.

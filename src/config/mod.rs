@@ -74,6 +74,19 @@ pub struct ServerConfig {
     pub paths: PathRules,
     /// One log line per request (target `tollgate::access`).
     pub access_log: bool,
+    /// `[server.tls]`: the listener terminates TLS.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`, read and checked when the file is loaded, so that a
+/// reload reads the certificate and key again.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// The certificate chain and key, with the protocol versions and ALPN;
+    /// redacted, for the key in it.
+    pub server: Redacted<Arc<rustls::ServerConfig>>,
+    /// A connection that has not finished its handshake by then is closed.
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -261,8 +274,12 @@ impl Config {
             Some(admin) => format!(", admin on {}", admin.listen),
             None => String::new(),
         };
+        let tls = match &self.server.tls {
+            Some(_) => " (TLS)",
+            None => "",
+        };
         format!(
-            "listen {}{admin}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
+            "listen {}{tls}{admin}, store {}, {} upstreams, {} routes ({} metered), {} orgs configured",
             self.server.listen,
             match &self.store.backend {
                 Backend::Memory => "memory",
@@ -554,6 +571,25 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
     Ok(out)
 }
 
+/// A self-signed certificate for `localhost` and its key, written as PEM
+/// to `dir`, and the `[server.tls]` section naming them.
+#[cfg(test)]
+pub(crate) fn test_tls_section(dir: &Path) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    format!(
+        "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,5 +825,45 @@ mod tests {
             KeyPath::root().key("orgs").key("org.eu").to_string(),
             "orgs.\"org.eu\""
         );
+    }
+
+    #[test]
+    fn tls_is_built_from_the_files_with_alpn_and_a_ten_second_handshake_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let section = test_tls_section(dir.path());
+        let config = Config::parse(&section, "t.toml", &env).unwrap();
+        let tls = config.server.tls.unwrap();
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(tls.server.0.alpn_protocols, [&b"h2"[..], b"http/1.1"]);
+        assert!(format!("{tls:?}").contains("server: [redacted]"), "{tls:?}");
+
+        let text = format!("{section}handshake_timeout = \"300ms\"\n");
+        let config = Config::parse(&text, "t.toml", &env).unwrap();
+        assert_eq!(
+            config.server.tls.unwrap().handshake_timeout,
+            Duration::from_millis(300)
+        );
+    }
+
+    #[test]
+    fn tls_problems_are_reported_at_their_keys() {
+        let found = problems(
+            "[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"${UNSET}\"\nhandshake_timeout = \"0s\"\n",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].starts_with("2: server.tls.cert: cannot read \"/nonexistent/cert.pem\": "),
+            "{found:?}"
+        );
+        assert_eq!(
+            found[1],
+            "3: server.tls.key: environment variable UNSET is not set"
+        );
+        assert_eq!(
+            found[2],
+            "4: server.tls.handshake_timeout: must be longer than zero"
+        );
+        let found = problems("[server.tls]\ncert = \"c.pem\"\n");
+        assert_eq!(found, ["1: server.tls: missing field `key`"]);
     }
 }

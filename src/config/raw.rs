@@ -49,13 +49,10 @@ pub struct RawServer {
 }
 
 #[derive(Debug, Deserialize)]
-#[expect(
-    dead_code,
-    reason = "accepted as part of the interface; TLS termination is not built yet"
-)]
 pub struct RawTls {
     pub cert: String,
     pub key: String,
+    pub handshake_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

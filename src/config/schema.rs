@@ -249,6 +249,11 @@ mod tests {
         assert!(keys(&[]).unwrap().contains(&"server"));
         assert!(keys(&["server"]).unwrap().contains(&"max_body_bytes"));
         assert!(keys(&["server", "tls"]).unwrap().contains(&"cert"));
+        assert!(
+            keys(&["server", "tls"])
+                .unwrap()
+                .contains(&"handshake_timeout")
+        );
         assert!(keys(&["upstreams", "openai"]).unwrap().contains(&"url"));
         assert!(keys(&["routes", "3"]).unwrap().contains(&"upstream"));
         assert!(

@@ -11,14 +11,17 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use ipnet::IpNet;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::raw::{RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawUpstream};
+use super::raw::{
+    RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawTls, RawUpstream,
+};
 use super::{
     AdminConfig, AdminToken, ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_TOKENS, DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig,
-    KeyPath, Problem, PublicKey, Redacted, ServerConfig, StoreConfig, Upstream, expand_env,
+    KeyPath, Problem, PublicKey, Redacted, ServerConfig, StoreConfig, TlsConfig, Upstream,
+    expand_env,
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
@@ -124,13 +127,6 @@ impl Checker<'_> {
                 None
             }
         }
-    }
-
-    fn not_supported_yet(&mut self, path: &KeyPath, what: &str) {
-        self.problem(
-            path,
-            format!("{what} is not supported yet in this version of tollgate"),
-        );
     }
 
     fn org_id(&mut self, path: &KeyPath, raw: &str) -> Option<OrgId> {
@@ -243,9 +239,10 @@ pub(super) fn validate(
                 None
             }
         };
-        if s.tls.is_some() {
-            c.not_supported_yet(&path.key("tls"), "TLS termination");
-        }
+        let tls = s
+            .tls
+            .as_ref()
+            .and_then(|raw| validate_tls(&mut c, &path.key("tls"), raw));
         ServerConfig {
             listen,
             workers,
@@ -283,6 +280,7 @@ pub(super) fn validate(
             ),
             paths: path_rules(&mut c, &path, s),
             access_log: s.access_log.unwrap_or(false),
+            tls,
         }
     };
 
@@ -811,6 +809,98 @@ fn read_certificates(file: &str) -> Result<Vec<CertificateDer<'static>>, String>
         ));
     }
     Ok(certificates)
+}
+
+/// `[server.tls]`: the certificate chain and key read and matched, and the
+/// listener's rustls config built from them. Paths are read as written
+/// (after `${...}` expansion), from the working directory like `jwks_file`
+/// and `ca_file`.
+fn validate_tls(c: &mut Checker<'_>, path: &KeyPath, raw: &RawTls) -> Option<TlsConfig> {
+    let handshake_timeout = c.duration(
+        &path.key("handshake_timeout"),
+        raw.handshake_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    let (cert_at, key_at) = (path.key("cert"), path.key("key"));
+    let cert = c.text(&cert_at, &raw.cert);
+    let key = c.text(&key_at, &raw.key);
+    let chain = cert.as_deref().and_then(|file| {
+        read_chain(file)
+            .map_err(|message| c.problem(&cert_at, message))
+            .ok()
+    });
+    let key_der = key.as_deref().and_then(|file| {
+        read_private_key(file)
+            .map_err(|message| c.problem(&key_at, message))
+            .ok()
+    });
+    let (chain, key_der, cert, key) = (chain?, key_der?, cert?, key?);
+    match tls_server_config(chain, key_der) {
+        Ok(server) => Some(TlsConfig {
+            server: Redacted(Arc::new(server)),
+            handshake_timeout,
+        }),
+        Err(rustls::Error::InvalidCertificate(error)) => {
+            c.problem(
+                &cert_at,
+                format!("{cert:?}: its first certificate cannot be used: {error}"),
+            );
+            None
+        }
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            c.problem(
+                &key_at,
+                format!("the private key in {key:?} does not match the certificate in {cert:?}"),
+            );
+            None
+        }
+        Err(error) => {
+            c.problem(&key_at, format!("{key:?} cannot be used: {error}"));
+            None
+        }
+    }
+}
+
+/// The listener's rustls config: TLS 1.3 and 1.2 alone, and ring's default
+/// cipher suites, which are all AEAD with forward secrecy (TLS 1.3's three;
+/// TLS 1.2's ECDHE with AES-GCM or ChaCha20-Poly1305): no CBC, RC4, 3DES,
+/// export, NULL or static-RSA suite is offered. ALPN offers h2 first.
+pub(super) fn tls_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The PEM certificate chain in `file`, the server's own first.
+fn read_chain(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_file_iter(file)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| match e {
+            rustls_pki_types::pem::Error::Io(e) => format!("cannot read {file:?}: {e}"),
+            e => format!("{file:?} is not PEM certificates: {e}"),
+        })?;
+    if chain.is_empty() {
+        return Err(format!("{file:?} holds no PEM certificate"));
+    }
+    Ok(chain)
+}
+
+/// The one PEM private key in `file` (PKCS#8, PKCS#1 or SEC1).
+fn read_private_key(file: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(file).map_err(|e| match e {
+        rustls_pki_types::pem::Error::Io(e) => format!("cannot read {file:?}: {e}"),
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            format!("{file:?} holds no PEM private key")
+        }
+        e => format!("{file:?} is not a PEM private key: {e}"),
+    })
 }
 
 fn header_name(c: &mut Checker<'_>, path: &KeyPath, raw: &str) -> HeaderName {

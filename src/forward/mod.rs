@@ -372,7 +372,11 @@ fn prepare_headers(
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = match client {
+        Some(client) if client.https => "https",
+        _ => "http",
+    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if !upstream.headers.is_empty() {
         for credential in &CLIENT_CREDENTIALS {
             headers.remove(credential);
@@ -485,5 +489,14 @@ mod tests {
         assert_eq!(headers["x-forwarded-host"], "gateway.example");
         assert_eq!(headers["authorization"], "Bearer provider-key");
         assert_eq!(headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn a_client_over_tls_is_forwarded_as_https_with_the_same_address() {
+        let mut headers = HeaderMap::new();
+        let client = ClientAddr::new("192.0.2.1:5000".parse().unwrap()).over_tls();
+        prepare_headers(&mut headers, None, &upstream("http://h"), Some(&client));
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.1");
     }
 }

@@ -21,3 +21,4 @@ mod runtime_orgs;
 mod store_conformance;
 mod store_outage;
 mod support;
+mod tls;
