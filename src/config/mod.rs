@@ -22,6 +22,7 @@ use crate::org::{OrgDirectory, OrgId};
 use crate::route::{PathRules, Route};
 use crate::store::OnStoreError;
 use crate::store::RedisTarget;
+use crate::usage_link::SigningKey;
 
 /// The validated configuration the gateway runs on.
 #[derive(Clone, Debug)]
@@ -34,6 +35,20 @@ pub struct Config {
     pub orgs: OrgDirectory,
     /// The admin listener, when `[admin]` is configured.
     pub admin: Option<AdminConfig>,
+    /// The customers' usage page on the main listener, when `[usage_page]`
+    /// is configured.
+    pub usage_page: Option<UsagePageConfig>,
+}
+
+/// `[usage_page]`: where the signed-link usage page is served, and the
+/// secret its links are signed with.
+#[derive(Clone, Debug)]
+pub struct UsagePageConfig {
+    /// Starts with `/` and matches no configured route.
+    pub path: String,
+    pub secret: SigningKey,
+    /// An http or https URL, for the page's "Upgrade" button.
+    pub upgrade_url: Option<String>,
 }
 
 /// `[admin]`: where the operations API listens, and who may use it.
