@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_catalog;
+mod browser;
 mod cli;
 mod connections;
 mod enforcement;
@@ -21,3 +22,4 @@ mod runtime_orgs;
 mod store_conformance;
 mod store_outage;
 mod support;
+mod usage_page;
