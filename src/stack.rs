@@ -158,6 +158,10 @@ struct Trail<'s> {
 }
 
 impl Steps {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per step of the path, each built by the caller"
+    )]
     pub fn new(
         generation: u64,
         config: Arc<Config>,

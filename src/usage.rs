@@ -75,7 +75,6 @@ impl Summary {
     }
 }
 
-
 impl Used {
     /// Whether the counter has reached its limit.
     pub fn at_limit(&self) -> bool {

@@ -108,11 +108,7 @@ impl UsageLink {
 
     /// The link a query names, if its tag is `key`'s and it has not expired
     /// at `now` (Unix seconds). Other query parameters are ignored.
-    pub fn from_query(
-        query: &str,
-        key: &SigningKey,
-        now: i64,
-    ) -> Result<UsageLink, LinkRefused> {
+    pub fn from_query(query: &str, key: &SigningKey, now: i64) -> Result<UsageLink, LinkRefused> {
         let (mut org, mut expires, mut sig) = (None, None, None);
         for pair in query.split('&') {
             match pair.split_once('=') {

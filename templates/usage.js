@@ -50,6 +50,10 @@
     var meter = el("meter");
     meter.min = 0;
     meter.max = max;
+    // As the server draws it: past 90 % of the limit the bar turns red.
+    meter.low = Math.floor(max * 3 / 4);
+    meter.high = Math.floor(max * 9 / 10);
+    meter.optimum = 0;
     meter.value = Math.min(Math.max(u.used, 0), max);
     meter.setAttribute("aria-label", cell.getAttribute("data-label") + " used of limit");
     nums.append(el("span", "used", group(u.used)), " of ", el("span", "limit", group(u.limit)),

@@ -182,7 +182,10 @@ async fn usage_link(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
     let config = app.config();
-    let page = config.usage_page.as_ref().ok_or(GatewayError::UsagePageOff)?;
+    let page = config
+        .usage_page
+        .as_ref()
+        .ok_or(GatewayError::UsagePageOff)?;
     let body = read_body(request).await?;
     let asked: LinkRequest = if body.iter().all(u8::is_ascii_whitespace) {
         LinkRequest::default()

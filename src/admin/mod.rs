@@ -195,7 +195,11 @@ fn token_name(app: &App, token: &str) -> Option<String> {
     let tokens = config.admin.iter().flat_map(|admin| &admin.tokens);
     tokens.fold(None, |found, known| {
         let matched = bool::from(known.sha256.0.ct_eq(&digest));
-        if matched { Some(known.name.clone()) } else { found }
+        if matched {
+            Some(known.name.clone())
+        } else {
+            found
+        }
     })
 }
 

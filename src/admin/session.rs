@@ -35,7 +35,9 @@ pub fn valid(key: &SigningKey, headers: &HeaderMap, now: i64, tokens: &[AdminTok
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().strip_prefix(COOKIE_NAME)?.strip_prefix('='));
-    pairs.into_iter().any(|session| holds(key, session, now, tokens))
+    pairs
+        .into_iter()
+        .any(|session| holds(key, session, now, tokens))
 }
 
 fn holds(key: &SigningKey, session: &str, now: i64, tokens: &[AdminToken]) -> bool {

@@ -78,8 +78,7 @@ struct Message {
     message: String,
 }
 
-const STORE_DOWN: &str =
-    "The quota store did not answer, so no usage can be shown just now. This page tries again every 5 seconds.";
+const STORE_DOWN: &str = "The quota store did not answer, so no usage can be shown just now. This page tries again every 5 seconds.";
 
 pub(super) fn login_page(status: StatusCode, error: &str) -> Response<Body> {
     let page = Login {
@@ -183,7 +182,9 @@ pub(super) async fn org_page(app: &App, org: &str) -> Response<Body> {
         return not_found(format!("{org:?} is not an org id."));
     };
     if !app.catalog().orgs().iter().any(|listed| listed.org == org) {
-        return not_found(format!("No org {org} is configured, in the file or at runtime."));
+        return not_found(format!(
+            "No org {org} is configured, in the file or at runtime."
+        ));
     }
     let effective = app.catalog().effective(&org);
     let policy = OrgView::new(&effective);
@@ -197,12 +198,27 @@ pub(super) async fn org_page(app: &App, org: &str) -> Response<Body> {
     let (period_start, period_end, bars, problem, status) = match read {
         Ok(summary) => {
             let bars = Bar::all(&summary);
-            (summary.period_start, summary.period_end, bars, "", StatusCode::OK)
+            (
+                summary.period_start,
+                summary.period_end,
+                bars,
+                "",
+                StatusCode::OK,
+            )
         }
         Err(_) => {
             let (_, period) = app.policy_now(&org);
-            let (start, end) = (crate::period::rfc3339(period.start), crate::period::rfc3339(period.end));
-            (start, end, Vec::new(), STORE_DOWN, StatusCode::SERVICE_UNAVAILABLE)
+            let (start, end) = (
+                crate::period::rfc3339(period.start),
+                crate::period::rfc3339(period.end),
+            );
+            (
+                start,
+                end,
+                Vec::new(),
+                STORE_DOWN,
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
         }
     };
     let page = OrgPage {

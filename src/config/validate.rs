@@ -1201,15 +1201,24 @@ fn validate_usage_page(
     let at = KeyPath::default().key("usage_page");
     let path = match raw.path.as_deref() {
         None => {
-            c.problem(&at.key("path"), "missing: where the page is served, e.g. \"/_tollgate/usage\"");
+            c.problem(
+                &at.key("path"),
+                "missing: where the page is served, e.g. \"/_tollgate/usage\"",
+            );
             None
         }
         Some(path) if !path.starts_with('/') || path.contains(['?', '#', ' ']) => {
-            c.problem(&at.key("path"), format!("{path:?} must be a path starting with '/', without '?', '#' or spaces"));
+            c.problem(
+                &at.key("path"),
+                format!("{path:?} must be a path starting with '/', without '?', '#' or spaces"),
+            );
             None
         }
         Some(path) => {
-            match routes.iter().position(|route| route_matches(&route.path, path)) {
+            match routes
+                .iter()
+                .position(|route| route_matches(&route.path, path))
+            {
                 Some(i) => {
                     c.problem(&at.key("path"), format!(
                         "{path:?} is also matched by routes[{i}] ({:?}); pick a path no route serves",
@@ -1244,7 +1253,10 @@ fn validate_usage_page(
             matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
         });
         if web.is_none() {
-            c.problem(&at.key("upgrade_url"), format!("{text:?} is not an http or https URL"));
+            c.problem(
+                &at.key("upgrade_url"),
+                format!("{text:?} is not an http or https URL"),
+            );
         }
         web.map(|_| text)
     });

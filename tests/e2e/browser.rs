@@ -39,7 +39,11 @@ impl Driver {
             "the browser test needs {CHROMIUM} and {CHROMEDRIVER}: install the Debian packages \
              chromium and chromium-driver (apt-get install chromium chromium-driver), or run scripts/test"
         );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -67,18 +71,31 @@ impl Driver {
         ]
         .iter()
         .map(|a| a.to_string())
-        .chain([format!("--user-data-dir={}", self._profile.path().display())])
+        .chain([format!(
+            "--user-data-dir={}",
+            self._profile.path().display()
+        )])
         .collect::<Vec<_>>();
         let mut caps = serde_json::Map::new();
-        caps.insert("goog:chromeOptions".into(), json!({"binary": CHROMIUM, "args": args}));
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": CHROMIUM, "args": args}),
+        );
         let url = format!("http://127.0.0.1:{}", self.port);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-            match ClientBuilder::new(connector).capabilities(caps.clone()).connect(&url).await {
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
                 Ok(client) => return client,
                 Err(error) => {
-                    assert!(tokio::time::Instant::now() < deadline, "no WebDriver session: {error}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no WebDriver session: {error}"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -94,11 +111,20 @@ async fn shot(browser: &Client, name: &str) {
 }
 
 async fn text(browser: &Client, css: &str) -> String {
-    browser.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn number(text: &str) -> i64 {
-    text.replace(',', "").trim().parse().unwrap_or_else(|_| panic!("not a number: {text:?}"))
+    text.replace(',', "")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {text:?}"))
 }
 
 /// Polls the page until `css`'s text is `expected`, within 15 s (the page
@@ -114,7 +140,10 @@ async fn shows(browser: &Client, css: &str, expected: &str) {
         if seen == expected {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{css} shows {seen:?}, not {expected:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{css} shows {seen:?}, not {expected:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -141,22 +170,57 @@ async fn the_usage_pages_work_in_a_real_browser() {
 
     // Login through the form.
     browser.goto(&gateway.admin_url("/ui")).await.unwrap();
-    assert!(browser.current_url().await.unwrap().path().ends_with("/ui/login"));
+    assert!(
+        browser
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/ui/login")
+    );
     shot(&browser, "login").await;
-    browser.find(Locator::Id("token")).await.unwrap().send_keys(ADMIN_TOKEN).await.unwrap();
-    browser.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
-    browser.wait().for_element(Locator::Id("orgs")).await.unwrap();
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(ADMIN_TOKEN)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("main button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait()
+        .for_element(Locator::Id("orgs"))
+        .await
+        .unwrap();
 
     // The page's numbers are the usage API's.
     let row = "tr[data-org=org_custom] td[data-dim=playbook_runs]";
     let api = api_usage(&gateway, "org_custom").await;
-    assert_eq!(number(&text(&browser, &format!("{row} .used")).await), api["usage"]["playbook_runs"]["used"].as_i64().unwrap());
-    assert_eq!(number(&text(&browser, &format!("{row} .limit")).await), api["usage"]["playbook_runs"]["limit"].as_i64().unwrap());
-    assert_eq!(number(&text(&browser, &format!("{row} .remaining")).await), api["usage"]["playbook_runs"]["remaining"].as_i64().unwrap());
+    assert_eq!(
+        number(&text(&browser, &format!("{row} .used")).await),
+        api["usage"]["playbook_runs"]["used"].as_i64().unwrap()
+    );
+    assert_eq!(
+        number(&text(&browser, &format!("{row} .limit")).await),
+        api["usage"]["playbook_runs"]["limit"].as_i64().unwrap()
+    );
+    assert_eq!(
+        number(&text(&browser, &format!("{row} .remaining")).await),
+        api["usage"]["playbook_runs"]["remaining"].as_i64().unwrap()
+    );
 
     // Closest to a limit first: org_custom (1 of 2 runs) before the rest.
     let first = browser.find(Locator::Css("#orgs tr")).await.unwrap();
-    assert_eq!(first.attr("data-org").await.unwrap().as_deref(), Some("org_custom"));
+    assert_eq!(
+        first.attr("data-org").await.unwrap().as_deref(),
+        Some("org_custom")
+    );
 
     // A metered request shows without a reload, and the state says so.
     post(&gateway, "/api/v1/playbooks/p/execute", "org_custom").await;
@@ -165,7 +229,13 @@ async fn the_usage_pages_work_in_a_real_browser() {
     shot(&browser, "overview").await;
 
     // The filter box, as typed in.
-    browser.find(Locator::Id("q")).await.unwrap().send_keys("shadow").await.unwrap();
+    browser
+        .find(Locator::Id("q"))
+        .await
+        .unwrap()
+        .send_keys("shadow")
+        .await
+        .unwrap();
     let visible = browser
         .execute("return Array.from(document.querySelectorAll('#orgs tr')).filter(r => !r.hidden).map(r => r.dataset.org)", vec![])
         .await
@@ -173,8 +243,14 @@ async fn the_usage_pages_work_in_a_real_browser() {
     assert_eq!(visible, json!(["org_shadow"]));
 
     // An org's page.
-    browser.goto(&gateway.admin_url("/ui/orgs/org_custom")).await.unwrap();
-    assert_eq!(text(&browser, "td[data-dim=playbook_runs] .used").await, "2");
+    browser
+        .goto(&gateway.admin_url("/ui/orgs/org_custom"))
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&browser, "td[data-dim=playbook_runs] .used").await,
+        "2"
+    );
     assert!(text(&browser, "dl.policy").await.contains("past_due"));
     shot(&browser, "org").await;
 
@@ -190,13 +266,22 @@ async fn the_usage_pages_work_in_a_real_browser() {
         .unwrap();
     let url = gateway.url(link["url"].as_str().unwrap());
     browser.goto(&url).await.unwrap();
-    assert_eq!(text(&browser, "td[data-dim=playbook_runs] .used").await, "2");
+    assert_eq!(
+        text(&browser, "td[data-dim=playbook_runs] .used").await,
+        "2"
+    );
     let upgrade = browser.find(Locator::Css("#upgrade a")).await.unwrap();
     assert!(upgrade.is_displayed().await.unwrap());
-    assert_eq!(upgrade.attr("href").await.unwrap().as_deref(), Some("https://example.com/billing"));
+    assert_eq!(
+        upgrade.attr("href").await.unwrap().as_deref(),
+        Some("https://example.com/billing")
+    );
     shot(&browser, "customer").await;
 
-    browser.goto(&url.replace("org_custom", "org_acme")).await.unwrap();
+    browser
+        .goto(&url.replace("org_custom", "org_acme"))
+        .await
+        .unwrap();
     assert_eq!(text(&browser, "h1").await, "This link is not valid");
     shot(&browser, "refused").await;
 
@@ -204,8 +289,13 @@ async fn the_usage_pages_work_in_a_real_browser() {
         org: tollgate::org::OrgId::parse("org_custom").unwrap(),
         expires: (fixed_clock())().timestamp() - 1,
     }
-    .query(&tollgate::usage_link::SigningKey::new(LINK_SECRET.as_bytes()));
-    browser.goto(&gateway.url(&format!("/_tollgate/usage?{expired}"))).await.unwrap();
+    .query(&tollgate::usage_link::SigningKey::new(
+        LINK_SECRET.as_bytes(),
+    ));
+    browser
+        .goto(&gateway.url(&format!("/_tollgate/usage?{expired}")))
+        .await
+        .unwrap();
     assert_eq!(text(&browser, "h1").await, "This link has expired");
 
     browser.close().await.unwrap();
