@@ -200,7 +200,7 @@ async fn usage_link(
     }
     let link = UsageLink {
         org: org.clone(),
-        expires: super::ui::now(app) + seconds,
+        expires: super::now(app) + seconds,
     };
     let expires_at = chrono::DateTime::from_timestamp(link.expires, 0)
         .map(crate::period::rfc3339)

@@ -146,7 +146,7 @@ async fn answer(app: &App, sessions: &SigningKey, request: Request<Incoming>) ->
     let in_session = || {
         let config = app.config();
         let tokens = config.admin.as_ref().map_or(&[][..], |admin| &admin.tokens);
-        session::valid(sessions, request.headers(), ui::now(app), tokens)
+        session::valid(sessions, request.headers(), now(app), tokens)
     };
     match endpoint.access() {
         Access::Open => {}
@@ -173,6 +173,11 @@ async fn answer(app: &App, sessions: &SigningKey, request: Request<Incoming>) ->
         endpoint => api::handle(app, endpoint, request).await,
     };
     answered.unwrap_or_else(GatewayError::into_response)
+}
+
+/// Now, in Unix seconds, on the gateway's clock.
+fn now(app: &App) -> i64 {
+    (app.clock())().timestamp()
 }
 
 /// Whether the request's bearer token is one of `[admin] tokens`.

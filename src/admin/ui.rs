@@ -104,7 +104,7 @@ pub(super) async fn login(
         .unwrap_or_default();
     Ok(match super::token_name(app, &token) {
         Some(name) => {
-            let cookie = session::issue(key, &name, now(app));
+            let cookie = session::issue(key, &name, super::now(app));
             html::see_other("/ui", Some(&cookie))
         }
         None => login_page(
@@ -121,10 +121,6 @@ pub(super) fn see_login() -> Response<Body> {
 
 pub(super) fn logout() -> Response<Body> {
     html::see_other("/ui/login", Some(&session::cleared()))
-}
-
-pub(super) fn now(app: &App) -> i64 {
-    (app.clock())().timestamp()
 }
 
 /// `GET /ui?q=`: every org, closest to a limit first.

@@ -760,6 +760,31 @@ mod tests {
     }
 
     #[test]
+    fn the_usage_page_needs_a_free_path_and_a_long_secret() {
+        let found = problems(
+            "[upstreams.api]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nname = \"u\"\npath = \"/usage\"\nupstream = \"api\"\n[usage_page]\npath = \"/usage\"\nsecret = \"short\"\nupgrade_url = \"ftp://x\"\n",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("usage_page.path: \"/usage\" is also matched by routes[0]"));
+        assert!(found[1].contains("usage_page.secret: must be at least 32 bytes"));
+        assert!(
+            found[2].contains("usage_page.upgrade_url: \"ftp://x\" is not an http or https URL")
+        );
+        let config = Config::parse(
+            &format!(
+                "[usage_page]\npath = \"/_tollgate/usage\"\nsecret = \"{}\"\n",
+                "s".repeat(32)
+            ),
+            "t.toml",
+            &env,
+        )
+        .unwrap();
+        let page = config.usage_page.unwrap();
+        assert_eq!(page.path, "/_tollgate/usage");
+        assert_eq!(format!("{:?}", page.secret), "[redacted]");
+    }
+
+    #[test]
     fn the_admin_section_needs_an_address_and_tokens_given_as_digests() {
         let found = problems("[admin]\nlisten = \"somewhere\"\n");
         assert_eq!(

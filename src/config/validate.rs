@@ -1268,8 +1268,14 @@ fn validate_usage_page(
 }
 
 /// Whether a route's path pattern matches `path` (a pattern already
-/// reported as invalid matches nothing).
+/// reported as invalid matches nothing). A catch-all (`{*rest}`) does not
+/// count: it is meant for whatever no one else serves, and the page, looked
+/// at before routing, takes its one path from it, as the reference config
+/// (`/{*rest}` beside `/_tollgate/usage`) expects.
 fn route_matches(pattern: &str, path: &str) -> bool {
+    if pattern.contains("{*") {
+        return false;
+    }
     let mut router = matchit::Router::new();
     router.insert(pattern, ()).is_ok() && router.at(path).is_ok()
 }
