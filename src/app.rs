@@ -26,6 +26,8 @@ use crate::quota::{Amounts, Dimension};
 use crate::route::{Route, Router};
 use crate::stack::{self, BuildSteps, Gateway, Observer, Steps};
 use crate::store::{MemoryStore, QuotaStore, RedisStore, StoreError};
+use crate::usage::UsageReader;
+use crate::usage_page::UsagePage;
 
 /// The parts every worker shares. Cloning is cheap: it shares them.
 #[derive(Clone)]
@@ -142,6 +144,15 @@ impl App {
             config.server.idle_timeout,
             self.metrics.clone(),
         )?;
+        let usage_page = config.usage_page.clone().map(|page| {
+            let reader = UsageReader {
+                store: meter.ledger.store.clone(),
+                catalog: self.catalog.clone(),
+                clock: self.clock.clone(),
+                timeout: config.store.timeout,
+            };
+            UsagePage::new(page, reader)
+        });
         Ok(Steps::new(
             generation,
             config.clone(),
@@ -150,6 +161,7 @@ impl App {
             meter,
             forwarder,
             self.observer(&config),
+            usage_page,
         ))
     }
 
@@ -212,6 +224,11 @@ impl App {
                 .collect(),
             access_log: config.server.access_log,
         }
+    }
+
+    /// The gateway's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -21,6 +21,7 @@ use crate::period::{Period, rfc3339};
 use crate::quota::Exceeded;
 use crate::route::{PathError, TargetError};
 use crate::store::StoreError;
+use crate::usage_link::LinkRefused;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -72,6 +73,11 @@ pub enum GatewayError {
     /// Said once, on a TLS listener, before the connection is closed.
     #[error("a plain HTTP request was sent to the HTTPS port; use https://")]
     PlainHttpOnTlsPort,
+    #[error("the usage page is off: configure [usage_page] to make usage links")]
+    UsagePageOff,
+    /// A usage link altered or expired.
+    #[error(transparent)]
+    LinkRefused(#[from] LinkRefused),
 }
 
 /// A request body the client got wrong: 400, or 408 when it went silent.
@@ -171,8 +177,10 @@ impl GatewayError {
             // The admin API's own answers; no proxy request ends in them.
             GatewayError::MethodNotAllowed(_)
             | GatewayError::ConfigRejected(_)
-            | GatewayError::ReloadUnavailable => Outcome::BadRequest,
+            | GatewayError::ReloadUnavailable
+            | GatewayError::UsagePageOff => Outcome::BadRequest,
             GatewayError::AdminUnauthorized
+            | GatewayError::LinkRefused(_)
             | GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
             | GatewayError::UnknownApiKey => Outcome::Unauthorized,
@@ -201,7 +209,8 @@ impl GatewayError {
             }
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::ConfigRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            GatewayError::ReloadUnavailable => StatusCode::CONFLICT,
+            GatewayError::ReloadUnavailable | GatewayError::UsagePageOff => StatusCode::CONFLICT,
+            GatewayError::LinkRefused(_) => StatusCode::FORBIDDEN,
             GatewayError::AdminUnauthorized
             | GatewayError::Unauthenticated
             | GatewayError::InvalidToken(_)
@@ -232,6 +241,9 @@ impl GatewayError {
             GatewayError::ConfigRejected(_) => "CONFIG_INVALID",
             GatewayError::ReloadUnavailable => "RELOAD_UNAVAILABLE",
             GatewayError::PlainHttpOnTlsPort => "PLAIN_HTTP_ON_TLS_PORT",
+            GatewayError::UsagePageOff => "USAGE_PAGE_OFF",
+            GatewayError::LinkRefused(LinkRefused::Invalid) => "LINK_INVALID",
+            GatewayError::LinkRefused(LinkRefused::Expired) => "LINK_EXPIRED",
             GatewayError::Target(TargetError::Path(PathError::Ambiguous(_))) => "AMBIGUOUS_PATH",
             GatewayError::Target(TargetError::Path(PathError::BadEscape))
             | GatewayError::Target(TargetError::Unforwardable) => "INVALID_PATH",

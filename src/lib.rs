@@ -68,6 +68,9 @@ pub mod settle;
 pub mod silence;
 pub mod stack;
 pub mod store;
+pub mod usage;
+pub mod usage_link;
+pub mod usage_page;
 
 pub use app::App;
 pub use config::Config;

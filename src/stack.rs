@@ -34,6 +34,7 @@ use crate::org::OrgId;
 use crate::quota::{Amounts, Dimension};
 use crate::route::{Route, Router};
 use crate::settle;
+use crate::usage_page::UsagePage;
 use crate::{Body, BoxError};
 
 /// Response header naming the quota a shadow-mode request went past.
@@ -128,6 +129,8 @@ pub struct Steps {
     meter: Meter,
     forwarder: Forwarder,
     observer: Observer,
+    /// `[usage_page]`, looked at before routing.
+    usage_page: Option<UsagePage>,
 }
 
 /// What the gateway records of each request, built with the other
@@ -155,6 +158,10 @@ struct Trail<'s> {
 }
 
 impl Steps {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per step of the path, each built by the caller"
+    )]
     pub fn new(
         generation: u64,
         config: Arc<Config>,
@@ -163,6 +170,7 @@ impl Steps {
         meter: Meter,
         forwarder: Forwarder,
         observer: Observer,
+        usage_page: Option<UsagePage>,
     ) -> Steps {
         Steps {
             generation,
@@ -172,6 +180,7 @@ impl Steps {
             meter,
             forwarder,
             observer,
+            usage_page,
         }
     }
 }
@@ -367,6 +376,13 @@ impl Service<Request<Incoming>> for Gateway {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let steps = self.steps();
         Box::pin(async move {
+            // The customers' page is no route: it is neither counted nor
+            // metered, and costs the proxy's requests this one compare.
+            if let Some(page) = &steps.usage_page
+                && page.serves(request.uri().path())
+            {
+                return Ok(page.answer(&request).await);
+            }
             let mut request = request;
             mark_credentials_sensitive(request.headers_mut());
             // The steps see one request body type: the client's, boxed.

@@ -9,16 +9,17 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::views::{
-    CheckRequest, CreatedKey, KeyList, KeyRequest, KeyView, OrgList, OrgView, ReloadAnswer,
-    SetUsage, Summary, Usage, Whole,
+    CheckRequest, CreatedKey, KeyList, KeyRequest, KeyView, LinkRequest, LinkView, OrgList,
+    OrgView, ReloadAnswer, SetUsage, Summary, Usage, UsageList, Whole,
 };
 use super::{Endpoint, READ_TIMEOUT, json, with_type};
 use crate::app::App;
-use crate::catalog::CatalogError;
+use crate::catalog::{CatalogError, Effective};
 use crate::error::{Denial, GatewayError};
 use crate::live::ReloadError;
 use crate::org::OrgId;
 use crate::quota::{self, Amounts, Decision, Dimension, MAX_AMOUNT, Mode};
+use crate::usage_link::{DEFAULT_LINK_SECONDS, MAX_LINK_SECONDS, UsageLink};
 use crate::{Body, metrics};
 
 /// The admin API's own description, served at `GET /v1/openapi.json`.
@@ -55,6 +56,11 @@ pub(super) async fn handle(
             app.reset_usage(&org).await?;
             Ok(json(ok, &summary(app, &org).await?))
         }
+        Endpoint::UsageAll => {
+            let orgs = all_summaries(app, &app.catalog().orgs()).await?;
+            Ok(json(ok, &UsageList { orgs }))
+        }
+        Endpoint::UsageLink(org) => usage_link(app, &org_id(org)?, request).await,
         Endpoint::Check => check(app, read_json(request).await?).await,
         Endpoint::Reload => reload(app),
         Endpoint::Orgs => {
@@ -109,6 +115,12 @@ pub(super) async fn handle(
             }
             Ok(json(ok, &json!({"id": id, "revoked": true})))
         }
+        // The pages are answered by super::ui before this.
+        Endpoint::UiOverview
+        | Endpoint::UiOrg(_)
+        | Endpoint::UiLogin
+        | Endpoint::UiLoginPost
+        | Endpoint::UiLogout => Err(GatewayError::NoEndpoint),
     }
 }
 
@@ -150,8 +162,59 @@ async fn readiness(app: &App) -> Response<Body> {
     }
 }
 
+/// The summary of each of `orgs`, in their order.
+pub(super) async fn all_summaries(
+    app: &App,
+    orgs: &[Effective],
+) -> Result<Vec<Summary>, GatewayError> {
+    let mut summaries = Vec::with_capacity(orgs.len());
+    for effective in orgs {
+        summaries.push(summary(app, &effective.org).await?);
+    }
+    Ok(summaries)
+}
+
+/// `POST /v1/orgs/{org}/usage-link`: a signed link to the org's usage page,
+/// as a path and query (this listener does not know the public host).
+async fn usage_link(
+    app: &App,
+    org: &OrgId,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    let config = app.config();
+    let page = config
+        .usage_page
+        .as_ref()
+        .ok_or(GatewayError::UsagePageOff)?;
+    let body = read_body(request).await?;
+    let asked: LinkRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        LinkRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let seconds = asked.expires_in.map_or(DEFAULT_LINK_SECONDS, |Whole(s)| s);
+    if !(1..=MAX_LINK_SECONDS).contains(&seconds) {
+        return Err(GatewayError::InvalidBody(format!(
+            "expiresIn must be from 1 to {MAX_LINK_SECONDS} seconds (got {seconds})"
+        )));
+    }
+    let link = UsageLink {
+        org: org.clone(),
+        expires: super::now(app) + seconds,
+    };
+    let expires_at = chrono::DateTime::from_timestamp(link.expires, 0)
+        .map(crate::period::rfc3339)
+        .unwrap_or_default();
+    let view = LinkView {
+        org: org.clone(),
+        url: format!("{}?{}", page.path, link.query(&page.secret)),
+        expires_at,
+    };
+    Ok(json(StatusCode::CREATED, &view))
+}
+
 /// An org's summary, its counters read from the store (never a cache).
-async fn summary(app: &App, org: &OrgId) -> Result<Summary, GatewayError> {
+pub(super) async fn summary(app: &App, org: &OrgId) -> Result<Summary, GatewayError> {
     let (policy, period, used) = app.usage_now(org).await?;
     Ok(Summary::new(org.clone(), &policy, period, &used))
 }
@@ -204,7 +267,7 @@ fn reload(app: &App) -> Result<Response<Body>, GatewayError> {
     }
 }
 
-fn org_id(text: &str) -> Result<OrgId, GatewayError> {
+pub(super) fn org_id(text: &str) -> Result<OrgId, GatewayError> {
     OrgId::parse(text).ok_or(GatewayError::InvalidOrgId)
 }
 
@@ -229,10 +292,14 @@ fn amount(what: &str, value: i64) -> Result<i64, GatewayError> {
 
 /// The request's JSON body.
 async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, GatewayError> {
-    let bytes = read_body(request).await?;
+    parse_json(&read_body(request).await?)
+}
+
+/// A JSON object body as `T`.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
     let invalid = |error| GatewayError::InvalidBody(format!("the request body: {error}"));
     // serde would also read a struct from an array of its fields.
-    match serde_json::from_slice(&bytes).map_err(invalid)? {
+    match serde_json::from_slice(bytes).map_err(invalid)? {
         object @ serde_json::Value::Object(_) => T::deserialize(object).map_err(invalid),
         _ => Err(GatewayError::InvalidBody(
             "the request body must be a JSON object".into(),
@@ -242,7 +309,7 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
 
 /// The request's body, read within [`READ_TIMEOUT`] and up to
 /// [`MAX_BODY_BYTES`].
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, GatewayError> {
+pub(super) async fn read_body(request: Request<Incoming>) -> Result<Bytes, GatewayError> {
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES).collect();
     let bytes = match tokio::time::timeout(READ_TIMEOUT, body).await {
         Ok(Ok(collected)) => collected.to_bytes(),

@@ -8,11 +8,16 @@
 //! needs `Authorization: Bearer <token>`, whose sha256 `[admin] tokens`
 //! lists. Every error is the gateway's envelope ([`GatewayError`]).
 //!
+//! The pages under `/ui` ([`ui`]) ask for an admin token once, at
+//! `/ui/login`, and then hold a session cookie ([`session`]).
+//!
 //! It runs on the thread that accepts the proxy's connections, beside the
 //! outbox: its traffic is an operator's, a few requests a second at most.
 
 mod api;
 pub mod probe;
+mod session;
+mod ui;
 mod views;
 
 use std::convert::Infallible;
@@ -34,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, StartError};
 use crate::error::GatewayError;
+use crate::usage_link::SigningKey;
 use crate::{Body, full_body};
 
 /// How long an admin client has to send a request's head, and a request's
@@ -85,6 +91,15 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
+    // Sessions are signed under a key of this process alone: a restart
+    // ends them, and nothing needs configuring.
+    let sessions = match SigningKey::random() {
+        Ok(key) => key,
+        Err(error) => {
+            tracing::error!(%error, "no randomness for the admin pages' sessions; they are off");
+            SigningKey::new(&[])
+        }
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -98,10 +113,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let app = app.clone();
+        let (app, sessions) = (app.clone(), sessions.clone());
         let service = hyper::service::service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(answer(&app, request).await) }
+            let (app, sessions) = (app.clone(), sessions.clone());
+            async move { Ok::<_, Infallible>(answer(&app, &sessions, request).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -122,39 +137,89 @@ pub async fn serve(
 }
 
 /// One admin request's answer.
-async fn answer(app: &App, request: Request<Incoming>) -> Response<Body> {
+async fn answer(app: &App, sessions: &SigningKey, request: Request<Incoming>) -> Response<Body> {
     // The endpoint borrows from the path; the request goes on to the handler.
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let endpoint = match Endpoint::of(&method, uri.path()) {
         Ok(endpoint) => endpoint,
         Err(error) => return error.into_response(),
     };
-    if endpoint.needs_token() && !authorized(app, &request) {
-        return GatewayError::AdminUnauthorized.into_response();
+    let in_session = || {
+        let config = app.config();
+        let tokens = config.admin.as_ref().map_or(&[][..], |admin| &admin.tokens);
+        session::valid(sessions, request.headers(), now(app), tokens)
+    };
+    match endpoint.access() {
+        Access::Open => {}
+        Access::Token if bearer(app, &request) => {}
+        // The page's script reads the JSON API with the session cookie,
+        // for safe methods only. SameSite=Strict keeps the cookie off
+        // every request another site starts, so a read cannot be forged
+        // (and a cross-site page could not read the answer anyway), while
+        // a change (PUT, POST, DELETE) still needs the bearer token, which
+        // no browser sends by itself.
+        Access::TokenOrSession if bearer(app, &request) || in_session() => {}
+        Access::Token | Access::TokenOrSession => {
+            return GatewayError::AdminUnauthorized.into_response();
+        }
+        Access::Page if in_session() => {}
+        Access::Page => return ui::see_login(),
     }
-    api::handle(app, endpoint, request)
-        .await
-        .unwrap_or_else(GatewayError::into_response)
+    let answered = match endpoint {
+        Endpoint::UiLogin => Ok(ui::login_page(StatusCode::OK, "")),
+        Endpoint::UiLoginPost => ui::login(app, sessions, request).await,
+        Endpoint::UiLogout => Ok(ui::logout()),
+        Endpoint::UiOverview => Ok(ui::overview(app, uri.query()).await),
+        Endpoint::UiOrg(org) => Ok(ui::org_page(app, org).await),
+        endpoint => api::handle(app, endpoint, request).await,
+    };
+    answered.unwrap_or_else(GatewayError::into_response)
 }
 
-/// Whether the request's bearer token is one of `[admin] tokens`. Each
-/// digest is compared in constant time, and with every token, so the time
-/// taken tells nothing of how close a guess came.
-fn authorized(app: &App, request: &Request<Incoming>) -> bool {
-    let Some(token) = request
+/// Now, in Unix seconds, on the gateway's clock.
+fn now(app: &App) -> i64 {
+    (app.clock())().timestamp()
+}
+
+/// Whether the request's bearer token is one of `[admin] tokens`.
+fn bearer(app: &App, request: &Request<Incoming>) -> bool {
+    request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
+        .and_then(|token| token_name(app, token))
+        .is_some()
+}
+
+/// The name of the admin token `token` is, if it is one. Each digest is
+/// compared in constant time, and with every token, so the time taken
+/// tells nothing of how close a guess came.
+fn token_name(app: &App, token: &str) -> Option<String> {
     let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
     let config = app.config();
     let tokens = config.admin.iter().flat_map(|admin| &admin.tokens);
-    tokens.fold(false, |found, known| {
-        found | bool::from(known.sha256.0.ct_eq(&digest))
+    tokens.fold(None, |found, known| {
+        let matched = bool::from(known.sha256.0.ct_eq(&digest));
+        if matched {
+            Some(known.name.clone())
+        } else {
+            found
+        }
     })
+}
+
+/// Who may ask for an endpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Access {
+    /// Anyone: health, readiness, metrics, the login page.
+    Open,
+    /// A bearer token.
+    Token,
+    /// A bearer token, or the pages' session (reads of the JSON API).
+    TokenOrSession,
+    /// The pages' session; without one, the login page.
+    Page,
 }
 
 /// What an admin request asks for: its method and path, read.
@@ -176,6 +241,13 @@ enum Endpoint<'a> {
     RevokeKey(&'a str),
     Check,
     Reload,
+    UsageAll,
+    UsageLink(&'a str),
+    UiOverview,
+    UiOrg(&'a str),
+    UiLogin,
+    UiLoginPost,
+    UiLogout,
 }
 
 impl<'a> Endpoint<'a> {
@@ -204,6 +276,13 @@ impl<'a> Endpoint<'a> {
             ["v1", "keys", id] if delete => Endpoint::RevokeKey(id),
             ["v1", "check"] if post => Endpoint::Check,
             ["v1", "reload"] if post => Endpoint::Reload,
+            ["v1", "usage"] if get => Endpoint::UsageAll,
+            ["v1", "orgs", org, "usage-link"] if post => Endpoint::UsageLink(org),
+            ["ui"] if get => Endpoint::UiOverview,
+            ["ui", "orgs", org] if get => Endpoint::UiOrg(org),
+            ["ui", "login"] if get => Endpoint::UiLogin,
+            ["ui", "login"] if post => Endpoint::UiLoginPost,
+            ["ui", "logout"] if post => Endpoint::UiLogout,
             path => {
                 return Err(match allowed_methods(path) {
                     Some(allowed) => GatewayError::MethodNotAllowed(allowed),
@@ -214,11 +293,23 @@ impl<'a> Endpoint<'a> {
         Ok(endpoint)
     }
 
-    fn needs_token(&self) -> bool {
-        !matches!(
-            self,
-            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics
-        )
+    fn access(&self) -> Access {
+        match self {
+            Endpoint::Healthz
+            | Endpoint::Readyz
+            | Endpoint::Metrics
+            | Endpoint::UiLogin
+            | Endpoint::UiLoginPost
+            | Endpoint::UiLogout => Access::Open,
+            Endpoint::UiOverview | Endpoint::UiOrg(_) => Access::Page,
+            Endpoint::OpenApi
+            | Endpoint::Usage(_)
+            | Endpoint::Orgs
+            | Endpoint::Org(_)
+            | Endpoint::Keys
+            | Endpoint::UsageAll => Access::TokenOrSession,
+            _ => Access::Token,
+        }
     }
 }
 
@@ -226,7 +317,10 @@ impl<'a> Endpoint<'a> {
 /// path that is none of the API's.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     Some(match segments {
-        ["healthz" | "readyz" | "metrics"] | ["v1", "openapi.json" | "orgs"] => "GET",
+        ["healthz" | "readyz" | "metrics"] | ["v1", "openapi.json" | "orgs" | "usage"] => "GET",
+        ["ui"] | ["ui", "orgs", _] => "GET",
+        ["ui", "login"] => "GET, POST",
+        ["ui", "logout"] | ["v1", "orgs", _, "usage-link"] => "POST",
         ["v1", "check" | "reload"] => "POST",
         ["v1", "orgs", _] => "GET, PUT, DELETE",
         ["v1", "orgs", _, "usage"] => "GET, DELETE",
@@ -295,7 +389,7 @@ mod tests {
             ("/v1/openapi.json", false),
         ] {
             let endpoint = Endpoint::of(&Method::GET, path).unwrap();
-            assert_eq!(!endpoint.needs_token(), open, "{path}");
+            assert_eq!(endpoint.access() == Access::Open, open, "{path}");
         }
     }
 }

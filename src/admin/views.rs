@@ -6,71 +6,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Effective, KeyInfo, NewKey};
-use crate::org::{OrgId, OrgPolicy};
-use crate::period::{Period, rfc3339};
-use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, whole};
-
-/// `GET /v1/orgs/{org}/usage`: an org's counters in its current period.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Summary {
-    pub org: OrgId,
-    pub plan: Arc<str>,
-    pub billing_status: Arc<str>,
-    pub enforcement: &'static str,
-    pub period_start: String,
-    pub period_end: String,
-    pub usage: Usage,
-}
-
-/// One entry per dimension.
-#[derive(Debug, Serialize)]
-pub struct Usage {
-    pub tokens: Used,
-    pub playbook_runs: Used,
-    pub seats: Used,
-}
-
-/// A counter against its limit; `limit` and `remaining` are null when
-/// unlimited, and `remaining` never goes below 0.
-#[derive(Debug, Serialize)]
-pub struct Used {
-    pub used: i64,
-    pub limit: Option<i64>,
-    pub remaining: Option<i64>,
-}
-
-impl Usage {
-    pub fn of(limits: &Limits, used: &Amounts) -> Usage {
-        let entry = |dimension: Dimension| {
-            let (used, limit) = (used.get(dimension), limits.get(dimension));
-            Used {
-                used,
-                limit,
-                remaining: limit.map(|limit| limit.saturating_sub(used).max(0)),
-            }
-        };
-        Usage {
-            tokens: entry(Dimension::Tokens),
-            playbook_runs: entry(Dimension::PlaybookRuns),
-            seats: entry(Dimension::Seats),
-        }
-    }
-}
-
-impl Summary {
-    pub fn new(org: OrgId, policy: &OrgPolicy, period: Period, used: &Amounts) -> Summary {
-        Summary {
-            org,
-            plan: policy.plan.clone(),
-            billing_status: policy.billing_status.clone(),
-            enforcement: policy.mode.as_str(),
-            period_start: rfc3339(period.start),
-            period_end: rfc3339(period.end),
-            usage: Usage::of(&policy.limits, used),
-        }
-    }
-}
+use crate::org::OrgId;
+use crate::period::rfc3339;
+use crate::quota::{Dimension, MAX_AMOUNT, whole};
+pub use crate::usage::{Summary, Usage};
 
 /// `GET /v1/orgs/{org}`: the policy in effect, and where it comes from.
 #[derive(Debug, Serialize)]
@@ -119,6 +58,28 @@ impl OrgView {
 #[derive(Debug, Serialize)]
 pub struct OrgList {
     pub orgs: Vec<OrgView>,
+}
+
+/// `GET /v1/usage`: the summary of every org `GET /v1/orgs` lists.
+#[derive(Debug, Serialize)]
+pub struct UsageList {
+    pub orgs: Vec<Summary>,
+}
+
+/// `POST /v1/orgs/{org}/usage-link`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LinkRequest {
+    pub expires_in: Option<Whole>,
+}
+
+/// `POST /v1/orgs/{org}/usage-link`'s answer: the link's path and query.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkView {
+    pub org: OrgId,
+    pub url: String,
+    pub expires_at: String,
 }
 
 /// A whole number as JSON Schema counts one: `3` or `3.0`, not `3.5`.

@@ -22,6 +22,7 @@ use crate::org::{OrgDirectory, OrgId};
 use crate::route::{PathRules, Route};
 use crate::store::OnStoreError;
 use crate::store::RedisTarget;
+use crate::usage_link::SigningKey;
 
 /// The validated configuration the gateway runs on.
 #[derive(Clone, Debug)]
@@ -34,6 +35,20 @@ pub struct Config {
     pub orgs: OrgDirectory,
     /// The admin listener, when `[admin]` is configured.
     pub admin: Option<AdminConfig>,
+    /// The customers' usage page on the main listener, when `[usage_page]`
+    /// is configured.
+    pub usage_page: Option<UsagePageConfig>,
+}
+
+/// `[usage_page]`: where the signed-link usage page is served, and the
+/// secret its links are signed with.
+#[derive(Clone, Debug)]
+pub struct UsagePageConfig {
+    /// Starts with `/` and matches no configured route.
+    pub path: String,
+    pub secret: SigningKey,
+    /// An http or https URL, for the page's "Upgrade" button.
+    pub upgrade_url: Option<String>,
 }
 
 /// `[admin]`: where the operations API listens, and who may use it.
@@ -778,6 +793,31 @@ mod tests {
                 "3: server.path_case: \"lower\": use \"insensitive\" or \"sensitive\"",
             ]
         );
+    }
+
+    #[test]
+    fn the_usage_page_needs_a_free_path_and_a_long_secret() {
+        let found = problems(
+            "[upstreams.api]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nname = \"u\"\npath = \"/usage\"\nupstream = \"api\"\n[usage_page]\npath = \"/usage\"\nsecret = \"short\"\nupgrade_url = \"ftp://x\"\n",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].contains("usage_page.path: \"/usage\" is also matched by routes[0]"));
+        assert!(found[1].contains("usage_page.secret: must be at least 32 bytes"));
+        assert!(
+            found[2].contains("usage_page.upgrade_url: \"ftp://x\" is not an http or https URL")
+        );
+        let config = Config::parse(
+            &format!(
+                "[usage_page]\npath = \"/_tollgate/usage\"\nsecret = \"{}\"\n",
+                "s".repeat(32)
+            ),
+            "t.toml",
+            &env,
+        )
+        .unwrap();
+        let page = config.usage_page.unwrap();
+        assert_eq!(page.path, "/_tollgate/usage");
+        assert_eq!(format!("{:?}", page.secret), "[redacted]");
     }
 
     #[test]

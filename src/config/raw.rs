@@ -28,6 +28,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub orgs: BTreeMap<String, RawOrg>,
     pub admin: Option<RawAdmin>,
+    pub usage_page: Option<RawUsagePage>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,4 +171,11 @@ pub struct RawAdmin {
 pub struct RawAdminToken {
     pub sha256: String,
     pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawUsagePage {
+    pub path: Option<String>,
+    pub secret: Option<String>,
+    pub upgrade_url: Option<String>,
 }

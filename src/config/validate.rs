@@ -15,13 +15,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::raw::{
-    RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawTls, RawUpstream,
+    RawAdmin, RawAmount, RawConfig, RawJwt, RawRoute, RawServer, RawTls, RawUpstream, RawUsagePage,
 };
 use super::{
     AdminConfig, AdminToken, ApiKey, ApiKeys, Backend, Config, DEFAULT_IMAGE_TOKENS,
     DEFAULT_MAX_TOKENS, DEFAULT_MIN_COMPLETION_TOKENS, HeaderSource, IdentitySource, JwtConfig,
     KeyPath, Problem, PublicKey, Redacted, ServerConfig, StoreConfig, TlsConfig, Upstream,
-    expand_env,
+    UsagePageConfig, expand_env,
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
@@ -30,6 +30,7 @@ use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
 use crate::route::{AmbiguousPaths, Cost, PathCase, PathRules, Route};
 use crate::store::OnStoreError;
 use crate::store::RedisTarget;
+use crate::usage_link::SigningKey;
 
 /// More worker threads than this is a typo, not a machine.
 const MAX_WORKERS: i64 = 1024;
@@ -365,6 +366,10 @@ pub(super) fn validate(
     }
     let orgs = validate_orgs(&mut c, &raw, mode);
     let admin = raw.admin.as_ref().map(|raw| validate_admin(&mut c, raw));
+    let usage_page = raw
+        .usage_page
+        .as_ref()
+        .and_then(|page| validate_usage_page(&mut c, page, &raw.routes));
 
     if c.problems.is_empty() {
         Ok(Config {
@@ -375,6 +380,7 @@ pub(super) fn validate(
             routes,
             orgs,
             admin,
+            usage_page,
         })
     } else {
         Err(c.problems)
@@ -1268,6 +1274,97 @@ fn validate_admin(c: &mut Checker<'_>, raw: &RawAdmin) -> AdminConfig {
         });
     }
     AdminConfig { listen, tokens }
+}
+
+/// The shortest `[usage_page] secret`: an HMAC key shorter than its hash
+/// is easier to guess than the tag it makes.
+const MIN_LINK_SECRET_BYTES: usize = 32;
+
+fn validate_usage_page(
+    c: &mut Checker<'_>,
+    raw: &RawUsagePage,
+    routes: &[RawRoute],
+) -> Option<UsagePageConfig> {
+    let at = KeyPath::default().key("usage_page");
+    let path = match raw.path.as_deref() {
+        None => {
+            c.problem(
+                &at.key("path"),
+                "missing: where the page is served, e.g. \"/_tollgate/usage\"",
+            );
+            None
+        }
+        Some(path) if !path.starts_with('/') || path.contains(['?', '#', ' ']) => {
+            c.problem(
+                &at.key("path"),
+                format!("{path:?} must be a path starting with '/', without '?', '#' or spaces"),
+            );
+            None
+        }
+        Some(path) => {
+            match routes
+                .iter()
+                .position(|route| route_matches(&route.path, path))
+            {
+                Some(i) => {
+                    c.problem(&at.key("path"), format!(
+                        "{path:?} is also matched by routes[{i}] ({:?}); pick a path no route serves",
+                        routes[i].name
+                    ));
+                    None
+                }
+                None => Some(path.to_string()),
+            }
+        }
+    };
+    let secret = match raw.secret.as_deref() {
+        None => {
+            c.problem(&at.key("secret"), "missing: the links are signed with it");
+            None
+        }
+        Some(raw) => c.text(&at.key("secret"), raw).and_then(|secret| {
+            if secret.len() < MIN_LINK_SECRET_BYTES {
+                c.problem(&at.key("secret"), format!(
+                    "must be at least {MIN_LINK_SECRET_BYTES} bytes (got {}); e.g. `openssl rand -hex 32`",
+                    secret.len()
+                ));
+                None
+            } else {
+                Some(SigningKey::new(secret.as_bytes()))
+            }
+        }),
+    };
+    let upgrade_url = raw.upgrade_url.as_deref().and_then(|raw| {
+        let text = c.text(&at.key("upgrade_url"), raw)?;
+        let web = Uri::from_str(&text).ok().filter(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+        });
+        if web.is_none() {
+            c.problem(
+                &at.key("upgrade_url"),
+                format!("{text:?} is not an http or https URL"),
+            );
+        }
+        web.map(|_| text)
+    });
+    Some(UsagePageConfig {
+        path: path?,
+        secret: secret?,
+        upgrade_url,
+    })
+}
+
+/// Whether a route's path pattern matches `path` (a pattern already
+/// reported as invalid matches nothing). A catch-all (`{*rest}`) does not
+/// count: it is meant for whatever no one else serves, and the page, looked
+/// at before routing, takes its one path from it, as the reference config
+/// (`/{*rest}` beside `/_tollgate/usage`) expects.
+fn route_matches(pattern: &str, path: &str) -> bool {
+    if pattern.contains("{*") {
+        return false;
+    }
+    let mut router = matchit::Router::new();
+    router.insert(pattern, ()).is_ok() && router.at(path).is_ok()
 }
 
 fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirectory {

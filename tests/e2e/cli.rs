@@ -17,6 +17,10 @@ fn with_secrets(command: &mut Command) -> &mut Command {
         .env("OPENAI_API_KEY", "sk-test")
         .env("ANTHROPIC_API_KEY", "sk-ant-test")
         .env("SUPABASE_JWT_SECRET", "a-supabase-style-jwt-secret")
+        .env(
+            "USAGE_LINK_SECRET",
+            "a-usage-link-secret-of-32-bytes-or-more",
+        )
 }
 
 #[test]

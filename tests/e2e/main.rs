@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_catalog;
+mod browser;
 mod cli;
 mod connections;
 mod enforcement;
@@ -22,3 +23,4 @@ mod store_conformance;
 mod store_outage;
 mod support;
 mod tls;
+mod usage_page;
