@@ -67,17 +67,6 @@ struct OrgPage {
     problem: &'static str,
 }
 
-#[derive(Template)]
-#[template(path = "ui_message.html")]
-struct Message {
-    css: &'static str,
-    js: &'static str,
-    kind: &'static str,
-    source: &'static str,
-    heading: &'static str,
-    message: String,
-}
-
 const STORE_DOWN: &str = "The quota store did not answer, so no usage can be shown just now. This page tries again every 5 seconds.";
 
 pub(super) fn login_page(status: StatusCode, error: &str) -> Response<Body> {
@@ -235,13 +224,6 @@ pub(super) async fn org_page(app: &App, org: &str) -> Response<Body> {
 
 /// The 404 page of an admin page that is not there.
 pub(super) fn not_found(message: String) -> Response<Body> {
-    let page = Message {
-        css: CSS,
-        js: JS,
-        kind: "message",
-        source: "",
-        heading: "Not found",
-        message,
-    };
+    let page = html::Notice::new("message", "Not found", message, false);
     html::rendered(StatusCode::NOT_FOUND, &page)
 }

@@ -60,6 +60,40 @@ pub fn page(status: StatusCode, html: String) -> Response<Body> {
 
 /// A rendered template as a page, or the gateway's 500 when it could not
 /// be written (askama fails only on a failing `Display`).
+/// A page that only says something: a 404 of the admin pages, a refused
+/// link of the customers'.
+#[derive(askama::Template)]
+#[template(path = "notice.html")]
+pub struct Notice {
+    pub css: &'static str,
+    pub js: &'static str,
+    pub kind: &'static str,
+    pub source: &'static str,
+    pub heading: &'static str,
+    pub message: String,
+    /// The customers' header and advice, not the admin pages'.
+    pub for_customer: bool,
+}
+
+impl Notice {
+    pub fn new(
+        kind: &'static str,
+        heading: &'static str,
+        message: String,
+        for_customer: bool,
+    ) -> Notice {
+        Notice {
+            css: CSS,
+            js: JS,
+            kind,
+            source: "",
+            heading,
+            message,
+            for_customer,
+        }
+    }
+}
+
 pub fn rendered(status: StatusCode, template: &impl askama::Template) -> Response<Body> {
     match template.render() {
         Ok(html) => page(status, html),

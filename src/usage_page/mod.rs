@@ -45,17 +45,6 @@ struct CustomerPage<'a> {
     problem: &'static str,
 }
 
-#[derive(Template)]
-#[template(path = "customer_refused.html")]
-struct Refused {
-    css: &'static str,
-    js: &'static str,
-    kind: &'static str,
-    source: &'static str,
-    heading: &'static str,
-    message: String,
-}
-
 /// The page's JSON: the org's numbers, without its plan or policy.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,17 +149,18 @@ fn refused_page(refused: LinkRefused) -> Response<Body> {
         LinkRefused::Invalid => "This link is not valid",
         LinkRefused::Expired => "This link has expired",
     };
-    html::rendered(
-        StatusCode::FORBIDDEN,
-        &Refused {
-            css: html::CSS,
-            js: html::JS,
-            kind: "refused",
-            source: "",
-            heading,
-            message: refused.to_string(),
-        },
-    )
+    let page = html::Notice::new("refused", heading, as_sentence(&refused.to_string()), true);
+    html::rendered(StatusCode::FORBIDDEN, &page)
+}
+
+/// An error's message, which reads as part of a line in the logs, as a
+/// sentence of its own on the page.
+fn as_sentence(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).chain(['.']).collect(),
+        None => String::new(),
+    }
 }
 
 fn with_headers(error: GatewayError) -> Response<Body> {

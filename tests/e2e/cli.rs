@@ -350,11 +350,7 @@ async fn health_fails_on_an_answer_other_than_200() {
 #[tokio::test]
 async fn health_fails_when_nothing_listens() {
     // A port that was free a moment ago, with its listener closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
 
     let output = health(format!("http://127.0.0.1:{port}/healthz")).await;
 
@@ -383,11 +379,7 @@ async fn health_fails_at_its_timeout_when_the_listener_never_answers() {
 
 #[tokio::test]
 async fn run_stops_cleanly_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
     std::fs::write(
@@ -434,11 +426,7 @@ async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
 
 #[tokio::test]
 async fn sighup_reloads_the_file_and_a_broken_one_leaves_the_gateway_running() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
     let config = |routes: &str| {

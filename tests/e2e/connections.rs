@@ -363,11 +363,7 @@ impl Binary {
     /// filled in) under a soft descriptor limit of `soft_limit`, and waits
     /// until it accepts.
     async fn start(config: &str, upstream: &Upstream, soft_limit: u32) -> Binary {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::support::free_port();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("run.toml");
         let config = config

@@ -349,11 +349,7 @@ impl Log {
 #[tokio::test]
 async fn the_access_log_writes_one_json_line_per_request_with_its_fields() {
     let upstream = Upstream::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("run.toml");
     let config = CONFIG

@@ -188,6 +188,15 @@ pub struct Gateway {
 }
 
 /// A clock fixed at 2026-11-27T12:00:00Z, inside the November 2026 period.
+/// A loopback port that was free a moment ago, for a process the test
+/// starts to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap()
+}
+
 pub fn fixed_clock() -> tollgate::meter::Clock {
     Arc::new(|| "2026-11-27T12:00:00Z".parse().unwrap())
 }
