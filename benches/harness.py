@@ -423,6 +423,11 @@ def http_request(path, headers, body=b""):
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def times(ratio):
+    # Two decimals, or two significant figures for the Python peer's.
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.2g}"
+
+
 def admitted_cell(figure):
     if not figure:
         return "–"
@@ -757,11 +762,12 @@ def main():
         instructions = f"{counts[number]:,.0f}" if number in counts else (
             "(Python)" if "LiteLLM" in title else "–")
         peer = r.get("peer")
-        versus = (f"| {peer} | {r['peer_rps']:.2f} ({r['peer_rps_low']:.2f}–{r['peer_rps_high']:.2f}) "
-                  f"| {r['peer_cpu']:.2f} | " + (f"{counts[number] / counts[int(peer)]:.2f}"
-                                                 if number in counts and int(peer) in counts else "–")
+        versus = (f"| {peer} | {times(r['peer_rps'])} ({times(r['peer_rps_low'])}–{times(r['peer_rps_high'])}) "
+                  f"| {times(r['peer_cpu'])} | " + (times(counts[number] / counts[int(peer)])
+                                                    if number in counts and int(peer) in counts else "–")
                   if peer else "| – | – | – | –")
-        lines.append(f"| {title} | {r['rps']:.0f} | {r['ratio']:.2f} | {r['ratio_low']:.2f}–{r['ratio_high']:.2f} "
+        lines.append(f"| {title} | {r['rps']:.0f} | {times(r['ratio'])} "
+                     f"| {times(r['ratio_low'])}–{times(r['ratio_high'])} "
                      f"| {r['p99_ms']:.2f} | {r['non2xx']:.0f} | {r['cpu_us']:.1f} | {r['redis_us']:.1f} "
                      f"| {instructions} {versus} | {admitted_cell(exact.get(number))} | {r['steal']:.0f} |")
     if latency:
@@ -776,14 +782,17 @@ def main():
     if counted:
         lines += ["", f"Instructions per request (user space, valgrind's callgrind), one worker each, wrk -t1 "
                   f"-c{COUNTED_CONNECTIONS}, {COUNTED_DURATION} counted after a {WARMUP} warm-up. Unlike the times "
-                  "above, these do not move with whatever else the machine's host runs. The Redis cases count the "
-                  "gateway alone, not redis-server, and at this light load batch fewer reservations per script "
-                  "call than under full load:", "",
-                  "| case | instructions/request | × nginx |", "|---|---:|---:|"]
+                  "above, these do not move with whatever else the machine's host runs. The Redis cases (tollgate's "
+                  "and nginx + Lua's) count the gateway alone, not redis-server, and tollgate's at this light load "
+                  "batch fewer reservations per script call than under full load. HAProxy runs one thread "
+                  "(nbthread 1, -db), nginx one worker with no master process:", "",
+                  "| case | instructions/request | × nginx | ÷ peer |", "|---|---:|---:|---:|"]
         nginx_count = next((count for title, count in counted if title.startswith("2.")), None)
         for title, count in counted:
             ratio = f"{count / nginx_count:.2f}" if nginx_count else "–"
-            lines.append(f"| {title} | {count:,.0f} | {ratio} |")
+            peer = PEER_OF.get(int(title.split(".")[0]))
+            versus = f"{count / counts[peer]:.2f} (of {peer})" if peer in counts else "–"
+            lines.append(f"| {title} | {count:,.0f} | {ratio} | {versus} |")
     lines += ["", "Peak RSS of tollgate over the run: " +
               ", ".join(f"{RSS_NAMES[k]} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)
