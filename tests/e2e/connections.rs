@@ -20,8 +20,8 @@ use crate::support::{Gateway, Upstream, client, config_with, envelope, eventuall
 fn config_with_server(keys: &str) -> String {
     config_with(|c| {
         c.replace(
-            "upstream_timeout = \"500ms\"",
-            &format!("upstream_timeout = \"500ms\"\n{keys}"),
+            crate::support::UPSTREAM_TIMEOUT,
+            &format!("{}\n{keys}", crate::support::UPSTREAM_TIMEOUT),
         )
     })
 }
@@ -277,15 +277,16 @@ async fn a_slow_but_moving_upload_on_an_unmetered_route_is_not_timed_as_the_upst
     let upstream = Upstream::start().await;
     let config = config_with(|c| {
         c.replace(
-            "upstream_timeout = \"500ms\"",
-            "upstream_timeout = \"300ms\"\nbody_read_timeout = \"300ms\"",
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"500ms\"\nbody_read_timeout = \"1500ms\"",
         )
     });
     let gateway = Gateway::start(&config, &upstream).await;
-    // A byte every 100 ms for 1.2 s: four times the upstream's timeout,
-    // never silent for the body's.
+    // A byte every 100 ms for 2 s: four times the upstream's timeout, and
+    // never silent for long enough to meet the body's, even on a loaded
+    // machine.
     let bytes = futures_util::stream::unfold(0, |sent| async move {
-        if sent == 12 {
+        if sent == 20 {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -301,13 +302,19 @@ async fn a_slow_but_moving_upload_on_an_unmetered_route_is_not_timed_as_the_upst
 
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["received_bytes"], 12);
+    assert_eq!(body["received_bytes"], 20);
 }
 
 #[tokio::test]
 async fn an_upstream_that_stalls_after_a_streamed_upload_is_still_504() {
     let upstream = Upstream::start().await;
-    let gateway = Gateway::start(&config_with_server(""), &upstream).await;
+    let config = config_with(|c| {
+        c.replace(
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"500ms\"",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
     let bytes = futures_util::stream::iter([Ok::<_, std::io::Error>(vec![b'x'; 10])]);
 
     let response = client()

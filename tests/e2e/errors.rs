@@ -143,7 +143,13 @@ async fn an_unreachable_upstream_is_502_and_the_reservation_is_refunded() {
 #[tokio::test]
 async fn an_upstream_that_does_not_answer_in_time_is_504_and_the_reservation_is_refunded() {
     let upstream = Upstream::start().await;
-    let gateway = Gateway::start(&config(), &upstream).await;
+    let config = config_with(|c| {
+        c.replace(
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"500ms\"",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
 
     let response = client()
         .post(gateway.url("/api/v1/playbooks/pb_1/execute"))

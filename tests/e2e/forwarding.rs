@@ -93,9 +93,13 @@ async fn upstream_headers_replace_what_the_client_sent() {
 async fn an_unmetered_hundred_megabyte_upload_streams_through_a_one_megabyte_limit() {
     let upstream = Upstream::start().await;
     // The upstream answers only once it has read all 100 MiB, which on a
-    // busy test machine can take longer than the usual 500ms.
-    let config =
-        config_with(|c| c.replace("upstream_timeout = \"500ms\"", "upstream_timeout = \"30s\""));
+    // busy test machine can take longer than the usual 10s.
+    let config = config_with(|c| {
+        c.replace(
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"30s\"",
+        )
+    });
     let gateway = Gateway::start(&config, &upstream).await;
     const CHUNK: usize = 256 * 1024;
     const CHUNKS: usize = 400; // 100 MiB
@@ -223,7 +227,7 @@ async fn connections_still_open_when_the_grace_period_ends_are_cut() {
     let upstream = Upstream::start().await;
     let config = crate::support::config_with(|c| {
         c.replace(
-            "upstream_timeout = \"500ms\"",
+            crate::support::UPSTREAM_TIMEOUT,
             "upstream_timeout = \"60s\"\nshutdown_grace = \"200ms\"",
         )
     });

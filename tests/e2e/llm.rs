@@ -23,7 +23,7 @@ fn llm_config(provider: &Provider, idle_timeout: &str) -> String {
         None => ("http", provider.addr.to_string(), ""),
     };
     crate::support::config_with(|c| {
-        c.replace("upstream_timeout = \"500ms\"", &format!("upstream_timeout = \"5s\"\nidle_timeout = \"{idle_timeout}\""))
+        c.replace(crate::support::UPSTREAM_TIMEOUT, &format!("upstream_timeout = \"5s\"\nidle_timeout = \"{idle_timeout}\""))
             .replace(
                 "[upstreams.openai]\nurl = \"http://${UPSTREAM}\"",
                 &format!("[upstreams.openai]\nurl = \"{scheme}://{host}\"\n{ca}"),

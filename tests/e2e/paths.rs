@@ -24,8 +24,8 @@ fn paths_config(server: &str) -> String {
     config_with(|config| {
         let config = config
             .replace(
-                "upstream_timeout = \"500ms\"\n",
-                &format!("upstream_timeout = \"500ms\"\n{server}\n"),
+                crate::support::UPSTREAM_TIMEOUT,
+                &format!("{}\n{server}", crate::support::UPSTREAM_TIMEOUT),
             )
             .replace(
                 "[[routes]]\nname = \"everything-else\"",

@@ -138,7 +138,7 @@ async fn a_broken_file_keeps_the_running_config_and_answers_every_problem() {
     let broken = base(&backing, &upstream)
         .replace("playbook_runs = 10", "playbook_runs = -10")
         .replace(
-            "upstream_timeout = \"500ms\"",
+            crate::support::UPSTREAM_TIMEOUT,
             "upstream_timeout = \"soon\"",
         );
     file.write(&broken);

@@ -446,12 +446,17 @@ pub async fn envelope(response: reqwest::Response, status: u16, code: &str) -> s
 pub const KEY_ACME: &str = "key-acme";
 
 /// A config in the reference's shape: the source's four enforcement points,
-/// seats, an LLM estimate route and a catch-all, on the memory store.
+/// seats, an LLM estimate route and a catch-all, on the memory store. Its
+/// upstream timeout is generous, so that a loaded test machine never turns
+/// an answer into a 504; [`UPSTREAM_TIMEOUT`] names the line for the tests
+/// that set their own.
+pub const UPSTREAM_TIMEOUT: &str = "upstream_timeout = \"10s\"";
+
 pub const CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 max_body_bytes = 1048576
-upstream_timeout = "500ms"
+upstream_timeout = "10s"
 
 [store]
 backend = "memory"
