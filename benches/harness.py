@@ -347,6 +347,10 @@ def peak_rss_mb(pid):
 
 PEERS_DIR = os.path.join(ROOT, "benches/peers")
 WITH_LITELLM = "litellm" in os.environ.get("BENCH_PEERS", "").split(",")
+# BENCH_ONLY_CALLGRIND=1: only the instructions-per-request table, printed and
+# not written to benches/results/latest.md (no wrk rounds, no oha, no
+# exactness runs), for working on one path.
+ONLY_CALLGRIND = os.environ.get("BENCH_ONLY_CALLGRIND", "0") != "0"
 LITELLM_VENV = os.path.join(ROOT, "target/litellm-venv")
 # The exactness runs: this many requests at once, split across two instances
 # of a gateway in front of one store, against an org's limit of EXACT_LIMIT.
@@ -637,8 +641,8 @@ def main():
             cases += [
                 (f"15. LiteLLM {litellm_version()} proxy, 1 KB chat + usage, rpm/tpm limits in redis (peer)", "litellm",
                  "/v1/chat/completions", "litellm_chat"),
-                ("16. tollgate, estimate 1 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat_1k"),
             ]
+        cases += [("16. tollgate, estimate 1 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat_1k")]
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
         wanted = {int(n) for n in os.environ.get("BENCH_CASES", ",".join(str(n) for n in range(1, 17))).split(",")}
@@ -648,7 +652,7 @@ def main():
         # the same case moves by 20% from one minute to the next, and a ratio
         # taken within one round cancels most of that drift.
         runs = {}
-        for round_number in range(1, ROUNDS + 1):
+        for round_number in range(1, 0 if ONLY_CALLGRIND else ROUNDS + 1):
             for title, server, path, script in cases:
                 if int(title.split(".")[0]) not in wanted:
                     continue
@@ -656,7 +660,7 @@ def main():
                 runs.setdefault(title, []).append(result)
                 print(f"round {round_number}: {title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms, "
                       f"{result['cpu_us']:.1f} µs CPU/request (+{result['redis_us']:.1f} redis)", file=sys.stderr)
-        nginx_runs = runs["2. nginx proxy_pass (peer)"]
+        nginx_runs = runs.get("2. nginx proxy_pass (peer)", [])
         numbered = {int(title.split(".")[0]): title for title in runs}
         results = []
         for title, samples in runs.items():
@@ -673,10 +677,10 @@ def main():
                            "peer_rps_high": max(rps), "peer_cpu": median(cpu)}
             results.append((title, result))
 
-        exact = exactness() if os.environ.get("BENCH_EXACT", "1") != "0" else {}
+        exact = exactness() if os.environ.get("BENCH_EXACT", "1") != "0" and not ONLY_CALLGRIND else {}
 
         latency = []
-        if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0":
+        if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0" and not ONLY_CALLGRIND:
             targets = [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
                        ("5. tollgate redis", base("redis_gw") + "/run")]
             for rate in (5000, 10000):
@@ -806,6 +810,8 @@ def main():
               ", ".join(f"{RSS_NAMES[k]} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)
     print(table)
+    if ONLY_CALLGRIND:
+        return
     with open(os.path.join(ROOT, "benches/results/latest.md"), "w") as f:
         f.write(table)
 
