@@ -35,7 +35,7 @@ CONNECTIONS = 64
 # Runtime API keys in the store for case 10.
 RUNTIME_KEYS = int(os.environ.get("BENCH_RUNTIME_KEYS", "100000"))
 RSS_NAMES = {"memory": "memory store", "redis_gw": "redis store", "keys_1": "redis, 1 key",
-             "keys_100k": "redis, 100,000 runtime keys"}
+             "keys_100k": "redis, 100,000 runtime keys", "keys_grown": "redis, 1,000 routes and 100,000 file keys"}
 # Under callgrind a server runs some fifty times slower: fewer connections,
 # a shorter run.
 COUNTED_CONNECTIONS = 8
@@ -114,6 +114,22 @@ keys = [{{ sha256 = "{key_sha256}", org = "org_bench", name = "bench" }}]
     'timeout = "1s"', 'timeout = "10s"\nkey_prefix = "{key_prefix}"')
 
 BENCH_KEY = "tg_bench_file_key"
+
+# Case 17: case 9's gateway with its config grown, so that the table shows
+# whether a request's cost grows with it: 1,000 routes before the one hit,
+# and 100,000 more API keys in the file.
+GROWN_ROUTES = 1000
+GROWN_KEYS = 100000
+
+
+def grown(config):
+    import hashlib
+    routes = "".join(f'[[routes]]\nname = "grown-{i}"\nmethod = "POST"\npath = "/grown/{i}/{{id}}"\n'
+                     f'upstream = "api"\ncost = {{ playbook_runs = 1 }}\n' for i in range(GROWN_ROUTES))
+    keys = "".join(f', {{ sha256 = "{hashlib.sha256(f"tg_grown_{i}".encode()).hexdigest()}", org = "org_bench", '
+                   f'name = "grown{i}" }}' for i in range(GROWN_KEYS))
+    config = config.replace("[[routes]]", routes + "[[routes]]", 1)
+    return config.replace(', name = "bench" }]', ', name = "bench" }' + keys + "]", 1)
 
 
 def runtime_key(i):
@@ -347,6 +363,10 @@ def peak_rss_mb(pid):
 
 PEERS_DIR = os.path.join(ROOT, "benches/peers")
 WITH_LITELLM = "litellm" in os.environ.get("BENCH_PEERS", "").split(",")
+# BENCH_ONLY_CALLGRIND=1: only the instructions-per-request table, printed and
+# not written to benches/results/latest.md (no wrk rounds, no oha, no
+# exactness runs), for working on one path.
+ONLY_CALLGRIND = os.environ.get("BENCH_ONLY_CALLGRIND", "0") != "0"
 LITELLM_VENV = os.path.join(ROOT, "target/litellm-venv")
 # The exactness runs: this many requests at once, split across two instances
 # of a gateway in front of one store, against an org's limit of EXACT_LIMIT.
@@ -560,7 +580,7 @@ def main():
     try:
         litellm = install_litellm() if WITH_LITELLM else None
         ports = {name: free_port() for name in ["upstream", "redis", "nginx", "bare", "memory", "redis_gw",
-                                                "keys_1", "keys_100k", "haproxy", "nginx_lua", "litellm"]}
+                                                "keys_1", "keys_100k", "keys_grown", "haproxy", "nginx_lua", "litellm"]}
         upstream = start([os.path.join(ROOT, "target/release/examples/bench_upstream"), f"127.0.0.1:{ports['upstream']}"],
               ports["upstream"], "the stand-in upstream")
         redis = start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -588,15 +608,16 @@ def main():
         keyed = lambda port, prefix: TOLLGATE_KEYED.format(
             port=port, backend="redis", store_url=f'url = "redis://127.0.0.1:{ports["redis"]}"',
             upstream=ports["upstream"], key_sha256=hashlib.sha256(BENCH_KEY.encode()).hexdigest(), key_prefix=prefix)
-        for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k")]:
+        for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k"), ("keys_grown", "benchgrown")]:
             path = f"{work}/{name}.toml"
             with open(path, "w") as f:
-                f.write(keyed(ports[name], prefix))
+                f.write(keyed(ports[name], prefix) if name != "keys_grown" else grown(keyed(ports[name], prefix)))
             gateways[name] = start([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
                                    ports[name], f"tollgate ({name})", env={**os.environ, "RUST_LOG": "warn"})
         keys = {"file_key": BENCH_KEY, "last_runtime_key": last_key}
         wait_accepted(f"http://127.0.0.1:{ports['keys_1']}/run", BENCH_KEY)
         wait_accepted(f"http://127.0.0.1:{ports['keys_100k']}/run", last_key)
+        wait_accepted(f"http://127.0.0.1:{ports['keys_grown']}/run", BENCH_KEY)
         scripts = {}
         for name, text in [("post", LUA_POST.format(org="org_bench")), ("broke", LUA_POST.format(org="org_broke")),
                            ("chat", LUA_CHAT.format(body=chat_body())), ("file_key", LUA_KEYED.format(key=BENCH_KEY)),
@@ -637,18 +658,20 @@ def main():
             cases += [
                 (f"15. LiteLLM {litellm_version()} proxy, 1 KB chat + usage, rpm/tpm limits in redis (peer)", "litellm",
                  "/v1/chat/completions", "litellm_chat"),
-                ("16. tollgate, estimate 1 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat_1k"),
             ]
+        cases += [("16. tollgate, estimate 1 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat_1k")]
+        cases += [(f"17. tollgate, fixed cost, API key, {GROWN_ROUTES:,} routes before the hit and {GROWN_KEYS:,} file "
+                   "keys, redis", "keys_grown", "/run", "file_key")]
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
-        wanted = {int(n) for n in os.environ.get("BENCH_CASES", ",".join(str(n) for n in range(1, 17))).split(",")}
+        wanted = {int(n) for n in os.environ.get("BENCH_CASES", ",".join(str(n) for n in range(1, 18))).split(",")}
         wanted |= {2}
         # Every case runs once per round, rounds one after another, and each
         # figure reported is the median over the rounds: on a shared machine
         # the same case moves by 20% from one minute to the next, and a ratio
         # taken within one round cancels most of that drift.
         runs = {}
-        for round_number in range(1, ROUNDS + 1):
+        for round_number in range(1, 0 if ONLY_CALLGRIND else ROUNDS + 1):
             for title, server, path, script in cases:
                 if int(title.split(".")[0]) not in wanted:
                     continue
@@ -656,7 +679,7 @@ def main():
                 runs.setdefault(title, []).append(result)
                 print(f"round {round_number}: {title}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.2f} ms, "
                       f"{result['cpu_us']:.1f} µs CPU/request (+{result['redis_us']:.1f} redis)", file=sys.stderr)
-        nginx_runs = runs["2. nginx proxy_pass (peer)"]
+        nginx_runs = runs.get("2. nginx proxy_pass (peer)", [])
         numbered = {int(title.split(".")[0]): title for title in runs}
         results = []
         for title, samples in runs.items():
@@ -673,10 +696,10 @@ def main():
                            "peer_rps_high": max(rps), "peer_cpu": median(cpu)}
             results.append((title, result))
 
-        exact = exactness() if os.environ.get("BENCH_EXACT", "1") != "0" else {}
+        exact = exactness() if os.environ.get("BENCH_EXACT", "1") != "0" and not ONLY_CALLGRIND else {}
 
         latency = []
-        if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0":
+        if shutil.which("oha") and os.environ.get("BENCH_OHA", "1") != "0" and not ONLY_CALLGRIND:
             targets = [("1. upstream", base("upstream") + "/run"), ("2. nginx", base("nginx") + "/run"),
                        ("5. tollgate redis", base("redis_gw") + "/run")]
             for rate in (5000, 10000):
@@ -710,10 +733,11 @@ def main():
                             .replace("[server]", "[server]\nworkers = 1"))
                 servers[name] = ([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
                                  {**os.environ, "RUST_LOG": "warn"})
-            for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k")]:
+            for name, prefix in [("keys_1", "bench1"), ("keys_100k", "bench100k"), ("keys_grown", "benchgrown")]:
                 path = f"{work}/{name}-counted.toml"
+                config = keyed(port, prefix) if name != "keys_grown" else grown(keyed(port, prefix))
                 with open(path, "w") as f:
-                    f.write(keyed(port, prefix).replace("[server]", "[server]\nworkers = 1"))
+                    f.write(config.replace("[server]", "[server]\nworkers = 1"))
                 servers[name] = ([os.path.join(ROOT, "target/release/tollgate"), "run", "--config", path],
                                  {**os.environ, "RUST_LOG": "warn"})
             servers["haproxy"] = (haproxy_config(port, 1), None)
@@ -806,6 +830,8 @@ def main():
               ", ".join(f"{RSS_NAMES[k]} {v:.1f} MB" for k, v in rss.items()), ""]
     table = "\n".join(lines)
     print(table)
+    if ONLY_CALLGRIND:
+        return
     with open(os.path.join(ROOT, "benches/results/latest.md"), "w") as f:
         f.write(table)
 

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use http::header::{HOST, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -71,7 +71,13 @@ impl Http1Pool {
         })
     }
 
-    /// Sends `request` (its URI in origin form) on an idle connection, or a
+    /// The `Host` header of every request to this upstream, which the
+    /// caller sets (in the client's Host's place).
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// Sends `request` (its URI in origin form, its Host [`Self::host`]) on an idle connection, or a
     /// new one. A request that an idle connection turned away unsent (the
     /// upstream had closed it) goes again, on another idle connection or a
     /// new one; a request that was sent is never sent twice.
@@ -79,13 +85,15 @@ impl Http1Pool {
         &self,
         mut request: Request<Body>,
     ) -> Result<(Response<Incoming>, Lease), BoxError> {
-        request.headers_mut().insert(HOST, self.host.clone());
         let mut pooled = self.checkout();
         loop {
             let was_pooled = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => self.connect().await?,
+                // Boxed: the connect future (resolver, connector, handshake)
+                // is most of this one's size, and every request's future
+                // around it would carry and copy it (callgrind).
+                None => Box::pin(self.connect()).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
