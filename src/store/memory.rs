@@ -32,68 +32,36 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    /// Each org's counters, under the org alone: a reservation reads and
-    /// adds with one hashed lookup. Keyed by `(org, period)`, the read and
-    /// the add took three, each with a clone of the org, some 2,000
-    /// instructions a request (callgrind).
-    counters: HashMap<OrgId, OrgCounters>,
+    /// Period counters under `(org, period start)`; gauges under `(org, None)`.
+    counters: HashMap<(OrgId, Option<DateTime<Utc>>), Amounts>,
     settled: HashMap<ReservationId, Instant>,
     last_sweep: Option<Instant>,
 }
 
-/// One org's counters.
-#[derive(Default)]
-struct OrgCounters {
-    /// By period start; the sweep keeps the current period and the last.
-    periods: Vec<(DateTime<Utc>, Amounts)>,
-    gauges: Amounts,
-}
-
-impl OrgCounters {
-    fn read(&self, period: &Period) -> Amounts {
+impl State {
+    fn read(&self, org: &OrgId, period: &Period) -> Amounts {
         let mut usage = self
-            .periods
-            .iter()
-            .find(|(start, _)| *start == period.start)
-            .map_or_else(Amounts::default, |(_, amounts)| *amounts);
+            .counters
+            .get(&(org.clone(), Some(period.start)))
+            .copied()
+            .unwrap_or_default();
+        let gauges = self
+            .counters
+            .get(&(org.clone(), None))
+            .copied()
+            .unwrap_or_default();
         for d in Dimension::ALL.into_iter().filter(|d| d.is_gauge()) {
-            usage.set(d, self.gauges.get(d));
+            usage.set(d, gauges.get(d));
         }
         usage
     }
 
-    /// The counters of `period`, or of the gauges for a gauge `dimension`.
-    fn of(&mut self, period: &Period, dimension: Dimension) -> &mut Amounts {
-        if dimension.is_gauge() {
-            return &mut self.gauges;
-        }
-        let at = match self.periods.iter().position(|(s, _)| *s == period.start) {
-            Some(at) => at,
-            None => {
-                self.periods.push((period.start, Amounts::default()));
-                self.periods.len() - 1
-            }
-        };
-        &mut self.periods[at].1
-    }
-
-    fn add(&mut self, period: &Period, amounts: &Amounts) {
+    fn add(&mut self, org: &OrgId, period: &Period, amounts: &Amounts) {
         for (d, amount) in amounts.iter() {
-            let counters = self.of(period, d);
+            let key = (org.clone(), (!d.is_gauge()).then_some(period.start));
+            let counters = self.counters.entry(key).or_default();
             counters.set(d, counters.get(d).saturating_add(amount));
         }
-    }
-}
-
-impl State {
-    fn read(&self, org: &OrgId, period: &Period) -> Amounts {
-        self.counters
-            .get(org)
-            .map_or_else(Amounts::default, |counters| counters.read(period))
-    }
-
-    fn org_mut(&mut self, org: &OrgId) -> &mut OrgCounters {
-        self.counters.entry(org.clone()).or_default()
     }
 
     /// Drops settlement markers past their time and counters of periods that
@@ -109,10 +77,9 @@ impl State {
         self.last_sweep = Some(now);
         self.settled
             .retain(|_, at| now.duration_since(*at) < SETTLED_TTL);
-        let oldest = period.start - chrono::Months::new(1);
-        self.counters.retain(|_, counters| {
-            counters.periods.retain(|(start, _)| *start >= oldest);
-            !counters.periods.is_empty() || counters.gauges != Amounts::default()
+        let current = period.start;
+        self.counters.retain(|(_, start), _| {
+            start.is_none_or(|start| start >= current - chrono::Months::new(1))
         });
     }
 }
@@ -149,11 +116,10 @@ impl QuotaStore for MemoryStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
         let mut state = self.state()?;
         state.sweep(&request.period);
-        let counters = state.org_mut(&request.org);
-        let current = counters.read(&request.period);
+        let current = state.read(&request.org, &request.period);
         let decided = decide(&request.limits, &current, &request.cost, request.mode);
         if let Decision::Admit { applied, .. } = &decided.decision {
-            counters.add(&request.period, applied);
+            state.add(&request.org, &request.period, applied);
         }
         Ok(decided)
     }
@@ -165,10 +131,9 @@ impl QuotaStore for MemoryStore {
             .insert(settlement.id, Instant::now())
             .is_none()
         {
-            let counters = state.org_mut(&settlement.org);
-            let current = counters.read(&settlement.period);
+            let current = state.read(&settlement.org, &settlement.period);
             let correction = crate::quota::clamp_releases(&current, &settlement.correction);
-            counters.add(&settlement.period, &correction);
+            state.add(&settlement.org, &settlement.period, &correction);
         }
         Ok(())
     }
@@ -189,10 +154,8 @@ impl QuotaStore for MemoryStore {
         value: i64,
     ) -> Result<(), StoreError> {
         let mut state = self.state()?;
-        state
-            .org_mut(org)
-            .of(&period, dimension)
-            .set(dimension, value);
+        let key = (org.clone(), (!dimension.is_gauge()).then_some(period.start));
+        state.counters.entry(key).or_default().set(dimension, value);
         Ok(())
     }
 
