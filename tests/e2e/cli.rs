@@ -7,6 +7,17 @@ use std::time::Duration;
 use crate::admin::Backing;
 use crate::support::{Upstream, within};
 
+/// The stdout of a run that must have succeeded; its output if not.
+pub fn succeeded(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 fn tollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
 }
@@ -28,12 +39,7 @@ fn check_accepts_the_example_config() {
     let output = with_secrets(tollgate().args(["check", "--config", "config/example.toml"]))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert!(stdout.contains("config/example.toml: ok"), "{stdout}");
 }
 
@@ -291,12 +297,7 @@ fn the_demo_shows_requests_passing_and_then_a_402() {
         .output()
         .unwrap();
 
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert_eq!(stdout.matches("-> 200 OK").count(), 3, "{stdout}");
     assert!(
         stdout.contains("run 4: POST /api/v1/playbooks/pb_1/execute -> 402 Payment Required"),
@@ -537,11 +538,6 @@ fn check_accepts_the_compose_config() {
         .env("TOLLGATE_DEMO_UPSTREAM", "backend:3001")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = succeeded(&output);
     assert!(stdout.contains("store redis"), "{stdout}");
 }

@@ -518,11 +518,6 @@ fn check_accepts_a_good_certificate_and_says_the_listener_is_tls() {
         .arg(&file)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = crate::cli::succeeded(&output);
     assert!(stdout.contains("listen 127.0.0.1:1 (TLS)"), "{stdout}");
 }
