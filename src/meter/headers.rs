@@ -193,6 +193,20 @@ mod tests {
         (Period::containing(now, 1), now)
     }
 
+    /// The headers a day before November's end, with a cold policy cache.
+    fn in_november(limits: &Limits, cost: &Amounts, counters: &Amounts) -> RateLimitHeaders {
+        let (period, now) = november();
+        rate_limit(
+            limits,
+            cost,
+            counters,
+            &period,
+            now,
+            &PolicyCache::default(),
+        )
+        .unwrap()
+    }
+
     fn texts(headers: &RateLimitHeaders) -> (&str, &str) {
         (
             headers.policy.to_str().unwrap(),
@@ -202,19 +216,10 @@ mod tests {
 
     #[test]
     fn a_period_dimension_gives_its_limit_window_remaining_and_reset() {
-        let (period, now) = november();
         let limits = Limits::UNLIMITED.with(TOKENS, 100000);
         let cost = Amounts::ZERO.with(TOKENS, 10000);
         let counters = Amounts::ZERO.with(TOKENS, 96000);
-        let headers = rate_limit(
-            &limits,
-            &cost,
-            &counters,
-            &period,
-            now,
-            &PolicyCache::default(),
-        )
-        .unwrap();
+        let headers = in_november(&limits, &cost, &counters);
         assert_eq!(
             texts(&headers),
             ("\"tokens\";q=100000;w=2592000", "\"tokens\";r=4000;t=86400")
@@ -224,19 +229,10 @@ mod tests {
 
     #[test]
     fn several_limited_dimensions_give_one_item_each_and_unlimited_ones_none() {
-        let (period, now) = november();
         let limits = Limits::UNLIMITED.with(TOKENS, 100).with(RUNS, 10);
         let cost = Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1);
         let counters = Amounts::ZERO.with(TOKENS, 5).with(RUNS, 1);
-        let headers = rate_limit(
-            &limits,
-            &cost,
-            &counters,
-            &period,
-            now,
-            &PolicyCache::default(),
-        )
-        .unwrap();
+        let headers = in_november(&limits, &cost, &counters);
         assert_eq!(
             texts(&headers),
             (
@@ -245,15 +241,7 @@ mod tests {
             )
         );
         let unlimited_runs = Limits::UNLIMITED.with(TOKENS, 100);
-        let headers = rate_limit(
-            &unlimited_runs,
-            &cost,
-            &counters,
-            &period,
-            now,
-            &PolicyCache::default(),
-        )
-        .unwrap();
+        let headers = in_november(&unlimited_runs, &cost, &counters);
         assert_eq!(texts(&headers).1, "\"tokens\";r=95;t=86400");
     }
 
@@ -270,19 +258,10 @@ mod tests {
 
     #[test]
     fn seats_have_no_window_and_no_reset() {
-        let (period, now) = november();
         let limits = Limits::UNLIMITED.with(SEATS, 5);
         let cost = Amounts::ZERO.with(SEATS, 1);
         let counters = Amounts::ZERO.with(SEATS, 3);
-        let headers = rate_limit(
-            &limits,
-            &cost,
-            &counters,
-            &period,
-            now,
-            &PolicyCache::default(),
-        )
-        .unwrap();
+        let headers = in_november(&limits, &cost, &counters);
         assert_eq!(texts(&headers), ("\"seats\";q=5", "\"seats\";r=2"));
     }
 
