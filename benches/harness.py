@@ -296,7 +296,8 @@ def instructions_per_request(command, port, what, url, script, out, env=None, re
     # A prefix of this run's own, so that no other valgrind on the machine
     # answers callgrind_control.
     prefix = f"--vgdb-prefix={out}.vgdb"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", prefix, f"--callgrind-out-file={out}", *command],
+    detail = ["--dump-instr=yes"] if os.environ.get("BENCH_KEEP_DUMPS") else []
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", *detail, prefix, f"--callgrind-out-file={out}", *command],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     control = lambda action: subprocess.run(["callgrind_control", prefix, action, str(proc.pid)],
                                             capture_output=True, check=True, timeout=120)
@@ -313,6 +314,10 @@ def instructions_per_request(command, port, what, url, script, out, env=None, re
         control("--dump")
         with open(f"{out}.1") as dump:
             total = re.search(r"^totals: (\d+)", dump.read(), re.M)
+        # BENCH_KEEP_DUMPS=DIR keeps each case's profile, for callgrind_annotate.
+        if os.environ.get("BENCH_KEEP_DUMPS"):
+            os.makedirs(os.environ["BENCH_KEEP_DUMPS"], exist_ok=True)
+            shutil.copy(f"{out}.1", os.path.join(os.environ["BENCH_KEEP_DUMPS"], f"case{what.split('.')[0]}.callgrind"))
     finally:
         proc.terminate()
         try:
