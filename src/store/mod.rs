@@ -60,7 +60,16 @@ impl ReservationId {
 
     /// The id as 32 lowercase hex digits, as in store keys and logs.
     pub fn hex(&self) -> String {
-        hex::encode(self.0.to_be_bytes())
+        String::from_utf8_lossy(&self.hex_bytes()).into_owned()
+    }
+
+    /// [`ReservationId::hex`] without a `String`, for keys and arguments
+    /// written straight into a buffer.
+    pub fn hex_bytes(&self) -> [u8; 32] {
+        let mut hex = [b'0'; 32];
+        // The only error is a buffer of the wrong size, and 16 bytes take 32.
+        let _ = hex::encode_to_slice(self.0.to_be_bytes(), &mut hex);
+        hex
     }
 }
 

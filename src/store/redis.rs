@@ -54,8 +54,12 @@ use redis::{ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation,
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use wire::Failure;
+
 mod catalog;
 pub mod reply;
+mod resp;
+mod wire;
 
 use super::{
     CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
@@ -97,15 +101,44 @@ const SETTLED_BUCKET_SECONDS: u64 = 10;
 ///
 /// The scripts' shared part (src/store/redis/ledger.lua), then each one's
 /// own (reserve.lua, settle.lua, ask.lua beside it).
-fn script(own: &str) -> Script {
-    Script::new(&[include_str!("redis/ledger.lua"), own].concat())
+fn script(own: &str) -> Lua {
+    let code = [include_str!("redis/ledger.lua"), own].concat();
+    let script = Script::new(&code);
+    let evalsha = [
+        resp::encoded(b"EVALSHA"),
+        resp::encoded(script.get_hash().as_bytes()),
+    ]
+    .concat();
+    Lua {
+        script,
+        evalsha,
+        code,
+    }
 }
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/reserve.lua")));
+/// A script, for the crate's invocations and for the store's own
+/// connections (which load it by its text when Redis has not got it).
+struct Lua {
+    script: Script,
+    /// `EVALSHA` and the script's SHA1, as the first items of a command.
+    evalsha: Vec<u8>,
+    code: String,
+}
 
-static SETTLE: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/settle.lua")));
+impl Lua {
+    fn wire(&self) -> wire::Script<'_> {
+        wire::Script {
+            evalsha: &self.evalsha,
+            code: &self.code,
+        }
+    }
+}
 
-static ASK: LazyLock<Script> = LazyLock::new(|| script(include_str!("redis/ask.lua")));
+static RESERVE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("redis/reserve.lua")));
+
+static SETTLE: LazyLock<Lua> = LazyLock::new(|| script(include_str!("redis/settle.lua")));
+
+static ASK: LazyLock<Lua> = LazyLock::new(|| script(include_str!("redis/ask.lua")));
 
 /// Where the store connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +189,8 @@ type Queued<C, O> = (C, Outcome<O>, Instant);
 struct Redis {
     connection: Connection,
     prefix: Arc<str>,
+    /// `{prefix}:{`, how every org's key begins.
+    key_open: Arc<[u8]>,
     /// Seconds a reservation's reply is remembered so that a resent call is
     /// not applied twice; 0 where the connection never resends.
     remember_reply_seconds: u64,
@@ -179,6 +214,8 @@ struct Redis {
 /// carries, and one key per connection.
 struct CallRecord {
     key: String,
+    /// The key as an item of a command.
+    encoded_key: Vec<u8>,
     /// The number of the last call sent.
     sequence: AtomicU64,
 }
@@ -206,22 +243,22 @@ impl RedisStore {
         let tcp = TcpSettings::default().set_nodelay(true);
         let connect_timeout = timeout.max(Duration::from_millis(500));
         let response_timeout = (timeout * 10).max(Duration::from_secs(1));
-        let connection = match target {
+        let (connection, info) = match target {
             RedisTarget::Single(url) => {
                 let info = url
                     .as_str()
                     .into_connection_info()
                     .map_err(backend)?
                     .set_tcp_settings(tcp);
-                let client = redis::Client::open(info).map_err(backend)?;
+                let client = redis::Client::open(info.clone()).map_err(backend)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(None)
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                Connection::Single(
-                    ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?,
-                )
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
+                (Connection::Single(manager), Some(info))
             }
             RedisTarget::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
@@ -232,7 +269,8 @@ impl RedisStore {
                     .build()
                     .map_err(backend)?;
                 let config = redis::cluster::ClusterConfig::new();
-                Connection::Cluster(client.get_pending_async_connection_with_config(config))
+                let connection = client.get_pending_async_connection_with_config(config);
+                (Connection::Cluster(connection), None)
             }
         };
         // The cluster client resends a call whose connection failed, and the
@@ -244,21 +282,28 @@ impl RedisStore {
         let mut redis = Redis {
             connection,
             prefix: prefix.into(),
+            key_open: format!("{prefix}:{{").into_bytes().into(),
             remember_reply_seconds,
             settled_marker_seconds: settle_retry_for.as_secs() + SETTLED_MARKER_MARGIN_SECONDS,
             ask_for: settle_retry_for,
             calls: None,
         };
-        let queues = match (target, tokio::runtime::Handle::try_current()) {
-            (RedisTarget::Single(_), Ok(runtime)) => {
+        let queues = match (info, tokio::runtime::Handle::try_current()) {
+            (Some(info), Ok(runtime)) => {
+                let key = format!("{prefix}:calls:{}", ReservationId::next().hex());
                 redis.calls = Some(Arc::new(CallRecord {
-                    key: format!("{prefix}:calls:{}", ReservationId::next().hex()),
+                    encoded_key: resp::encoded(key.as_bytes()),
+                    key,
                     sequence: AtomicU64::new(0),
                 }));
+                let lane = || Lane {
+                    redis: redis.clone(),
+                    wire: wire::Wire::new(&info, connect_timeout),
+                };
                 let (reservations, queued) = mpsc::unbounded_channel();
-                runtime.spawn(send_batches(redis.clone(), queued, Redis::reserve_all));
+                runtime.spawn(send_batches(lane(), queued));
                 let (settlements, queued) = mpsc::unbounded_channel();
-                runtime.spawn(send_batches(redis.clone(), queued, Redis::settle_all));
+                runtime.spawn(send_batches(lane(), queued));
                 Some(Queues {
                     reservations,
                     settlements,
@@ -281,28 +326,43 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    /// One call: through its batch queue on a single server, alone (by
-    /// `send`) on a cluster.
-    async fn call<C: Clone, O, Sent>(
+    /// One call: through its batch queue on a single server, alone on a
+    /// cluster.
+    async fn call<C: Clone, O>(
         &self,
         queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, O>>,
         call: &C,
-        send: fn(Redis, Vec<C>) -> Sent,
     ) -> Result<O, StoreError>
     where
-        Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>>,
+        Lane: Sends<C, O>,
     {
         match &self.queues {
             Some(queues) => {
                 let too_late = Instant::now() + self.timeout;
                 queue(queue_of(queues), call.clone(), too_late).await
             }
-            None => only(send(self.redis.clone(), vec![call.clone()]).await?)?,
+            None => {
+                let mut lane = Lane {
+                    redis: self.redis.clone(),
+                    wire: None,
+                };
+                only(lane.send(vec![call.clone()]).await?)?
+            }
         }
     }
 }
 
-/// Sends queued calls with `send`, as many together as have queued up,
+/// What sends one kind of call, many at a time.
+trait Sends<C, O>: Send + 'static {
+    /// An outcome for each of `calls`, in order, or the error that failed
+    /// them all.
+    fn send(
+        &mut self,
+        calls: Vec<C>,
+    ) -> impl Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send;
+}
+
+/// Sends queued calls with `sender`, as many together as have queued up,
 /// one script call at a time: the calls that queue while one is under way
 /// go together in the next. (On the load benchmark a second call in flight
 /// halved the batches, and cost more in Redis' CPU, on the same machine,
@@ -310,14 +370,11 @@ impl RedisStore {
 /// not sent at all: its caller has gone on without it, and the calls queued
 /// behind a stalled Redis must not all land on it once it is back. Ends
 /// with the store.
-async fn send_batches<C, O, Sent>(
-    redis: Redis,
-    mut queued: mpsc::UnboundedReceiver<Queued<C, O>>,
-    send: fn(Redis, Vec<C>) -> Sent,
-) where
+async fn send_batches<C, O, S>(mut sender: S, mut queued: mpsc::UnboundedReceiver<Queued<C, O>>)
+where
     C: Send + 'static,
     O: Send + 'static,
-    Sent: Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send + 'static,
+    S: Sends<C, O>,
 {
     let mut waiting = VecDeque::new();
     loop {
@@ -336,7 +393,7 @@ async fn send_batches<C, O, Sent>(
         }
         // A request that stopped waiting after its call was sent still
         // awaits the outcome in the background (ledger::PendingReservation).
-        let sent = meanwhile(send(redis.clone(), calls), &mut queued, &mut waiting).await;
+        let sent = meanwhile(sender.send(calls), &mut queued, &mut waiting).await;
         deliver(outcomes, sent);
     }
 }
@@ -444,130 +501,357 @@ fn only<O>(outcomes: Vec<O>) -> Result<O, StoreError> {
         .ok_or_else(|| StoreError::Backend("the store sent no reply".into()))
 }
 
-impl Redis {
+/// One sender task's way to Redis: its own connection on a single server
+/// reached by TCP ([`wire`]), else the crate's shared one.
+struct Lane {
+    redis: Redis,
+    wire: Option<wire::Wire>,
+}
+
+impl Sends<ReserveRequest, Decided> for Lane {
+    fn send(
+        &mut self,
+        calls: Vec<ReserveRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<Decided, StoreError>>, StoreError>> + Send {
+        self.reserve_all(calls)
+    }
+}
+
+impl Sends<Settlement, ()> for Lane {
+    fn send(
+        &mut self,
+        calls: Vec<Settlement>,
+    ) -> impl Future<Output = Result<Vec<Result<(), StoreError>>, StoreError>> + Send {
+        self.settle_all(calls)
+    }
+}
+
+impl Lane {
     /// Runs `requests` through one reserve script call, in order; a
     /// decision for each, or the error that kept it from being made. On a
     /// single server the call is numbered and recorded, and if its reply is
     /// lost, its outcome is asked for.
     async fn reserve_all(
-        self,
+        &mut self,
         requests: Vec<ReserveRequest>,
     ) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
-        let sequence = self
+        let Lane { redis, wire } = self;
+        let sequence = redis
             .calls
             .as_ref()
             .map(|calls| calls.sequence.fetch_add(1, Ordering::Relaxed) + 1);
-        let invocation = self.reserve_invocation(&requests, sequence);
-        match (self.invoke_raw::<String>(&invocation).await, sequence) {
-            (Ok(text), _) => reply::reserve(&text, &requests),
-            (Err(error), Some(sequence)) if reply_lost(&error) => {
-                self.ask(sequence, &requests, error).await
-            }
-            (Err(error), _) => Err(backend(error)),
-        }
-    }
-
-    fn reserve_invocation(
-        &self,
-        requests: &[ReserveRequest],
-        sequence: Option<u64>,
-    ) -> ScriptInvocation<'static> {
-        let mut invocation = RESERVE.prepare_invoke();
-        invocation
-            .arg(self.remember_reply_seconds)
-            .arg(sequence.unwrap_or(0))
-            .arg(self.settled_marker_seconds);
-        if let Some(calls) = &self.calls {
-            invocation.key(&calls.key);
-        }
-        for request in requests {
-            let cost: Vec<(Dimension, i64)> = request.cost.iter().collect();
-            if self.remember_reply_seconds > 0 {
-                invocation.key(self.org_key(&request.org, &["reserved", &request.id.hex()]));
-            }
-            invocation
-                .arg(if request.mode == Mode::Enforce {
-                    "1"
-                } else {
-                    "0"
-                })
-                .arg(expire_at(&request.period))
-                .arg(cost.len());
-            for &(dimension, amount) in &cost {
-                invocation
-                    .key(self.counter_key(&request.org, &request.period, dimension))
-                    .arg(amount)
-                    .arg(request.limits.get(dimension).unwrap_or(-1))
-                    .arg(gauge_flag(dimension));
-            }
-        }
-        invocation
-    }
-
-    /// The outcome of reserve call `sequence`, whose reply was `lost`: its
-    /// recorded reply if it ran; if it did not, it is recorded as not run
-    /// (so that it runs nothing should Redis still receive it) and each
-    /// request fails. Asked again until Redis answers, pausing from 50ms
-    /// doubling up to a second, for `settle_retry_for` (the record is kept
-    /// longer); the calls queued meanwhile wait, and those past the store
-    /// timeout are not sent.
-    async fn ask(
-        &self,
-        sequence: u64,
-        requests: &[ReserveRequest],
-        lost: RedisError,
-    ) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
-        let Some(calls) = &self.calls else {
-            return Err(backend(lost));
+        let call = ReserveCall {
+            redis,
+            requests: &requests,
+            sequence,
         };
-        let until = Instant::now() + self.ask_for;
-        let mut pause = Duration::from_millis(50);
-        let mut invocation = ASK.prepare_invoke();
-        invocation
-            .key(&calls.key)
-            .arg(sequence)
-            .arg(self.settled_marker_seconds);
-        loop {
-            match self.invoke_raw::<String>(&invocation).await {
-                Ok(text) if text == NOT_RUN => return Err(backend(lost)),
-                Ok(text) => return reply::reserve(&text, requests),
-                Err(error) if !reply_lost(&error) || Instant::now() >= until => {
-                    tracing::error!(%error, reservations = requests.len(), "could not learn whether Redis applied reservations whose reply was lost; they stand if it did");
-                    return Err(backend(lost));
-                }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
+        match (
+            run(wire, redis, &call, |text| reply::reserve(text, &requests)).await,
+            sequence,
+        ) {
+            (Ok(decisions), _) => decisions,
+            (Err(Failure::Lost(lost)), Some(sequence)) => {
+                ask(wire, redis, sequence, &requests, lost).await
             }
+            (Err(failure), _) => Err(failure.into()),
         }
     }
 
     /// Applies `settlements` through one settle script call, in order; for
     /// each, whether it is settled.
     async fn settle_all(
-        self,
+        &mut self,
         settlements: Vec<Settlement>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let mut invocation = SETTLE.prepare_invoke();
-        invocation.arg(self.settled_marker_seconds);
-        for settlement in &settlements {
-            let corrections: Vec<(Dimension, i64)> = settlement.correction.iter().collect();
-            let bucket = settlement.made_at - settlement.made_at % SETTLED_BUCKET_SECONDS;
-            invocation
-                .key(self.org_key(&settlement.org, &["settled", &bucket.to_string()]))
-                .arg(settlement.id.hex())
-                .arg(expire_at(&settlement.period))
-                .arg(corrections.len());
-            for (dimension, correction) in corrections {
-                invocation
-                    .key(self.counter_key(&settlement.org, &settlement.period, dimension))
-                    .arg(correction)
-                    .arg(gauge_flag(dimension));
+        let Lane { redis, wire } = self;
+        let call = SettleCall {
+            redis,
+            settlements: &settlements,
+        };
+        run(wire, redis, &call, |text| reply::settle(text, &settlements)).await?
+    }
+}
+
+/// The outcome of reserve call `sequence`, whose reply was `lost`: its
+/// recorded reply if it ran; if it did not, it is recorded as not run (so
+/// that it runs nothing should Redis still receive it) and each request
+/// fails. Asked again until Redis answers, pausing from 50ms doubling up to
+/// a second, for `settle_retry_for` (the record is kept longer); the calls
+/// queued meanwhile wait, and those past the store timeout are not sent.
+async fn ask(
+    wire: &mut Option<wire::Wire>,
+    redis: &Redis,
+    sequence: u64,
+    requests: &[ReserveRequest],
+    lost: String,
+) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
+    let Some(calls) = &redis.calls else {
+        return Err(StoreError::Backend(lost));
+    };
+    let until = Instant::now() + redis.ask_for;
+    let mut pause = Duration::from_millis(50);
+    let call = AskCall {
+        calls,
+        sequence,
+        keep_seconds: redis.settled_marker_seconds,
+    };
+    let read = |text: &str| (text != NOT_RUN).then(|| reply::reserve(text, requests));
+    loop {
+        match run(wire, redis, &call, read).await {
+            Ok(None) => return Err(StoreError::Backend(lost)),
+            Ok(Some(decisions)) => return decisions,
+            Err(failure) if !failure.may_pass() || Instant::now() >= until => {
+                let error = failure.message();
+                tracing::error!(%error, reservations = requests.len(), "could not learn whether Redis applied reservations whose reply was lost; they stand if it did");
+                return Err(StoreError::Backend(lost));
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
-        let applied: String = self.invoke(&invocation).await?;
-        reply::settle(&applied, &settlements)
+    }
+}
+
+/// Runs `call` on `wire` if the lane has one, else on the crate's
+/// connection; `read` takes the script's reply.
+async fn run<R>(
+    wire: &mut Option<wire::Wire>,
+    redis: &Redis,
+    call: &impl ScriptCall,
+    read: impl FnOnce(&str) -> R,
+) -> Result<R, Failure> {
+    match wire {
+        Some(wire) => {
+            let script = call.lua().wire();
+            let write = |command: &mut resp::Command<'_>| call.write(command);
+            wire.eval(&script, call.numkeys(), write, read).await
+        }
+        None => {
+            let mut invocation = call.lua().script.prepare_invoke();
+            call.write(&mut invocation);
+            match redis.invoke_raw::<String>(&invocation).await {
+                Ok(text) => Ok(read(&text)),
+                Err(error) if reply_lost(&error) => Err(Failure::Lost(error.to_string())),
+                Err(error) => Err(Failure::Answered(error.to_string())),
+            }
+        }
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> StoreError {
+        match failure {
+            Failure::Unsent { message, .. }
+            | Failure::Lost(message)
+            | Failure::Answered(message) => StoreError::Backend(message),
+        }
+    }
+}
+
+/// Where a script call's keys and arguments go: the store's own
+/// connection's buffer (keys, then arguments, in the order written), or
+/// the crate's invocation.
+trait Args {
+    /// A key made of `parts` one after another.
+    fn key(&mut self, parts: &[&[u8]]);
+    /// A key given both as it is and encoded as an item of a command.
+    fn encoded_key(&mut self, key: &str, encoded: &[u8]);
+    fn text(&mut self, text: &[u8]);
+    fn int(&mut self, value: i64);
+    /// `1` or `0`.
+    fn flag(&mut self, on: bool);
+}
+
+impl Args for resp::Command<'_> {
+    fn key(&mut self, parts: &[&[u8]]) {
+        self.joined(parts);
+    }
+
+    fn encoded_key(&mut self, _: &str, encoded: &[u8]) {
+        self.encoded(encoded, 1);
+    }
+
+    fn text(&mut self, text: &[u8]) {
+        self.bulk(text);
+    }
+
+    fn int(&mut self, value: i64) {
+        resp::Command::int(self, value);
+    }
+
+    fn flag(&mut self, on: bool) {
+        self.encoded(if on { b"$1\r\n1\r\n" } else { b"$1\r\n0\r\n" }, 1);
+    }
+}
+
+impl Args for ScriptInvocation<'_> {
+    fn key(&mut self, parts: &[&[u8]]) {
+        ScriptInvocation::key(self, parts.concat());
+    }
+
+    fn encoded_key(&mut self, key: &str, _: &[u8]) {
+        ScriptInvocation::key(self, key);
+    }
+
+    fn text(&mut self, text: &[u8]) {
+        self.arg(text);
+    }
+
+    fn int(&mut self, value: i64) {
+        self.arg(value);
+    }
+
+    fn flag(&mut self, on: bool) {
+        self.arg(if on { "1" } else { "0" });
+    }
+}
+
+/// One script call: which script, how many keys, and its keys then its
+/// arguments.
+trait ScriptCall: Sync {
+    fn lua(&self) -> &'static Lua;
+    fn numkeys(&self) -> usize;
+    fn write(&self, args: &mut impl Args);
+}
+
+/// A call of reserve.lua (see it for the layout).
+struct ReserveCall<'a> {
+    redis: &'a Redis,
+    requests: &'a [ReserveRequest],
+    sequence: Option<u64>,
+}
+
+impl ScriptCall for ReserveCall<'_> {
+    fn lua(&self) -> &'static Lua {
+        &RESERVE
+    }
+
+    fn numkeys(&self) -> usize {
+        let markers = usize::from(self.redis.remember_reply_seconds > 0);
+        let counters: usize = self
+            .requests
+            .iter()
+            .map(|request| markers + request.cost.iter().count())
+            .sum();
+        usize::from(self.redis.calls.is_some()) + counters
+    }
+
+    fn write(&self, args: &mut impl Args) {
+        let redis = self.redis;
+        if let Some(calls) = &redis.calls {
+            args.encoded_key(&calls.key, &calls.encoded_key);
+        }
+        for request in self.requests {
+            let org = request.org.as_str().as_bytes();
+            if redis.remember_reply_seconds > 0 {
+                let id = request.id.hex_bytes();
+                args.key(&[&redis.key_open, org, b"}:reserved:", &id]);
+            }
+            let middle = key_middle(&request.period);
+            for (dimension, _) in request.cost.iter() {
+                redis.counter_key_into(args, org, &middle, dimension);
+            }
+        }
+        args.int(i64::try_from(redis.remember_reply_seconds).unwrap_or(i64::MAX));
+        args.int(i64::try_from(self.sequence.unwrap_or(0)).unwrap_or(i64::MAX));
+        args.int(i64::try_from(redis.settled_marker_seconds).unwrap_or(i64::MAX));
+        for request in self.requests {
+            args.flag(request.mode == Mode::Enforce);
+            args.int(expire_at(&request.period));
+            args.int(request.cost.iter().count() as i64);
+            for (dimension, amount) in request.cost.iter() {
+                args.int(amount);
+                args.int(request.limits.get(dimension).unwrap_or(-1));
+                args.flag(dimension.is_gauge());
+            }
+        }
+    }
+}
+
+/// A call of settle.lua (see it for the layout).
+struct SettleCall<'a> {
+    redis: &'a Redis,
+    settlements: &'a [Settlement],
+}
+
+impl ScriptCall for SettleCall<'_> {
+    fn lua(&self) -> &'static Lua {
+        &SETTLE
+    }
+
+    fn numkeys(&self) -> usize {
+        self.settlements
+            .iter()
+            .map(|settlement| 1 + settlement.correction.iter().count())
+            .sum()
+    }
+
+    fn write(&self, args: &mut impl Args) {
+        let redis = self.redis;
+        for settlement in self.settlements {
+            let org = settlement.org.as_str().as_bytes();
+            let bucket = settlement.made_at - settlement.made_at % SETTLED_BUCKET_SECONDS;
+            let mut digits = itoa::Buffer::new();
+            let bucket = digits.format(bucket).as_bytes();
+            args.key(&[&redis.key_open, org, b"}:settled:", bucket]);
+            let middle = key_middle(&settlement.period);
+            for (dimension, _) in settlement.correction.iter() {
+                redis.counter_key_into(args, org, &middle, dimension);
+            }
+        }
+        args.int(i64::try_from(redis.settled_marker_seconds).unwrap_or(i64::MAX));
+        for settlement in self.settlements {
+            args.text(&settlement.id.hex_bytes());
+            args.int(expire_at(&settlement.period));
+            args.int(settlement.correction.iter().count() as i64);
+            for (dimension, correction) in settlement.correction.iter() {
+                args.int(correction);
+                args.flag(dimension.is_gauge());
+            }
+        }
+    }
+}
+
+/// A call of ask.lua.
+struct AskCall<'a> {
+    calls: &'a CallRecord,
+    sequence: u64,
+    keep_seconds: u64,
+}
+
+impl ScriptCall for AskCall<'_> {
+    fn lua(&self) -> &'static Lua {
+        &ASK
+    }
+
+    fn numkeys(&self) -> usize {
+        1
+    }
+
+    fn write(&self, args: &mut impl Args) {
+        args.encoded_key(&self.calls.key, &self.calls.encoded_key);
+        args.int(i64::try_from(self.sequence).unwrap_or(i64::MAX));
+        args.int(i64::try_from(self.keep_seconds).unwrap_or(i64::MAX));
+    }
+}
+
+impl Redis {
+    /// A counter's key, written into `args` without being made first;
+    /// `middle` is [`key_middle`] of its period.
+    fn counter_key_into(
+        &self,
+        args: &mut impl Args,
+        org: &[u8],
+        middle: &[u8],
+        dimension: Dimension,
+    ) {
+        let name = dimension.as_str().as_bytes();
+        if dimension.is_gauge() {
+            args.key(&[&self.key_open, org, b"}:", name]);
+        } else {
+            args.key(&[&self.key_open, org, middle, name]);
+        }
     }
 
     fn counter_key(&self, org: &OrgId, period: &Period, dimension: Dimension) -> String {
@@ -642,24 +926,26 @@ fn backend(error: RedisError) -> StoreError {
     StoreError::Backend(error.to_string())
 }
 
-fn expire_at(period: &Period) -> i64 {
-    (period.end + PERIOD_KEY_GRACE).timestamp()
+/// What goes between the org and the dimension in a period counter's key:
+/// `}:2026-11-05:`.
+fn key_middle(period: &Period) -> [u8; 13] {
+    let mut middle = *b"}:0000-00-00:";
+    middle[2..12].copy_from_slice(&period.key_bytes());
+    middle
 }
 
-fn gauge_flag(dimension: Dimension) -> &'static str {
-    if dimension.is_gauge() { "1" } else { "0" }
+fn expire_at(period: &Period) -> i64 {
+    (period.end + PERIOD_KEY_GRACE).timestamp()
 }
 
 #[async_trait]
 impl QuotaStore for RedisStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
-        self.call(|queues| &queues.reservations, request, Redis::reserve_all)
-            .await
+        self.call(|queues| &queues.reservations, request).await
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
-        self.call(|queues| &queues.settlements, settlement, Redis::settle_all)
-            .await
+        self.call(|queues| &queues.settlements, settlement).await
     }
 
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {
