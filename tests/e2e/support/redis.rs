@@ -26,6 +26,8 @@ pub fn counter_key(org: &str, dimension: &str) -> String {
 
 pub struct RedisServer {
     pub port: u16,
+    /// The user and password clients log in with, if the server asks.
+    login: Option<(String, String)>,
     extra: Vec<String>,
     dir: TempDir,
     child: Option<Child>,
@@ -51,9 +53,51 @@ impl RedisServer {
         RedisServer::start_with(free_port(), extra.map(String::from).to_vec()).await
     }
 
+    /// A server that takes only clients logging in as `user` with
+    /// `password` (an ACL user), or as the default user with the same
+    /// password (`requirepass`).
+    pub async fn start_with_login(user: &str, password: &str) -> RedisServer {
+        let extra = ["--requirepass", password, "--user", user, "on"]
+            .into_iter()
+            .map(String::from)
+            .chain([
+                format!(">{password}"),
+                "~*".into(),
+                "&*".into(),
+                "+@all".into(),
+            ])
+            .collect();
+        let mut server = RedisServer {
+            port: free_port(),
+            login: Some((user.into(), password.into())),
+            extra,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// A server that also listens on a unix socket; the socket's URL.
+    pub async fn start_on_unix_socket() -> (RedisServer, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("redis.sock");
+        let extra = vec!["--unixsocket".into(), socket.display().to_string()];
+        let mut server = RedisServer {
+            port: free_port(),
+            login: None,
+            extra,
+            dir,
+            child: None,
+        };
+        server.spawn().await;
+        (server, format!("redis+unix://{}", socket.display()))
+    }
+
     async fn start_with(port: u16, extra: Vec<String>) -> RedisServer {
         let mut server = RedisServer {
             port,
+            login: None,
             extra,
             dir: tempfile::tempdir().unwrap(),
             child: None,
@@ -63,7 +107,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.login {
+            Some((user, password)) => format!("redis://{user}:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     async fn spawn(&mut self) {
@@ -85,8 +132,8 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is not installed: scripts/test installs it");
         self.child = Some(child);
-        let port = self.port;
-        eventually("redis-server answers PING", async || ping(port)).await;
+        let url = self.url();
+        eventually("redis-server answers PING", async || ping(&url)).await;
     }
 
     /// Sends the server process `signal` (`"STOP"`, `"CONT"`), as `kill` does.
@@ -135,8 +182,8 @@ impl Drop for RedisServer {
     }
 }
 
-fn ping(port: u16) -> bool {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
         return false;
     };
     let Ok(mut connection) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
