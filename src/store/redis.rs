@@ -346,7 +346,7 @@ impl RedisStore {
                     redis: self.redis.clone(),
                     wire: None,
                 };
-                only(lane.send(vec![call.clone()]).await?)?
+                only(lane.send(std::slice::from_ref(call)).await?)?
             }
         }
     }
@@ -358,7 +358,7 @@ trait Sends<C, O>: Send + 'static {
     /// them all.
     fn send(
         &mut self,
-        calls: Vec<C>,
+        calls: &[C],
     ) -> impl Future<Output = Result<Vec<Result<O, StoreError>>, StoreError>> + Send;
 }
 
@@ -372,11 +372,14 @@ trait Sends<C, O>: Send + 'static {
 /// with the store.
 async fn send_batches<C, O, S>(mut sender: S, mut queued: mpsc::UnboundedReceiver<Queued<C, O>>)
 where
-    C: Send + 'static,
+    C: Send + Sync + 'static,
     O: Send + 'static,
     S: Sends<C, O>,
 {
     let mut waiting = VecDeque::new();
+    // Kept from one call to the next, as their allocations are.
+    let mut calls = Vec::with_capacity(MAX_BATCH);
+    let mut outcomes = Vec::with_capacity(MAX_BATCH);
     loop {
         if waiting.is_empty() {
             let Some(first) = queued.recv().await else {
@@ -387,14 +390,15 @@ where
         while let Ok(next) = queued.try_recv() {
             waiting.push_back(next);
         }
-        let (calls, outcomes): (Vec<C>, Vec<_>) = batch(&mut waiting).into_iter().unzip();
+        batch(&mut waiting, &mut calls, &mut outcomes);
         if calls.is_empty() {
             continue;
         }
         // A request that stopped waiting after its call was sent still
         // awaits the outcome in the background (ledger::PendingReservation).
-        let sent = meanwhile(sender.send(calls), &mut queued, &mut waiting).await;
-        deliver(outcomes, sent);
+        let sent = meanwhile(sender.send(&calls), &mut queued, &mut waiting).await;
+        calls.clear();
+        deliver(outcomes.drain(..), sent);
     }
 }
 
@@ -402,20 +406,23 @@ type Outcome<O> = oneshot::Sender<Result<O, StoreError>>;
 
 /// Up to [`MAX_BATCH`] calls from the front of `waiting`; those past their
 /// time are answered instead.
-fn batch<C, O>(waiting: &mut VecDeque<Queued<C, O>>) -> Vec<(C, Outcome<O>)> {
+fn batch<C, O>(
+    waiting: &mut VecDeque<Queued<C, O>>,
+    calls: &mut Vec<C>,
+    outcomes: &mut Vec<Outcome<O>>,
+) {
     let now = Instant::now();
-    let mut batch = Vec::new();
-    while batch.len() < MAX_BATCH {
+    while calls.len() < MAX_BATCH {
         let Some((call, outcome, too_late)) = waiting.pop_front() else {
             break;
         };
         if now < too_late {
-            batch.push((call, outcome));
+            calls.push(call);
+            outcomes.push(outcome);
         } else {
             let _ = outcome.send(Err(StoreError::Timeout));
         }
     }
-    batch
 }
 
 /// Awaits `sent`, meanwhile taking in the calls that queue and answering
@@ -459,10 +466,13 @@ async fn meanwhile<C, O, T>(
 }
 
 /// Hands each caller its outcome from a batch's `sent` result.
-fn deliver<O>(outcomes: Vec<Outcome<O>>, sent: Result<Vec<Result<O, StoreError>>, StoreError>) {
+fn deliver<O>(
+    outcomes: impl ExactSizeIterator<Item = Outcome<O>>,
+    sent: Result<Vec<Result<O, StoreError>>, StoreError>,
+) {
     match sent {
         Ok(results) if results.len() == outcomes.len() => {
-            for (outcome, result) in outcomes.into_iter().zip(results) {
+            for (outcome, result) in outcomes.zip(results) {
                 let _ = outcome.send(result);
             }
         }
@@ -511,7 +521,7 @@ struct Lane {
 impl Sends<ReserveRequest, Decided> for Lane {
     fn send(
         &mut self,
-        calls: Vec<ReserveRequest>,
+        calls: &[ReserveRequest],
     ) -> impl Future<Output = Result<Vec<Result<Decided, StoreError>>, StoreError>> + Send {
         self.reserve_all(calls)
     }
@@ -520,7 +530,7 @@ impl Sends<ReserveRequest, Decided> for Lane {
 impl Sends<Settlement, ()> for Lane {
     fn send(
         &mut self,
-        calls: Vec<Settlement>,
+        calls: &[Settlement],
     ) -> impl Future<Output = Result<Vec<Result<(), StoreError>>, StoreError>> + Send {
         self.settle_all(calls)
     }
@@ -533,7 +543,7 @@ impl Lane {
     /// lost, its outcome is asked for.
     async fn reserve_all(
         &mut self,
-        requests: Vec<ReserveRequest>,
+        requests: &[ReserveRequest],
     ) -> Result<Vec<Result<Decided, StoreError>>, StoreError> {
         let Lane { redis, wire } = self;
         let sequence = redis
@@ -542,16 +552,16 @@ impl Lane {
             .map(|calls| calls.sequence.fetch_add(1, Ordering::Relaxed) + 1);
         let call = ReserveCall {
             redis,
-            requests: &requests,
+            requests,
             sequence,
         };
         match (
-            run(wire, redis, &call, |text| reply::reserve(text, &requests)).await,
+            run(wire, redis, &call, |text| reply::reserve(text, requests)).await,
             sequence,
         ) {
             (Ok(decisions), _) => decisions,
             (Err(Failure::Lost(lost)), Some(sequence)) => {
-                ask(wire, redis, sequence, &requests, lost).await
+                ask(wire, redis, sequence, requests, lost).await
             }
             (Err(failure), _) => Err(failure.into()),
         }
@@ -561,14 +571,11 @@ impl Lane {
     /// each, whether it is settled.
     async fn settle_all(
         &mut self,
-        settlements: Vec<Settlement>,
+        settlements: &[Settlement],
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let Lane { redis, wire } = self;
-        let call = SettleCall {
-            redis,
-            settlements: &settlements,
-        };
-        run(wire, redis, &call, |text| reply::settle(text, &settlements)).await?
+        let call = SettleCall { redis, settlements };
+        run(wire, redis, &call, |text| reply::settle(text, settlements)).await?
     }
 }
 
@@ -934,8 +941,9 @@ fn key_middle(period: &Period) -> [u8; 13] {
     middle
 }
 
+/// Whole seconds, without chrono's date arithmetic: the same instant.
 fn expire_at(period: &Period) -> i64 {
-    (period.end + PERIOD_KEY_GRACE).timestamp()
+    period.end.timestamp() + PERIOD_KEY_GRACE.num_seconds()
 }
 
 #[async_trait]

@@ -52,10 +52,12 @@ impl<'a> Command<'a> {
     /// part, once room for all of it is made.
     pub fn joined(&mut self, parts: &[&[u8]]) -> &mut Self {
         let length = parts.iter().map(|part| part.len()).sum::<usize>();
-        let mut header = [0; 24];
-        let header = framed(&mut header, b'$', length as u64, b"");
-        self.out.reserve(header.len() + length + 2);
-        self.out.extend_from_slice(header);
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(length).as_bytes();
+        self.out.reserve(digits.len() + length + 5);
+        self.out.push(b'$');
+        self.out.extend_from_slice(digits);
+        self.out.extend_from_slice(b"\r\n");
         for part in parts {
             self.out.extend_from_slice(part);
         }
@@ -64,13 +66,21 @@ impl<'a> Command<'a> {
         self
     }
 
-    /// A bulk string of `value`'s decimal digits, written in one piece.
+    /// A bulk string of `value`'s decimal digits: at most 20, so their
+    /// count is one or two digits, written by hand.
     pub fn int(&mut self, value: i64) -> &mut Self {
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(value).as_bytes();
-        let mut item = [0; 48];
-        let item = framed(&mut item, b'$', digits.len() as u64, digits);
-        self.out.extend_from_slice(item);
+        let count = digits.len() as u8;
+        self.out.reserve(digits.len() + 7);
+        self.out.push(b'$');
+        if count >= 10 {
+            self.out.push(b'0' + count / 10);
+        }
+        self.out.push(b'0' + count % 10);
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(digits);
+        self.out.extend_from_slice(b"\r\n");
         self.items += 1;
         self
     }
@@ -98,32 +108,9 @@ impl<'a> Command<'a> {
 /// `bytes` as one bulk string, for an item sent in every command, encoded
 /// once.
 pub fn encoded(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() + 16);
-    let mut header = [0; 24];
-    out.extend_from_slice(framed(&mut header, b'$', bytes.len() as u64, b""));
-    out.extend_from_slice(bytes);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-/// `kind`, `number`'s digits and a line end, then `body` and another line
-/// end if it is not empty, in `room`; the part of `room` written.
-fn framed<'a>(room: &'a mut [u8], kind: u8, number: u64, body: &[u8]) -> &'a [u8] {
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(number).as_bytes();
-    let mut at = 0;
-    let mut put = |bytes: &[u8]| {
-        room[at..at + bytes.len()].copy_from_slice(bytes);
-        at += bytes.len();
-    };
-    put(&[kind]);
-    put(digits);
-    put(b"\r\n");
-    if !body.is_empty() {
-        put(body);
-        put(b"\r\n");
-    }
-    &room[..at]
+    let mut out = Vec::new();
+    Command::new(&mut out).bulk(bytes);
+    out.split_off(HEADER_ROOM)
 }
 
 /// What a reply is.
@@ -272,6 +259,30 @@ mod tests {
             written,
             b"*4\r\n$7\r\nEVALSHA\r\n$3\r\n-42\r\n$14\r\nt:{org}:tokens\r\n$0\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn integers_of_every_width_are_bulk_strings_of_their_digits() {
+        for value in [0, 9, -9, 1234567890, i64::MAX, i64::MIN] {
+            let text = value.to_string();
+            let expected = format!("*1\r\n${}\r\n{text}\r\n", text.len());
+            assert_eq!(
+                command(|command| {
+                    command.int(value);
+                }),
+                expected.as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn an_item_encoded_once_counts_as_the_items_it_holds() {
+        let evalsha = [encoded(b"EVALSHA"), encoded(b"abc")].concat();
+        assert_eq!(evalsha, b"$7\r\nEVALSHA\r\n$3\r\nabc\r\n");
+        let written = command(|command| {
+            command.encoded(&evalsha, 2).int(1);
+        });
+        assert_eq!(written, b"*3\r\n$7\r\nEVALSHA\r\n$3\r\nabc\r\n$1\r\n1\r\n");
     }
 
     #[test]
