@@ -88,7 +88,8 @@ impl Period {
     /// a buffer. Digit by digit: this is on every store call's path, and
     /// the formatting machinery costs more than the rest of the key.
     pub fn key_bytes(&self) -> [u8; 10] {
-        let day = self.start.date_naive();
+        // UTC's own date, without converting to a local time first.
+        let day = self.start.naive_utc().date();
         let mut key = *b"0000-00-00";
         let year = u32::try_from(day.year()).unwrap_or(0);
         for (range, value) in [(0..4, year), (5..7, day.month()), (8..10, day.day())] {
