@@ -17,6 +17,12 @@
 //! Scripts go by `EVALSHA` and are reloaded when Redis answers `NOSCRIPT`
 //! (after a restart or `SCRIPT FLUSH`).
 //!
+//! On a single server reached by TCP, each of the two sender tasks (one
+//! for reservations, one for settlements) has a plain connection of its
+//! own, as it sends one call at a time ([`wire`], [`resp`]); everything
+//! else (usage reads, the catalog, pings, a unix socket's calls, the
+//! cluster) goes by the crate's multiplexed connection.
+//!
 //! Keys carry the org as a hash tag, so one org's keys share a cluster slot
 //! and a script can touch all of them:
 //!
