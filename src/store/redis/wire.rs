@@ -185,33 +185,7 @@ impl Wire {
             .set_nodelay(true)
             .map_err(|error| unsent_io(&error))?;
         if let Some(password) = self.password.clone() {
-            let refused = match self.username.clone() {
-                Some(username) => {
-                    self.setup(
-                        &mut stream,
-                        &[b"AUTH", username.as_bytes(), password.as_bytes()],
-                    )
-                    .await?
-                }
-                None => {
-                    self.setup(&mut stream, &[b"AUTH", password.as_bytes()])
-                        .await?
-                }
-            };
-            let refused = match refused {
-                // A server before ACLs takes no username.
-                Some(error) if error.contains("wrong number of arguments for 'auth' command") => {
-                    self.setup(&mut stream, &[b"AUTH", password.as_bytes()])
-                        .await?
-                }
-                refused => refused,
-            };
-            if refused.is_some() {
-                return Err(Failure::Unsent {
-                    io: false,
-                    message: "Redis refused the password".into(),
-                });
-            }
+            self.log_in(&mut stream, &password).await?;
         }
         if self.db != 0 {
             let db = self.db.to_string();
@@ -223,6 +197,32 @@ impl Wire {
             }
         }
         Ok(stream)
+    }
+
+    /// AUTH with the URL's username if it has one, and again without it
+    /// for a server before ACLs, which takes no username.
+    async fn log_in(&mut self, stream: &mut TcpStream, password: &str) -> Result<(), Failure> {
+        let password = password.as_bytes();
+        let mut refused = match self.username.clone() {
+            Some(username) => {
+                let auth: [&[u8]; 3] = [b"AUTH", username.as_bytes(), password];
+                self.setup(stream, &auth).await?
+            }
+            None => self.setup(stream, &[b"AUTH", password]).await?,
+        };
+        if refused
+            .as_ref()
+            .is_some_and(|error| error.contains("wrong number of arguments for 'auth' command"))
+        {
+            refused = self.setup(stream, &[b"AUTH", password]).await?;
+        }
+        match refused {
+            None => Ok(()),
+            Some(_) => Err(Failure::Unsent {
+                io: false,
+                message: "Redis refused the password".into(),
+            }),
+        }
     }
 
     /// Sends one setup command; the error Redis answered, if it did.
