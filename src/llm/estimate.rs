@@ -20,6 +20,7 @@
 //! [`MAX_AMOUNT`] is refused rather than read as a default, so that no body
 //! can be priced lower than what it asks for.
 
+mod fast;
 mod pass;
 
 use super::Api;
@@ -71,76 +72,76 @@ pub const BOUND_KEYS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_o
 const CHOICE_KEYS: [&str; 2] = ["n", "best_of"];
 
 /// Top-level members that are settings, not text sent to the model.
-fn is_setting(key: &str) -> bool {
+fn is_setting(key: &[u8]) -> bool {
     // A `match`, not a list's `contains`: it dispatches on the length
     // rather than comparing every entry, for every member of every body.
     matches!(
         key,
-        "model"
-            | "max_completion_tokens"
-            | "max_tokens"
-            | "max_output_tokens"
-            | "n"
-            | "best_of"
-            | "stream"
-            | "stream_options"
-            | "temperature"
-            | "top_p"
-            | "top_k"
-            | "frequency_penalty"
-            | "presence_penalty"
-            | "repetition_penalty"
-            | "logit_bias"
-            | "logprobs"
-            | "top_logprobs"
-            | "echo"
-            | "seed"
-            | "stop"
-            | "stop_sequences"
-            | "user"
-            | "metadata"
-            | "service_tier"
-            | "store"
-            | "parallel_tool_calls"
-            | "reasoning_effort"
-            | "reasoning"
-            | "thinking"
-            | "modalities"
-            | "audio"
-            | "truncation"
-            | "include"
-            | "previous_response_id"
-            | "background"
-            | "safety_identifier"
-            | "prompt_cache_key"
-            | "encoding_format"
-            | "dimensions"
+        b"model"
+            | b"max_completion_tokens"
+            | b"max_tokens"
+            | b"max_output_tokens"
+            | b"n"
+            | b"best_of"
+            | b"stream"
+            | b"stream_options"
+            | b"temperature"
+            | b"top_p"
+            | b"top_k"
+            | b"frequency_penalty"
+            | b"presence_penalty"
+            | b"repetition_penalty"
+            | b"logit_bias"
+            | b"logprobs"
+            | b"top_logprobs"
+            | b"echo"
+            | b"seed"
+            | b"stop"
+            | b"stop_sequences"
+            | b"user"
+            | b"metadata"
+            | b"service_tier"
+            | b"store"
+            | b"parallel_tool_calls"
+            | b"reasoning_effort"
+            | b"reasoning"
+            | b"thinking"
+            | b"modalities"
+            | b"audio"
+            | b"truncation"
+            | b"include"
+            | b"previous_response_id"
+            | b"background"
+            | b"safety_identifier"
+            | b"prompt_cache_key"
+            | b"encoding_format"
+            | b"dimensions"
     )
 }
 
 /// Top-level members sent to the model as their JSON text.
-fn is_schema(key: &str) -> bool {
+fn is_schema(key: &[u8]) -> bool {
     matches!(
         key,
-        "tools" | "functions" | "tool_choice" | "response_format" | "text" | "prediction"
+        b"tools" | b"functions" | b"tool_choice" | b"response_format" | b"text" | b"prediction"
     )
 }
 
 /// Members inside the prompt that label it rather than say anything.
-fn is_label(key: &str) -> bool {
+fn is_label(key: &[u8]) -> bool {
     matches!(
         key,
-        "type"
-            | "role"
-            | "id"
-            | "tool_call_id"
-            | "tool_use_id"
-            | "call_id"
-            | "cache_control"
-            | "media_type"
-            | "detail"
-            | "status"
-            | "signature"
+        b"type"
+            | b"role"
+            | b"id"
+            | b"tool_call_id"
+            | b"tool_use_id"
+            | b"call_id"
+            | b"cache_control"
+            | b"media_type"
+            | b"detail"
+            | b"status"
+            | b"signature"
     )
 }
 
@@ -162,10 +163,15 @@ pub struct Scan {
 /// [`parse`] then [`estimate`] give, with the same refusals, without
 /// building the tree.
 pub fn scan(api: Api, body: &[u8], rules: &EstimateRules) -> Result<Scan, EstimateError> {
-    let found = match pass::read(body, rules.image_tokens) {
-        Ok(Some(found)) => found,
-        Ok(None) => return Err(not_an_object()),
-        Err(e) => return Err(not_json(&e)),
+    // The hand-written pass reads the bodies clients send; serde_json's,
+    // the rest, and gives every refusal.
+    let found = match fast::read(body, rules.image_tokens) {
+        Some(found) => found,
+        None => match pass::read(body, rules.image_tokens) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(not_an_object()),
+            Err(e) => return Err(not_json(&e)),
+        },
     };
     let amount = |key: &str| {
         let slot = pass::AMOUNT_KEYS.iter().position(|k| *k == key)?;
@@ -204,9 +210,9 @@ pub fn estimate(
 ) -> Result<Estimate, EstimateError> {
     let mut prompt_tokens = 0i64;
     for (key, value) in request.iter() {
-        let tokens = if is_setting(key) {
+        let tokens = if is_setting(key.as_bytes()) {
             0
-        } else if is_schema(key) {
+        } else if is_schema(key.as_bytes()) {
             text_tokens(json_chars(value))
         } else {
             prompt_tokens_of(value, rules.image_tokens, false)
@@ -314,7 +320,7 @@ impl Piece {
                 }
                 for (key, member) in block.iter() {
                     match (key, member) {
-                        (label, _) if is_label(label) => {}
+                        (label, _) if is_label(label.as_bytes()) => {}
                         ("input", Json::Object(_)) => self.chars += json_chars(member),
                         _ => self.read(member),
                     }
@@ -424,6 +430,29 @@ mod tests {
                     .to_string()
                     .starts_with("the request body is not valid JSON")
             );
+        }
+    }
+
+    #[test]
+    fn the_hand_written_pass_reads_the_bodies_clients_send() {
+        let bodies = [
+            r#"{"model":"gpt-4o","max_tokens":512,"messages":[{"role":"system","content":"Be brief.\nThank you \u00e9"},
+                {"role":"user","content":[{"type":"text","text":"1234"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}],
+                "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","required":["a"],"minItems":-3}}}],
+                "stream":true,"stream_options":{"include_usage":true},"n":null}"#,
+            r#"{"model":"claude","system":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}],
+                "messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"get","input":{"q":"\"quoted\""}}]}],
+                "max_tokens":1024}"#,
+            r#"{"prompt":[[1,2,3],[4]],"max_tokens":2,"best_of":3}"#,
+        ];
+        for body in bodies {
+            let fast = fast::read(body.as_bytes(), RULES.image_tokens);
+            assert!(fast.is_some(), "{body}");
+            assert_eq!(
+                fast,
+                pass::read(body.as_bytes(), RULES.image_tokens).unwrap()
+            );
+            scanned(Api::ChatCompletions, body.as_bytes()).unwrap();
         }
     }
 
@@ -758,9 +787,9 @@ mod tests {
 
         fn number() -> impl Strategy<Value = String> {
             prop_oneof![
-                (-3i64..5000).prop_map(|n| n.to_string()),
-                any::<u64>().prop_map(|n| n.to_string()),
-                "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?",
+                3 => (-3i64..5000).prop_map(|n| n.to_string()),
+                1 => any::<u64>().prop_map(|n| n.to_string()),
+                1 => "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?",
             ]
         }
 
@@ -769,7 +798,8 @@ mod tests {
                 Just(Node::Null),
                 any::<bool>().prop_map(Node::Bool),
                 number().prop_map(Node::Number),
-                (text(), any::<bool>()).prop_map(|(text, escaped)| Node::Text(text, escaped)),
+                (text(), proptest::bool::weighted(0.2))
+                    .prop_map(|(text, escaped)| Node::Text(text, escaped)),
             ];
             leaf.prop_recursive(5, 48, 6, |inner| {
                 prop_oneof![
@@ -825,7 +855,8 @@ mod tests {
                         if i > 0 {
                             out.push(',');
                         }
-                        write_text(key, spaced, out);
+                        // Some keys with escapes, where the hand-written pass gives up.
+                        write_text(key, spaced && key.len() % 4 == 1, out);
                         out.push(':');
                         out.push_str(gap);
                         write(value, spaced, out);
@@ -855,6 +886,14 @@ mod tests {
             }
 
             #[test]
+            fn the_hand_written_pass_reads_what_it_reads_as_serde_jsons_does(body in body()) {
+                if let Some(fast) = fast::read(&body, RULES.image_tokens) {
+                    let slow = pass::read(&body, RULES.image_tokens).ok().flatten();
+                    prop_assert_eq!(Some(fast), slow, "{}", String::from_utf8_lossy(&body));
+                }
+            }
+
+            #[test]
             fn the_scan_refuses_a_broken_body_as_the_tree_does(
                 body in body(),
                 api in api(),
@@ -872,6 +911,10 @@ mod tests {
                 }
                 let (scanned, tree) = (scan(api, &body, &RULES), by_tree(api, &body));
                 prop_assert_eq!(&scanned, &tree, "{}", String::from_utf8_lossy(&body));
+                if let Some(fast) = fast::read(&body, RULES.image_tokens) {
+                    let slow = pass::read(&body, RULES.image_tokens).ok().flatten();
+                    prop_assert_eq!(Some(fast), slow, "{}", String::from_utf8_lossy(&body));
+                }
             }
         }
 

@@ -19,7 +19,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Number;
 
 use super::{IMAGE_TYPES, Piece, is_label, is_schema, is_setting, text_tokens};
-use crate::llm::json::Json;
+use crate::llm::json::{Json, Skip};
 
 /// The members read for the completion bound and the choices, in this
 /// order: [`super::BOUND_KEYS`], then [`super::CHOICE_KEYS`].
@@ -32,7 +32,7 @@ pub(super) const AMOUNT_KEYS: [&str; 5] = [
 ];
 
 /// What one pass over an object body found.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Found<'a> {
     pub prompt_tokens: i64,
     /// The last value of each of [`AMOUNT_KEYS`] the body names.
@@ -152,11 +152,13 @@ impl<'de> Visitor<'de> for Top {
                     found.usage_asked = options.get("include_usage") == Some(&Json::Bool(true));
                     0
                 }
-                key if is_setting(key) => {
+                key if is_setting(key.as_bytes()) => {
                     map.next_value_seed(Skip)?;
                     0
                 }
-                key if is_schema(key) => text_tokens(map.next_value_seed(Compact { top: true })?),
+                key if is_schema(key.as_bytes()) => {
+                    text_tokens(map.next_value_seed(Compact { top: true })?)
+                }
                 _ => map.next_value_seed(Prompt {
                     image_tokens: self.image_tokens,
                     in_list: false,
@@ -196,33 +198,6 @@ impl<'de> Visitor<'de> for Key {
 
     fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
         Ok(Cow::Owned(value))
-    }
-}
-
-/// Any value, read (and so checked) and forgotten.
-struct Skip;
-
-impl Skip {
-    fn scalar(self, _: Scalar<'_>) {}
-}
-
-seed!(Skip);
-
-impl<'de> Visitor<'de> for Skip {
-    type Value = ();
-
-    visit_scalars!();
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Skip)?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key_seed(Skip)?.is_some() {
-            map.next_value_seed(Skip)?;
-        }
-        Ok(())
     }
 }
 
@@ -294,7 +269,7 @@ impl PieceOf {
 seed!(PieceOf);
 
 impl Piece {
-    fn add(&mut self, other: Piece) {
+    pub(super) fn add(&mut self, other: Piece) {
         self.chars = self.chars.saturating_add(other.chars);
         self.images = self.images.saturating_add(other.images);
     }
@@ -326,7 +301,7 @@ impl<'de> Visitor<'de> for PieceOf {
         while let Some(key) = map.next_key_seed(Key)? {
             match key.as_ref() {
                 "type" => image = map.next_value_seed(IsImage)?,
-                label if is_label(label) => map.next_value_seed(Skip)?,
+                label if is_label(label.as_bytes()) => map.next_value_seed(Skip)?,
                 member => piece.add(map.next_value_seed(PieceOf {
                     input: member == "input",
                 })?),
