@@ -5,7 +5,8 @@
 //! UTF-8, then to count its characters): 8,800 instructions for the load
 //! benchmark's 1 KB chat body (case 16). Here a string's end is found by
 //! `memchr` and its characters are counted in the same look that checks
-//! them; see the commit that brought this in for the figure after.
+//! them: 4,600 (the whole request, 94,710 against 89,525; case 6, with a
+//! 4 KB body, 117,558 against 101,478).
 //!
 //! It reads only what it is sure of: integers, strings (with escapes, but
 //! not in a key or a block's `type`), the literals, nesting to a depth of
