@@ -1,8 +1,9 @@
 //! The pure work on a request's path, each beside a baseline measured in
 //! the same run, so the note can state costs as ratios:
 //!
-//! - estimating a 4 KB chat body, against only parsing it as JSON (which the
-//!   estimate has to do anyway);
+//! - estimating a 4 KB chat body in the gateway's one pass, and by parsing
+//!   it into a tree and walking that, against only parsing it as a
+//!   `serde_json::Value`;
 //! - scanning an SSE stream for usage, passing it through or rewriting it,
 //!   against copying the same pieces;
 //! - routing among the reference config's eight routes, and among the same
@@ -83,14 +84,23 @@ fn estimation(c: &mut Criterion) {
     group.bench_function("baseline: parse JSON only", |b| {
         b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap()))
     });
-    group.bench_function("parse and estimate", |b| {
+    let rules = EstimateRules {
+        default_max_tokens: 4096,
+        image_tokens: 1600,
+    };
+    group.bench_function("parse into a tree and estimate", |b| {
         b.iter(|| {
             let request = estimate::parse(black_box(&body)).unwrap();
-            let rules = EstimateRules {
-                default_max_tokens: 4096,
-                image_tokens: 1600,
-            };
             black_box(estimate::estimate(Api::ChatCompletions, &request, &rules))
+        })
+    });
+    group.bench_function("estimate in one pass (the gateway's)", |b| {
+        b.iter(|| {
+            black_box(estimate::scan(
+                Api::ChatCompletions,
+                black_box(&body),
+                &rules,
+            ))
         })
     });
     group.finish();

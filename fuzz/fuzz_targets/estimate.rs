@@ -1,6 +1,7 @@
 //! Any body on an estimate route: parsed, estimated, given a bound and a
-//! request for stream usage, written back. Nothing panics, a written body
-//! parses and estimates again, and writing it once more changes nothing.
+//! request for stream usage, written back. Nothing panics, the one-pass
+//! scan agrees with the tree, a written body parses and estimates again,
+//! and writing it once more changes nothing.
 //! (Its estimate may differ a little from the original's: a number such as
 //! 1111000000001319935345 is written back as 1.111e21, shortening a schema's
 //! text, so the original, what was reserved, is the larger.)
@@ -29,9 +30,16 @@ fuzz_target!(|input: (u8, &[u8])| {
     let Ok(mut json) = estimate::parse(body) else {
         return;
     };
+    let scanned = estimate::scan(api, body, &RULES);
     let Ok(before) = estimate::estimate(api, &json, &RULES) else {
+        assert!(scanned.is_err(), "the scan took a body the tree refuses");
         return;
     };
+    assert_eq!(
+        scanned.map(|scan| scan.estimate),
+        Ok(before),
+        "the scan and the tree differ"
+    );
     assert!(before.total() >= 0 && before.prompt_tokens >= 0);
     request::set_completion_bound(api, &mut json, 256);
     request::ask_for_stream_usage(api, &mut json);

@@ -20,6 +20,9 @@
 //! [`MAX_AMOUNT`] is refused rather than read as a default, so that no body
 //! can be priced lower than what it asks for.
 
+mod fast;
+mod pass;
+
 use super::Api;
 use super::json::{Json, Object};
 use crate::quota::MAX_AMOUNT;
@@ -69,96 +72,137 @@ pub const BOUND_KEYS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_o
 const CHOICE_KEYS: [&str; 2] = ["n", "best_of"];
 
 /// Top-level members that are settings, not text sent to the model.
-fn is_setting(key: &str) -> bool {
+fn is_setting(key: &[u8]) -> bool {
     // A `match`, not a list's `contains`: it dispatches on the length
     // rather than comparing every entry, for every member of every body.
     matches!(
         key,
-        "model"
-            | "max_completion_tokens"
-            | "max_tokens"
-            | "max_output_tokens"
-            | "n"
-            | "best_of"
-            | "stream"
-            | "stream_options"
-            | "temperature"
-            | "top_p"
-            | "top_k"
-            | "frequency_penalty"
-            | "presence_penalty"
-            | "repetition_penalty"
-            | "logit_bias"
-            | "logprobs"
-            | "top_logprobs"
-            | "echo"
-            | "seed"
-            | "stop"
-            | "stop_sequences"
-            | "user"
-            | "metadata"
-            | "service_tier"
-            | "store"
-            | "parallel_tool_calls"
-            | "reasoning_effort"
-            | "reasoning"
-            | "thinking"
-            | "modalities"
-            | "audio"
-            | "truncation"
-            | "include"
-            | "previous_response_id"
-            | "background"
-            | "safety_identifier"
-            | "prompt_cache_key"
-            | "encoding_format"
-            | "dimensions"
+        b"model"
+            | b"max_completion_tokens"
+            | b"max_tokens"
+            | b"max_output_tokens"
+            | b"n"
+            | b"best_of"
+            | b"stream"
+            | b"stream_options"
+            | b"temperature"
+            | b"top_p"
+            | b"top_k"
+            | b"frequency_penalty"
+            | b"presence_penalty"
+            | b"repetition_penalty"
+            | b"logit_bias"
+            | b"logprobs"
+            | b"top_logprobs"
+            | b"echo"
+            | b"seed"
+            | b"stop"
+            | b"stop_sequences"
+            | b"user"
+            | b"metadata"
+            | b"service_tier"
+            | b"store"
+            | b"parallel_tool_calls"
+            | b"reasoning_effort"
+            | b"reasoning"
+            | b"thinking"
+            | b"modalities"
+            | b"audio"
+            | b"truncation"
+            | b"include"
+            | b"previous_response_id"
+            | b"background"
+            | b"safety_identifier"
+            | b"prompt_cache_key"
+            | b"encoding_format"
+            | b"dimensions"
     )
 }
 
 /// Top-level members sent to the model as their JSON text.
-fn is_schema(key: &str) -> bool {
+fn is_schema(key: &[u8]) -> bool {
     matches!(
         key,
-        "tools" | "functions" | "tool_choice" | "response_format" | "text" | "prediction"
+        b"tools" | b"functions" | b"tool_choice" | b"response_format" | b"text" | b"prediction"
     )
 }
 
 /// Members inside the prompt that label it rather than say anything.
-fn is_label(key: &str) -> bool {
+fn is_label(key: &[u8]) -> bool {
     matches!(
         key,
-        "type"
-            | "role"
-            | "id"
-            | "tool_call_id"
-            | "tool_use_id"
-            | "call_id"
-            | "cache_control"
-            | "media_type"
-            | "detail"
-            | "status"
-            | "signature"
+        b"type"
+            | b"role"
+            | b"id"
+            | b"tool_call_id"
+            | b"tool_use_id"
+            | b"call_id"
+            | b"cache_control"
+            | b"media_type"
+            | b"detail"
+            | b"status"
+            | b"signature"
     )
 }
 
 /// Content blocks that are images, each counted as `image_tokens`.
 const IMAGE_TYPES: [&str; 3] = ["image", "image_url", "input_image"];
 
+/// What one reading of a request body found: its estimate, and what the
+/// gateway needs to know to decide whether to write into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scan {
+    pub estimate: Estimate,
+    /// The body's `stream` is `true`.
+    pub streams: bool,
+    /// The body's `stream_options.include_usage` is `true`.
+    pub usage_asked: bool,
+}
+
+/// Estimates `body`, a body of `api`, in one pass over its bytes: what
+/// [`parse`] then [`estimate`] give, with the same refusals, without
+/// building the tree.
+pub fn scan(api: Api, body: &[u8], rules: &EstimateRules) -> Result<Scan, EstimateError> {
+    // The hand-written pass reads the bodies clients send; serde_json's,
+    // the rest, and gives every refusal.
+    let found = match fast::read(body, rules.image_tokens) {
+        Some(found) => found,
+        None => match pass::read(body, rules.image_tokens) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(not_an_object()),
+            Err(e) => return Err(not_json(&e)),
+        },
+    };
+    let amount = |key: &str| {
+        let slot = pass::AMOUNT_KEYS.iter().position(|k| *k == key)?;
+        found.amounts[slot].as_ref()
+    };
+    Ok(Scan {
+        estimate: priced(api, found.prompt_tokens, amount, rules)?,
+        streams: found.streams,
+        usage_asked: found.usage_asked,
+    })
+}
+
+fn not_an_object() -> EstimateError {
+    EstimateError("the request body must be a JSON object".into())
+}
+
+fn not_json(error: &serde_json::Error) -> EstimateError {
+    EstimateError(format!("the request body is not valid JSON: {error}"))
+}
+
 /// The request body as a JSON object, or why it is not one.
 pub fn parse(body: &[u8]) -> Result<Object<'_>, EstimateError> {
     match serde_json::from_slice(body) {
         Ok(Json::Object(request)) => Ok(request),
-        Ok(_) => Err(EstimateError(
-            "the request body must be a JSON object".into(),
-        )),
-        Err(e) => Err(EstimateError(format!(
-            "the request body is not valid JSON: {e}"
-        ))),
+        Ok(_) => Err(not_an_object()),
+        Err(e) => Err(not_json(&e)),
     }
 }
 
-/// Estimates `request`, a body of `api`.
+/// Estimates `request`, a body of `api`, parsed into a tree: the reference
+/// that [`scan`] is checked against.
 pub fn estimate(
     api: Api,
     request: &Object<'_>,
@@ -166,24 +210,34 @@ pub fn estimate(
 ) -> Result<Estimate, EstimateError> {
     let mut prompt_tokens = 0i64;
     for (key, value) in request.iter() {
-        let tokens = if is_setting(key) {
+        let tokens = if is_setting(key.as_bytes()) {
             0
-        } else if is_schema(key) {
+        } else if is_schema(key.as_bytes()) {
             text_tokens(json_chars(value))
         } else {
             prompt_tokens_of(value, rules.image_tokens, false)
         };
         prompt_tokens = prompt_tokens.saturating_add(tokens);
     }
+    priced(api, prompt_tokens, |key| request.get(key), rules)
+}
 
+/// The estimate of a body whose prompt counts `prompt_tokens`, and whose
+/// member `key`, for the bound and choice keys, `amount` gives.
+fn priced<'j, 'a: 'j>(
+    api: Api,
+    prompt_tokens: i64,
+    amount: impl Fn(&str) -> Option<&'j Json<'a>>,
+    rules: &EstimateRules,
+) -> Result<Estimate, EstimateError> {
     let mut named_bound = None;
     for key in BOUND_KEYS {
         // Where a body names more than one, the provider may keep to any.
-        named_bound = named_bound.max(positive_integer(request, key)?);
+        named_bound = named_bound.max(positive_integer(key, amount(key))?);
     }
     let mut choices = 1;
     for key in CHOICE_KEYS {
-        choices = choices.max(positive_integer(request, key)?.unwrap_or(1));
+        choices = choices.max(positive_integer(key, amount(key))?.unwrap_or(1));
     }
     let completion_bound = match (api, named_bound) {
         // Embeddings produce no completion, so nothing is reserved for one.
@@ -199,10 +253,10 @@ pub fn estimate(
     })
 }
 
-/// The member `key` as a whole number from 1 to [`MAX_AMOUNT`]; `None`
-/// when absent or null.
-fn positive_integer(request: &Object<'_>, key: &str) -> Result<Option<i64>, EstimateError> {
-    let value = match request.get(key) {
+/// The member `key`, `value`, as a whole number from 1 to [`MAX_AMOUNT`];
+/// `None` when absent or null.
+fn positive_integer(key: &str, value: Option<&Json<'_>>) -> Result<Option<i64>, EstimateError> {
+    let value = match value {
         None | Some(Json::Null) => return Ok(None),
         Some(value) => value,
     };
@@ -266,7 +320,7 @@ impl Piece {
                 }
                 for (key, member) in block.iter() {
                     match (key, member) {
-                        (label, _) if is_label(label) => {}
+                        (label, _) if is_label(label.as_bytes()) => {}
                         ("input", Json::Object(_)) => self.chars += json_chars(member),
                         _ => self.read(member),
                     }
@@ -306,8 +360,37 @@ mod tests {
         image_tokens: 1000,
     };
 
+    /// What the tree gives for `body`: [`parse`], [`estimate`], and the
+    /// stream members read from the tree.
+    fn by_tree(api: Api, body: &[u8]) -> Result<Scan, EstimateError> {
+        let request = parse(body)?;
+        let estimate = estimate(api, &request, &RULES)?;
+        let usage = request
+            .get("stream_options")
+            .and_then(|options| options.get("include_usage"));
+        Ok(Scan {
+            estimate,
+            streams: request.get("stream") == Some(&Json::Bool(true)),
+            usage_asked: usage == Some(&Json::Bool(true)),
+        })
+    }
+
+    /// [`scan`]'s answer for `body`, checked against the tree's.
+    fn scanned(api: Api, body: &[u8]) -> Result<Scan, EstimateError> {
+        let scanned = scan(api, body, &RULES);
+        assert_eq!(
+            scanned,
+            by_tree(api, body),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        scanned
+    }
+
     fn tokens(path: &str, body: &str) -> Estimate {
-        estimate(Api::of_path(path), &parse(body.as_bytes()).unwrap(), &RULES).unwrap()
+        scanned(Api::of_path(path), body.as_bytes())
+            .unwrap()
+            .estimate
     }
 
     fn prompt(path: &str, body: &str) -> i64 {
@@ -315,10 +398,72 @@ mod tests {
     }
 
     fn refused(body: &str) -> String {
-        let request = parse(body.as_bytes()).unwrap();
-        estimate(Api::ChatCompletions, &request, &RULES)
+        scanned(Api::ChatCompletions, body.as_bytes())
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn the_scan_reads_the_stream_members_the_gateway_writes_into() {
+        let body = br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+        let found = scanned(Api::ChatCompletions, body).unwrap();
+        assert!(found.streams && found.usage_asked);
+        // Of a member given twice, the last counts.
+        let body = br#"{"stream":true,"stream":false,"stream_options":{"include_usage":true,"include_usage":1}}"#;
+        let found = scanned(Api::ChatCompletions, body).unwrap();
+        assert!(!found.streams && !found.usage_asked);
+    }
+
+    #[test]
+    fn the_scan_refuses_what_the_parser_refuses_inside_a_setting() {
+        let deep = format!(r#"{{"metadata":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        for body in [
+            deep.as_bytes(),
+            br#"{"metadata":1e400}"#,
+            b"{\"user\":\"\xff\"}",
+            br#"{"model":"m"} x"#,
+            br#"{"model":"m""#,
+        ] {
+            let error = scanned(Api::ChatCompletions, body).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("the request body is not valid JSON")
+            );
+        }
+    }
+
+    #[test]
+    fn the_hand_written_pass_reads_the_bodies_clients_send() {
+        let bodies = [
+            r#"{"model":"gpt-4o","max_tokens":512,"messages":[{"role":"system","content":"Be brief.\nThank you \u00e9"},
+                {"role":"user","content":[{"type":"text","text":"1234"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}],
+                "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","required":["a"],"minItems":-3}}}],
+                "stream":true,"stream_options":{"include_usage":true},"n":null}"#,
+            r#"{"model":"claude","system":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}],
+                "messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"get","input":{"q":"\"quoted\""}}]}],
+                "max_tokens":1024}"#,
+            r#"{"prompt":[[1,2,3],[4]],"max_tokens":2,"best_of":3}"#,
+        ];
+        for body in bodies {
+            let fast = fast::read(body.as_bytes(), RULES.image_tokens);
+            assert!(fast.is_some(), "{body}");
+            assert_eq!(
+                fast,
+                pass::read(body.as_bytes(), RULES.image_tokens).unwrap()
+            );
+            scanned(Api::ChatCompletions, body.as_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn schemas_count_as_serde_json_writes_them() {
+        // Escapes written back, numbers as serde_json writes them, keys given
+        // twice twice, whitespace dropped.
+        let body = r#"{"tools":[{"d":"a\u0001\n\"\/","x":1E2,"y":-0,"z":[],"z":{}, "w": null,"v":false}]}"#;
+        let tools = r#"[{"d":"a\u0001\n\"/","x":100.0,"y":-0.0,"z":[],"z":{},"w":null,"v":false}]"#;
+        assert_eq!(tools.len(), 74);
+        assert_eq!(prompt("/v1/chat/completions", body), 74 / 4 + 1);
     }
 
     #[test]
@@ -601,6 +746,178 @@ mod tests {
             })
         }
 
+        /// A JSON value, written out as text by [`write`]: members may repeat,
+        /// strings may be written with escapes, numbers in any form.
+        #[derive(Clone, Debug)]
+        enum Node {
+            Null,
+            Bool(bool),
+            Number(String),
+            Text(String, bool),
+            List(Vec<Node>),
+            Object(Vec<(String, Node)>),
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => proptest::sample::select(vec![
+                    "model", "messages", "system", "prompt", "input", "instructions", "content",
+                    "text", "type", "role", "name", "id", "tools", "functions", "tool_choice",
+                    "response_format", "prediction", "max_tokens", "max_completion_tokens",
+                    "max_output_tokens", "n", "best_of", "stream", "stream_options",
+                    "include_usage", "metadata", "temperature", "cache_control", "source", "data",
+                ]).prop_map(str::to_owned),
+                1 => "[a-z_\"\\\\\\x00-\\x1f\u{e9}\u{1F600}]{0,6}",
+            ]
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(vec![
+                    "image",
+                    "image_url",
+                    "input_image",
+                    "text",
+                    "tool_use"
+                ])
+                .prop_map(str::to_owned),
+                "[a-z \"\\\\\\x00-\\x1f\u{e9}\u{7f}\u{1F600}]{0,12}",
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => (-3i64..5000).prop_map(|n| n.to_string()),
+                1 => any::<u64>().prop_map(|n| n.to_string()),
+                1 => "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?",
+            ]
+        }
+
+        fn node() -> impl Strategy<Value = Node> {
+            let leaf = prop_oneof![
+                Just(Node::Null),
+                any::<bool>().prop_map(Node::Bool),
+                number().prop_map(Node::Number),
+                (text(), proptest::bool::weighted(0.2))
+                    .prop_map(|(text, escaped)| Node::Text(text, escaped)),
+            ];
+            leaf.prop_recursive(5, 48, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Node::List),
+                    proptest::collection::vec((key(), inner), 0..6).prop_map(Node::Object),
+                ]
+            })
+        }
+
+        /// A body: mostly an object, of keys the estimate knows.
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            let object = proptest::collection::vec((key(), node()), 0..10).prop_map(Node::Object);
+            (prop_oneof![9 => object, 1 => node()], any::<bool>()).prop_map(|(node, spaced)| {
+                let mut out = String::new();
+                write(&node, spaced, &mut out);
+                out.into_bytes()
+            })
+        }
+
+        fn write_text(text: &str, escaped: bool, out: &mut String) {
+            if !escaped {
+                out.push_str(&serde_json::to_string(text).unwrap());
+                return;
+            }
+            out.push('"');
+            for unit in text.encode_utf16() {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+            out.push('"');
+        }
+
+        fn write(node: &Node, spaced: bool, out: &mut String) {
+            let gap = if spaced { " \n" } else { "" };
+            match node {
+                Node::Null => out.push_str("null"),
+                Node::Bool(value) => out.push_str(&value.to_string()),
+                Node::Number(number) => out.push_str(number),
+                Node::Text(text, escaped) => write_text(text, *escaped, out),
+                Node::List(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(gap);
+                        write(item, spaced, out);
+                    }
+                    out.push(']');
+                }
+                Node::Object(members) => {
+                    out.push('{');
+                    for (i, (key, value)) in members.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        // Some keys with escapes, where the hand-written pass gives up.
+                        write_text(key, spaced && key.len() % 4 == 1, out);
+                        out.push(':');
+                        out.push_str(gap);
+                        write(value, spaced, out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+
+        fn api() -> impl Strategy<Value = Api> {
+            proptest::sample::select(vec![
+                Api::ChatCompletions,
+                Api::Completions,
+                Api::Responses,
+                Api::Embeddings,
+                Api::Messages,
+                Api::Other,
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn the_scan_estimates_every_body_as_the_tree_does(body in body(), api in api()) {
+                prop_assert_eq!(scan(api, &body, &RULES), by_tree(api, &body));
+            }
+
+            #[test]
+            fn the_hand_written_pass_reads_what_it_reads_as_serde_jsons_does(body in body()) {
+                if let Some(fast) = fast::read(&body, RULES.image_tokens) {
+                    let slow = pass::read(&body, RULES.image_tokens).ok().flatten();
+                    prop_assert_eq!(Some(fast), slow, "{}", String::from_utf8_lossy(&body));
+                }
+            }
+
+            #[test]
+            fn the_scan_refuses_a_broken_body_as_the_tree_does(
+                body in body(),
+                api in api(),
+                at in any::<prop::sample::Index>(),
+                how in 0..3u8,
+                byte in proptest::sample::select(b"{}[],:\"\\ 0-e.xn\xff".to_vec()),
+            ) {
+                let mut body = body;
+                let at = at.index(body.len() + 1);
+                match how {
+                    0 => body.truncate(at),
+                    1 => body.insert(at, byte),
+                    _ if at < body.len() => body[at] = byte,
+                    _ => body.push(byte),
+                }
+                let (scanned, tree) = (scan(api, &body, &RULES), by_tree(api, &body));
+                prop_assert_eq!(&scanned, &tree, "{}", String::from_utf8_lossy(&body));
+                if let Some(fast) = fast::read(&body, RULES.image_tokens) {
+                    let slow = pass::read(&body, RULES.image_tokens).ok().flatten();
+                    prop_assert_eq!(Some(fast), slow, "{}", String::from_utf8_lossy(&body));
+                }
+            }
+        }
+
         proptest! {
             #[test]
             fn no_body_estimates_below_a_quarter_of_its_text(
@@ -613,7 +930,7 @@ mod tests {
                 let key = if api == "/v1/responses" { "input" } else { "messages" };
                 let body = serde_json::json!({"system": system, key: items, "max_tokens": 1});
                 let bytes = serde_json::to_vec(&body).unwrap();
-                let estimate = estimate(Api::of_path(api), &parse(&bytes).unwrap(), &RULES).unwrap();
+                let estimate = scanned(Api::of_path(api), &bytes).unwrap().estimate;
                 prop_assert!(estimate.prompt_tokens >= chars.div_ceil(4) as i64,
                     "{} tokens for {} chars in {}", estimate.prompt_tokens, chars, body);
                 prop_assert!(chars == 0 || estimate.prompt_tokens > 0);

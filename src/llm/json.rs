@@ -1,18 +1,22 @@
 //! A JSON value that borrows its strings from the body it was parsed from.
 //!
-//! An estimate reads every message of a request body once and throws the
-//! tree away; built as a `serde_json::Value`, each string would be copied
-//! into an allocation of its own and every object into a map, which cost
-//! more than the rest of the metered request path together. Here a string
-//! without escapes is a slice of the body and an object is one vector of
-//! pairs. Objects keep their keys in body order; of a key given twice, the
-//! last counts, as with `serde_json`.
+//! The tree of a request body the gateway writes into (a completion bound,
+//! a request for stream usage) before writing it back, and the reference
+//! the estimate's one pass is checked against; the small values a pass
+//! keeps (a bound, a usage count) too. Built as a `serde_json::Value`,
+//! each string would be copied into an allocation of its own and every
+//! object into a map. Here a string without escapes is a slice of the body
+//! and an object is one vector of pairs. Objects keep their keys in body
+//! order, and write them back in it; of a key given twice, the last
+//! counts, as with `serde_json`.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor,
+};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Number;
 
@@ -150,6 +154,69 @@ impl<'de: 'a, 'a> Visitor<'de> for JsonVisitor<'a> {
             members.push((key, map.next_value()?));
         }
         Ok(Json::Object(Object(members)))
+    }
+}
+
+/// Any value, read (and so checked as the tree would be) and forgotten.
+/// Unlike `serde::de::IgnoredAny`, which serde_json skips without reading
+/// its numbers or UTF-8 or counting its depth.
+pub struct Skip;
+
+impl<'de> DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Skip, D::Error> {
+        deserializer.deserialize_any(Skip).map(|()| Skip)
+    }
+}
+
+impl<'de> Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<(), E> {
+        JsonVisitor(PhantomData).visit_f64(value).map(drop)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Skip)?.is_some() {
+            map.next_value_seed(Skip)?;
+        }
+        Ok(())
     }
 }
 

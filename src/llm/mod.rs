@@ -3,10 +3,13 @@
 //! side, [`crate::settle`] the response side.
 //!
 //! Request side:
-//! - [`json`]: the body as a JSON tree that borrows its strings;
-//! - [`estimate`]: the prompt tokens of a body, and its completion bound;
+//! - [`estimate`]: the prompt tokens of a body, and its completion bound,
+//!   read in one pass over its bytes (`scan`);
+//! - [`json`]: the body as a JSON tree that borrows its strings, built only
+//!   for a body the gateway writes into;
 //! - [`request`]: what the gateway writes into a body before forwarding it
-//!   (`stream_options.include_usage`, the completion bound).
+//!   (`stream_options.include_usage`, the completion bound); a body it
+//!   writes nothing into goes on as the bytes it arrived as.
 //!
 //! Response side:
 //! - [`usage`]: the tokens a JSON answer or a stream's events report, and

@@ -3,9 +3,89 @@
 //! the reservation a true bound.
 
 use super::Api;
-use super::estimate::{BOUND_KEYS, Estimate};
+use super::estimate::{self, BOUND_KEYS, Estimate, EstimateError, Scan};
 use super::json::{Json, Object};
 use crate::quota::{Dimension, Exceeded};
+
+/// A request body on its way to the provider: forwarded as the bytes it
+/// arrived as, unless the gateway writes into it, when it is parsed into a
+/// tree (once) and written back.
+pub struct Outgoing<'a> {
+    bytes: &'a [u8],
+    tree: Option<Result<Object<'a>, EstimateError>>,
+    changed: bool,
+}
+
+/// Why a body the gateway wrote into could not be written back.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Parse(EstimateError),
+    #[error("{0}")]
+    Write(serde_json::Error),
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(bytes: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            bytes,
+            tree: None,
+            changed: false,
+        }
+    }
+
+    /// The body as a tree; `None` if it does not parse, which a body that
+    /// was [`estimate::scan`]ned does (the failure is given by `into_written`).
+    fn tree(&mut self) -> Option<&mut Object<'a>> {
+        let bytes = self.bytes;
+        self.tree
+            .get_or_insert_with(|| estimate::parse(bytes))
+            .as_mut()
+            .ok()
+    }
+
+    /// [`set_completion_bound`] on this body.
+    pub fn set_completion_bound(&mut self, api: Api, bound: i64) -> bool {
+        if api.bound_field().is_none() {
+            return false;
+        }
+        let Some(tree) = self.tree() else {
+            return false;
+        };
+        let set = set_completion_bound(api, tree, bound);
+        self.changed |= set;
+        set
+    }
+
+    /// [`ask_for_stream_usage`] on this body, which `scan` read: parsed only
+    /// when the request must be added.
+    pub fn ask_for_stream_usage(&mut self, api: Api, scan: &Scan) -> StreamUsage {
+        if !api.usage_on_request() || !scan.streams {
+            return StreamUsage::NotNeeded;
+        }
+        if scan.usage_asked {
+            return StreamUsage::ClientAsked;
+        }
+        let Some(tree) = self.tree() else {
+            return StreamUsage::NotNeeded;
+        };
+        let usage = ask_for_stream_usage(api, tree);
+        self.changed |= usage == StreamUsage::Added;
+        usage
+    }
+
+    /// The body written back, when the gateway changed it; `None` when it
+    /// goes on as it arrived.
+    pub fn into_written(self) -> Result<Option<Vec<u8>>, WriteError> {
+        match self.tree {
+            Some(Err(error)) => Err(WriteError::Parse(error)),
+            Some(Ok(tree)) if self.changed => serde_json::to_vec(&tree)
+                .map(Some)
+                .map_err(WriteError::Write),
+            _ => Ok(None),
+        }
+    }
+}
 
 /// What the gateway did to have a stream report its usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +182,67 @@ mod tests {
             limit,
             requested,
         }
+    }
+
+    const RULES: estimate::EstimateRules = estimate::EstimateRules {
+        default_max_tokens: 4096,
+        image_tokens: 1000,
+    };
+
+    /// The body `Outgoing` forwards after asking for stream usage and, with
+    /// `bound`, writing it; `None` for the bytes as they arrived.
+    fn forwarded(api: Api, body: &[u8], bound: Option<i64>) -> (StreamUsage, Option<String>) {
+        let scan = estimate::scan(api, body, &RULES).unwrap();
+        let mut outgoing = Outgoing::new(body);
+        if let Some(bound) = bound {
+            outgoing.set_completion_bound(api, bound);
+        }
+        let usage = outgoing.ask_for_stream_usage(api, &scan);
+        let written = outgoing.into_written().unwrap();
+        (
+            usage,
+            written.map(|bytes| String::from_utf8(bytes).unwrap()),
+        )
+    }
+
+    #[test]
+    fn a_body_the_gateway_does_not_write_into_goes_on_as_it_arrived() {
+        let body = br#"{"messages":[] , "max_tokens":5}"#;
+        assert_eq!(
+            forwarded(Api::ChatCompletions, body, None),
+            (StreamUsage::NotNeeded, None)
+        );
+        let asked = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        assert_eq!(
+            forwarded(Api::ChatCompletions, asked, None),
+            (StreamUsage::ClientAsked, None)
+        );
+        assert_eq!(
+            forwarded(Api::Embeddings, br#"{"input":"x"}"#, Some(9)),
+            (StreamUsage::NotNeeded, None)
+        );
+    }
+
+    #[test]
+    fn a_body_the_gateway_writes_into_is_written_back_once() {
+        let body = br#"{"stream":true, "messages":[]}"#;
+        assert_eq!(
+            forwarded(Api::ChatCompletions, body, Some(64)),
+            (
+                StreamUsage::Added,
+                Some(
+                    r#"{"stream":true,"messages":[],"max_completion_tokens":64,"stream_options":{"include_usage":true}}"#
+                        .to_owned()
+                )
+            )
+        );
+        assert_eq!(
+            forwarded(Api::Messages, br#"{"stream":true}"#, Some(64)),
+            (
+                StreamUsage::NotNeeded,
+                Some(r#"{"stream":true,"max_tokens":64}"#.to_owned())
+            )
+        );
     }
 
     #[test]

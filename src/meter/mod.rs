@@ -161,14 +161,14 @@ impl Meter {
         let route = charge.route;
         let api = Api::of_path(head.uri.path());
         let invalid = |e: EstimateError| GatewayError::InvalidBody(e.to_string());
-        let mut json = estimate::parse(&body).map_err(invalid)?;
-        let mut estimate = estimate::estimate(api, &json, &route.estimate).map_err(invalid)?;
-        let mut rewritten = false;
+        let scan = estimate::scan(api, &body, &route.estimate).map_err(invalid)?;
+        let mut estimate = scan.estimate;
+        // Parsed into a tree only if the gateway writes into it.
+        let mut json = request::Outgoing::new(&body);
         if route.completion_bound != CompletionBound::AsSent && !estimate.bound_named {
-            rewritten |= request::set_completion_bound(api, &mut json, estimate.completion_bound);
+            json.set_completion_bound(api, estimate.completion_bound);
         }
-        let stream_usage = request::ask_for_stream_usage(api, &mut json);
-        rewritten |= stream_usage == StreamUsage::Added;
+        let stream_usage = json.ask_for_stream_usage(api, &scan);
 
         let (pending, decided) = self.reserve_estimate(&charge, cost, &estimate).await;
         let (pending, decided) = match (route.completion_bound, &decided) {
@@ -187,11 +187,7 @@ impl Meter {
                     .await
                 {
                     Some(attempt) => {
-                        rewritten |= request::set_completion_bound(
-                            api,
-                            &mut json,
-                            estimate.completion_bound,
-                        );
+                        json.set_completion_bound(api, estimate.completion_bound);
                         attempt
                     }
                     None => (pending, decided),
@@ -200,8 +196,7 @@ impl Meter {
             _ => (pending, decided),
         };
 
-        let written = rewritten.then(|| serde_json::to_vec(&json)).transpose();
-        drop(json);
+        let written = json.into_written();
         let body = match written {
             Ok(Some(bytes)) => {
                 head.headers
