@@ -25,10 +25,8 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
-use tower::util::Oneshot;
 
-use super::{ClientAddr, HttpService};
+use super::{ClientAddr, HttpFuture, HttpService};
 use crate::Body;
 
 /// What one connection is doing; its clones are handed to its requests.
@@ -185,10 +183,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Error = Infallible;
     type Future = Answering;
 
-    fn call(&self, mut request: Request<Incoming>) -> Answering {
-        request.extensions_mut().insert(self.client.clone());
+    fn call(&self, request: Request<Incoming>) -> Answering {
         Answering {
-            answer: self.service.clone().oneshot(request),
+            answer: self.service.call(request, self.client.clone()),
             in_flight: Some(self.activity.begin()),
         }
     }
@@ -196,7 +193,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
 
 /// A request on its way to its answer.
 pub struct Answering {
-    answer: Oneshot<HttpService, Request<Incoming>>,
+    answer: HttpFuture,
     in_flight: Option<InFlight>,
 }
 
@@ -204,7 +201,7 @@ impl Future for Answering {
     type Output = Result<Response<Answer<Body>>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = ready!(Pin::new(&mut self.answer).poll(cx))?;
+        let response = ready!(self.answer.as_mut().poll(cx));
         // Not polled again once ready; if it were, it would wait forever
         // rather than panic.
         let Some(in_flight) = self.in_flight.take() else {
