@@ -144,6 +144,19 @@ impl MemoryStore {
             .map_err(|_| StoreError::Backend("memory store lock poisoned".into()))
     }
 
+    /// A reservation, decided under the lock with nothing to wait for.
+    fn reserve_now(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
+        let mut state = self.state()?;
+        state.sweep(&request.period);
+        let hash = state.counters.hash(&request.org);
+        let current = state.read(hash, &request.org, &request.period);
+        let decided = decide(&request.limits, &current, &request.cost, request.mode);
+        if let Decision::Admit { applied, .. } = &decided.decision {
+            state.add(hash, &request.org, &request.period, applied);
+        }
+        Ok(decided)
+    }
+
     /// Applies `change`, counting it in the version if it changed anything.
     fn change(&self, change: CatalogChange) -> Result<CatalogWrite, StoreError> {
         let mut catalog = self
@@ -162,15 +175,11 @@ impl MemoryStore {
 #[async_trait]
 impl QuotaStore for MemoryStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
-        let mut state = self.state()?;
-        state.sweep(&request.period);
-        let hash = state.counters.hash(&request.org);
-        let current = state.read(hash, &request.org, &request.period);
-        let decided = decide(&request.limits, &current, &request.cost, request.mode);
-        if let Decision::Admit { applied, .. } = &decided.decision {
-            state.add(hash, &request.org, &request.period, applied);
-        }
-        Ok(decided)
+        self.reserve_now(request)
+    }
+
+    fn reserve_at_once(&self, request: &ReserveRequest) -> Option<Result<Decided, StoreError>> {
+        Some(self.reserve_now(request))
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
