@@ -42,7 +42,8 @@
 //! per-org policy), [`catalog`] (the runtime orgs and keys, cached from the
 //! store for identify and meter), [`error`] (every gateway-made answer and its JSON
 //! envelope), [`metrics`], [`silence`] (the idle timer of request and
-//! response bodies), [`app`] (wiring a config into a server) and [`demo`].
+//! response bodies), [`deadline`] (one coarse clock for every upstream
+//! timeout of a worker), [`app`] (wiring a config into a server) and [`demo`].
 
 #![forbid(unsafe_code)]
 
@@ -51,6 +52,7 @@ pub mod admin;
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod forward;

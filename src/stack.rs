@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,16 +14,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::metrics::histogram::Histogram;
-use tower::util::{BoxCloneSyncService, Either};
 use tower::{Service, ServiceBuilder};
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::map_response_body::MapResponseBodyLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use arc_swap::ArcSwap;
 
-use crate::accept::{ClientAddr, HttpService, client_body};
+use crate::accept::{ClientAddr, HttpFuture, HttpService, client_body};
 use crate::config::Config;
 use crate::error::{GatewayError, RateLimitHeaders};
 use crate::forward::{self, Forwarder};
@@ -43,14 +42,10 @@ pub const SHADOW_EXCEEDED: HeaderName = HeaderName::from_static("x-tollgate-shad
 /// Wraps the gateway in its layers, outermost first. None of them depends
 /// on the config, so a reload rebuilds only the gateway's steps.
 pub fn build(gateway: Gateway) -> HttpService {
-    // A panic becomes the gateway's 500 envelope rather than a dropped
+    // Innermost, the gateway catches its own panics (see [`Caught`]): a
+    // panic becomes the gateway's 500 envelope rather than a dropped
     // connection (and a reservation it held stands, as for a client gone).
-    let caught = ServiceBuilder::new()
-        .layer(MapResponseBodyLayer::new(boxed))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            GatewayError::Internal.into_response()
-        }))
-        .service(gateway);
+    //
     // Tracing sits outside everything that can fail, so every answer,
     // including a caught panic, is traced with its status and latency.
     // Failures (5xx) are traced at debug like the rest: the steps that fail
@@ -59,21 +54,27 @@ pub fn build(gateway: Gateway) -> HttpService {
     // takes nothing of it (the default `info`): it reads the clock twice a
     // request and builds a span, some 500 instructions (callgrind) for
     // nothing.
-    let traced = if tracing::enabled!(target: "tower_http::trace::on_response", Level::DEBUG) {
-        Either::Left(
-            ServiceBuilder::new()
-                .layer(MapResponseBodyLayer::new(boxed))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-                )
-                .service(caught),
-        )
-    } else {
-        Either::Right(caught)
-    };
-    // Each branch leaves with the one body type of the stack.
-    BoxCloneSyncService::new(traced)
+    if !tracing::enabled!(target: "tower_http::trace::on_response", Level::DEBUG) {
+        return HttpService::new(move |request, client| gateway.answer(request, Some(client)));
+    }
+    let traced = ServiceBuilder::new()
+        // It leaves with the one body type of the stack.
+        .layer(MapResponseBodyLayer::new(boxed))
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .service(gateway);
+    HttpService::new(move |mut request, client| {
+        // A tower service takes the request alone: here the client's
+        // address rides in its extensions, for the gateway to take out.
+        request.extensions_mut().insert(client);
+        // Every layer is ready whenever the gateway is, which is always.
+        let answered = traced.clone().call(request);
+        Box::pin(async move {
+            match answered.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
+    })
 }
 
 /// Marks the credential headers sensitive, before anything can log them,
@@ -231,9 +232,9 @@ impl Steps {
     async fn handle<'s>(
         &'s self,
         mut request: Request<Body>,
+        client: Option<ClientAddr>,
         trail: &mut Trail<'s>,
     ) -> Result<Response<Body>, GatewayError> {
-        let client = request.extensions_mut().remove::<ClientAddr>();
         // First, so that no header the client names in `Connection` can take
         // away one the gateway sets later: the org header, X-Forwarded-*, an
         // upstream's `headers`.
@@ -364,40 +365,117 @@ impl<'s> Trail<'s> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The gateway's answer, or its 500 envelope if the steps panic. In
+    /// place of tower-http's `CatchPanicLayer`, which boxes the response
+    /// body once more (and the stack then a second time, for its body
+    /// type), and its future: three allocations and two layers of every
+    /// body poll, counted in with `HttpService`'s figure.
+    pub struct Caught<F> {
+        #[pin]
+        future: F,
+        panicked: bool,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Caught<F> {
+    type Output = Response<Body>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let this = self.project();
+        if *this.panicked {
+            return Poll::Ready(GatewayError::Internal.into_response());
+        }
+        let future = this.future;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(polled) => polled,
+            Err(_panic) => {
+                // What the panic left is not polled again.
+                *this.panicked = true;
+                Poll::Ready(GatewayError::Internal.into_response())
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// The answer to `request` from `client`, its panics caught.
+    pub fn answer(&self, request: Request<Incoming>, client: Option<ClientAddr>) -> HttpFuture {
+        let Ok(steps) = std::panic::catch_unwind(AssertUnwindSafe(|| self.steps())) else {
+            return Box::pin(std::future::ready(GatewayError::Internal.into_response()));
+        };
+        Box::pin(Caught {
+            future: steps.answer_from(request, client),
+            panicked: false,
+        })
+    }
+}
+
+impl Steps {
+    async fn answer_from(
+        self: Arc<Steps>,
+        request: Request<Incoming>,
+        client: Option<ClientAddr>,
+    ) -> Response<Body> {
+        // The customers' page is no route: it is neither counted nor
+        // metered, and costs the proxy's requests this one compare.
+        if let Some(page) = &self.usage_page
+            && page.serves(request.uri().path())
+        {
+            return page.answer(&request).await;
+        }
+        let mut request = request;
+        mark_credentials_sensitive(request.headers_mut());
+        // The steps see one request body type: the client's, boxed.
+        let body_read_timeout = self.config.server.body_read_timeout;
+        let request = request.map(|body| client_body(body, body_read_timeout));
+        let mut trail = Trail::new();
+        let answered = self.handle(request, client, &mut trail).await;
+        self.answer(answered, &trail)
+    }
+}
+
+/// The gateway under tower layers (tracing), the client's address in the
+/// request's extensions.
 impl Service<Request<Incoming>> for Gateway {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = futures_util::future::Map<
+        HttpFuture,
+        fn(Response<Body>) -> Result<Response<Body>, Infallible>,
+    >;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let steps = self.steps();
-        Box::pin(async move {
-            // The customers' page is no route: it is neither counted nor
-            // metered, and costs the proxy's requests this one compare.
-            if let Some(page) = &steps.usage_page
-                && page.serves(request.uri().path())
-            {
-                return Ok(page.answer(&request).await);
-            }
-            let mut request = request;
-            mark_credentials_sensitive(request.headers_mut());
-            // The steps see one request body type: the client's, boxed.
-            let body_read_timeout = steps.config.server.body_read_timeout;
-            let request = request.map(|body| client_body(body, body_read_timeout));
-            let mut trail = Trail::new();
-            let answered = steps.handle(request, &mut trail).await;
-            Ok(steps.answer(answered, &trail))
-        })
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let client = request.extensions_mut().remove::<ClientAddr>();
+        futures_util::FutureExt::map(self.answer(request, client), Ok)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_the_steps_is_answered_with_the_500_envelope() {
+        let panicking = Caught {
+            future: async {
+                let step = || -> Response<Body> { panic!("a step that panics") };
+                step()
+            },
+            panicked: false,
+        };
+        let response = panicking.await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"code\":\"INTERNAL_ERROR\""),
+            "{body:?}"
+        );
+    }
 
     #[test]
     fn every_credential_value_is_marked_sensitive_and_nothing_else() {

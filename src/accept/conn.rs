@@ -14,8 +14,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -24,10 +25,8 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
-use tower::util::Oneshot;
 
-use super::{ClientAddr, HttpService};
+use super::{ClientAddr, HttpFuture, HttpService};
 use crate::Body;
 
 /// What one connection is doing; its clones are handed to its requests.
@@ -184,10 +183,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Error = Infallible;
     type Future = Answering;
 
-    fn call(&self, mut request: Request<Incoming>) -> Answering {
-        request.extensions_mut().insert(self.client.clone());
+    fn call(&self, request: Request<Incoming>) -> Answering {
         Answering {
-            answer: self.service.clone().oneshot(request),
+            answer: self.service.call(request, self.client.clone()),
             in_flight: Some(self.activity.begin()),
         }
     }
@@ -195,7 +193,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
 
 /// A request on its way to its answer.
 pub struct Answering {
-    answer: Oneshot<HttpService, Request<Incoming>>,
+    answer: HttpFuture,
     in_flight: Option<InFlight>,
 }
 
@@ -203,7 +201,7 @@ impl Future for Answering {
     type Output = Result<Response<Answer<Body>>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = ready!(Pin::new(&mut self.answer).poll(cx))?;
+        let response = ready!(self.answer.as_mut().poll(cx));
         // Not polled again once ready; if it were, it would wait forever
         // rather than panic.
         let Some(in_flight) = self.in_flight.take() else {
@@ -236,10 +234,24 @@ where
     C: Future<Output = Result<(), E>>,
 {
     let mut connection = std::pin::pin!(connection);
-    let closing = tokio::select! {
-        ended = connection.as_mut() => return ended,
-        () = activity.idle_too_long(limits) => Closing::Idle,
-        () = shutdown.cancelled() => Closing::Shutdown,
+    let watch = std::pin::pin!(async {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Closing::Shutdown,
+            () = activity.idle_too_long(limits) => Closing::Idle,
+        }
+    });
+    let mut watch = Watched::new(watch);
+    let closing = std::future::poll_fn(|cx| {
+        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Err(ended));
+        }
+        watch.poll(cx).map(Ok)
+    })
+    .await;
+    let closing = match closing {
+        Ok(closing) => closing,
+        Err(ended) => return ended,
     };
     close(connection.as_mut());
     match closing {
@@ -247,6 +259,69 @@ where
             .await
             .unwrap_or(Ok(())),
         Closing::Shutdown => connection.await,
+    }
+}
+
+/// A future polled only once something it waits on has woken it, not at
+/// every wake-up of the task it shares: the connection's watches (the idle
+/// timer, the shutdown) were polled at each of the several a request
+/// makes, some 900 instructions a request (callgrind).
+struct Watched<F> {
+    future: F,
+    woken: Arc<Woken>,
+    waker: Waker,
+}
+
+/// Whether the watched future has been woken since it was last polled, and
+/// the task to wake with it.
+struct Woken {
+    flag: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = &*task {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future + Unpin> Watched<F> {
+    fn new(future: F) -> Watched<F> {
+        let woken = Arc::new(Woken {
+            // The first poll starts what it waits on.
+            flag: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        Watched {
+            future,
+            waker: Waker::from(woken.clone()),
+            woken,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if !self.woken.flag.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        {
+            let mut task = self
+                .woken
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        Pin::new(&mut self.future).poll(&mut Context::from_waker(&self.waker))
     }
 }
 
@@ -265,6 +340,27 @@ mod tests {
         tokio::time::advance(advance).await;
         let idle = activity.idle_too_long(LIMITS);
         tokio::time::timeout(Duration::ZERO, idle).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_watched_future_is_polled_again_only_once_it_has_been_woken() {
+        let polls = std::sync::atomic::AtomicUsize::new(0);
+        let notify = Arc::new(Notify::new());
+        let woken = notify.clone();
+        let counted = std::pin::pin!(async {
+            polls.fetch_add(1, Ordering::Relaxed);
+            woken.notified().await;
+            polls.fetch_add(1, Ordering::Relaxed);
+        });
+        let mut watched = Watched::new(counted);
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..3 {
+            assert!(watched.poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        notify.notify_one();
+        assert!(watched.poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::llm::CompletionBound;
 use crate::llm::estimate::EstimateRules;
-use crate::org::{OrgDirectory, OrgId, OrgPolicy};
+use crate::org::{KnownOrgs, OrgDirectory, OrgId, OrgPolicy};
 use crate::quota::{Amounts, Dimension, Limits, MAX_AMOUNT, Mode};
 use crate::route::{AmbiguousPaths, Cost, PathCase, PathRules, Route};
 use crate::store::OnStoreError;
@@ -1413,7 +1413,7 @@ fn validate_orgs(c: &mut Checker<'_>, raw: &RawConfig, mode: Mode) -> OrgDirecto
         limits: default_limits,
     });
 
-    let mut known = HashMap::new();
+    let mut known = KnownOrgs::default();
     for (id, org) in &raw.orgs {
         let path = KeyPath::default().key("orgs").key(id);
         let org_id = c.org_id(&path, id);

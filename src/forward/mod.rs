@@ -10,6 +10,7 @@
 //! client sent; one without keeps the client's, for the backend's own auth.
 //! Bodies stream both ways.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,6 +34,7 @@ mod upload;
 use self::pool::{Http1Pool, Lease};
 use crate::accept::{ClientAddr, ClientFault};
 use crate::config::Upstream;
+use crate::deadline::Deadlines;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::silence::SilenceTimer;
@@ -73,6 +75,8 @@ enum Connections {
 
 pub struct Forwarder {
     upstreams: Vec<(Upstream, Connections)>,
+    /// `upstream_timeout`, for the requests that have no body to send.
+    deadlines: Deadlines,
     timeout: Duration,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -101,6 +105,7 @@ impl Forwarder {
             .collect::<Result<_, rustls::Error>>()?;
         Ok(Forwarder {
             upstreams,
+            deadlines: Deadlines::new(timeout),
             timeout,
             idle_timeout,
             metrics,
@@ -156,11 +161,16 @@ impl Forwarder {
         request: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<Lease>), GatewayError> {
         // A request without a body has nothing to wait on but the upstream.
+        // Its deadline is the worker's shared coarse one (see `deadline`).
         if request.body().is_end_stream() {
-            return tokio::time::timeout(self.timeout, send_on(connections, request))
-                .await
-                .unwrap_or_else(|_| Err(SendError::TimedOut))
-                .map_err(|error| self.failed(upstream, error, None));
+            let mut sending = std::pin::pin!(send_on(connections, request));
+            let mut deadline = self.deadlines.start();
+            let sent = std::future::poll_fn(|cx| match sending.as_mut().poll(cx) {
+                Poll::Ready(sent) => Poll::Ready(sent),
+                Poll::Pending => deadline.poll_expired(cx).map(|()| Err(SendError::TimedOut)),
+            })
+            .await;
+            return sent.map_err(|error| self.failed(upstream, error, None));
         }
         let (parts, body) = request.into_parts();
         let (body, mut clock) = upload::start(body, self.timeout);

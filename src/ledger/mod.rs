@@ -32,6 +32,14 @@ use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreE
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decided, StoreError>> + Send>>;
 
+/// A reservation's store call: under way, or answered as it was made
+/// (the memory store's), which spares a request two boxed futures, one of
+/// them `async_trait`'s.
+enum Call {
+    Waiting(StoreCall),
+    Decided(Result<Decided, StoreError>),
+}
+
 /// Where reservations are kept and settled: the store, how long one call to
 /// it may take, the metrics, the settlements still running in the
 /// background (shutdown waits for those, so none is cut off midway), and
@@ -79,7 +87,7 @@ impl Ticket {
 /// is then finished in the background and whatever it applied is refunded,
 /// so a reservation no request went on with is never left counted.
 pub struct PendingReservation {
-    call: Option<StoreCall>,
+    call: Option<Call>,
     ticket: Ticket,
     cost: Amounts,
 }
@@ -100,8 +108,18 @@ impl PendingReservation {
             route,
         };
         let cost = request.cost;
-        let store = ledger.store.clone();
-        let call: StoreCall = Box::pin(async move { store.reserve(&request).await });
+        let started = tokio::time::Instant::now();
+        let call = match ledger.store.reserve_at_once(&request) {
+            Some(decided) => {
+                let elapsed = started.elapsed();
+                ledger.metrics.observe_store(StoreOp::Reserve, elapsed);
+                Call::Decided(decided)
+            }
+            None => {
+                let store = ledger.store.clone();
+                Call::Waiting(Box::pin(async move { store.reserve(&request).await }))
+            }
+        };
         PendingReservation {
             call: Some(call),
             ticket,
@@ -112,7 +130,12 @@ impl PendingReservation {
     /// The store's decision, with the counters it left, or
     /// [`StoreError::Timeout`] after the store timeout.
     pub async fn decision(&mut self) -> Result<Decided, StoreError> {
-        let Some(call) = self.call.as_mut() else {
+        if matches!(self.call, Some(Call::Decided(_)))
+            && let Some(Call::Decided(decided)) = self.call.take()
+        {
+            return decided;
+        }
+        let Some(Call::Waiting(call)) = self.call.as_mut() else {
             return Err(StoreError::Backend(
                 "the reservation was already decided".into(),
             ));
@@ -169,6 +192,20 @@ impl Drop for PendingReservation {
             return;
         };
         let ticket = self.ticket.clone();
+        let call = match call {
+            Call::Waiting(call) => call,
+            Call::Decided(decided) => {
+                // Decided at once but never read: applied all the same.
+                if let Ok(Decided {
+                    decision: Decision::Admit { applied, .. },
+                    ..
+                }) = decided
+                {
+                    ticket.admitted(applied, None).refund();
+                }
+                return;
+            }
+        };
         let settling = ticket.ledger.settling.clone();
         settling.spawn_on(async move {
             if let Ok(Decided {
@@ -280,5 +317,71 @@ impl Drop for Reservation {
                 .outbox
                 .follow(charge, self.ticket.settlement(Amounts::ZERO));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::{Limits, Mode};
+    use crate::store::MemoryStore;
+
+    fn ledger(store: Arc<MemoryStore>) -> Ledger {
+        let metrics = Arc::new(Metrics::new());
+        Ledger {
+            store,
+            store_timeout: Duration::from_secs(1),
+            metrics: metrics.clone(),
+            settling: TaskTracker::new(),
+            outbox: Arc::new(Outbox::new(16, Duration::from_secs(1), metrics)),
+        }
+    }
+
+    fn one_run(org: &OrgId, period: Period) -> ReserveRequest {
+        ReserveRequest {
+            id: ReservationId::next(),
+            org: org.clone(),
+            period,
+            limits: Limits::UNLIMITED.with(Dimension::PlaybookRuns, 5),
+            cost: Amounts::ZERO.with(Dimension::PlaybookRuns, 1),
+            mode: Mode::Enforce,
+        }
+    }
+
+    async fn runs(store: &MemoryStore, org: &OrgId, period: Period) -> i64 {
+        let usage = store.usage(org, period).await.unwrap();
+        usage.get(Dimension::PlaybookRuns)
+    }
+
+    #[tokio::test]
+    async fn a_store_that_answers_at_once_is_read_without_waiting() {
+        let store = Arc::new(MemoryStore::new());
+        let ledger = ledger(store.clone());
+        let org = OrgId::parse("org_at_once").unwrap();
+        let period = Period::containing(chrono::Utc::now(), 1);
+        let mut pending =
+            PendingReservation::start(&ledger, one_run(&org, period), RouteMetrics::default());
+        assert!(matches!(pending.call, Some(Call::Decided(_))));
+        let decided = pending.decision().await.unwrap();
+        assert!(matches!(decided.decision, Decision::Admit { .. }));
+        pending
+            .admitted(Amounts::ZERO.with(Dimension::PlaybookRuns, 1))
+            .stand();
+        assert_eq!(runs(&store, &org, period).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_answered_at_once_but_never_read_is_given_back() {
+        let store = Arc::new(MemoryStore::new());
+        let ledger = ledger(store.clone());
+        let org = OrgId::parse("org_dropped").unwrap();
+        let period = Period::containing(chrono::Utc::now(), 1);
+        let pending =
+            PendingReservation::start(&ledger, one_run(&org, period), RouteMetrics::default());
+        assert_eq!(runs(&store, &org, period).await, 1);
+        drop(pending);
+        ledger.settling.close();
+        ledger.settling.wait().await;
+        assert_eq!(runs(&store, &org, period).await, 0);
     }
 }

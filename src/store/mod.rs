@@ -209,6 +209,13 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// call, from the same atomic step (see [`Decided`]).
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError>;
 
+    /// [`QuotaStore::reserve`]'s answer where the store has it without
+    /// waiting (the memory store always does), so that the ledger boxes no
+    /// future for it; `None` to go through `reserve`.
+    fn reserve_at_once(&self, _request: &ReserveRequest) -> Option<Result<Decided, StoreError>> {
+        None
+    }
+
     /// Applies a settlement's correction, once: repeating the same
     /// settlement (a clone of it, as a retry sends) changes nothing, and
     /// neither does a second settlement of the same reservation made in

@@ -275,3 +275,42 @@ async fn a_route_can_name_the_upstream_statuses_that_refund() {
         1
     );
 }
+
+#[tokio::test]
+async fn an_unmetered_request_to_an_upstream_that_never_answers_is_cut_at_its_timeout() {
+    let upstream = Upstream::start().await;
+    let config = config_with(|c| {
+        c.replace(
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"400ms\"",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
+
+    // Two at once: the second waits on the clock the first started.
+    let held = |path: &'static str| {
+        let url = gateway.url(path);
+        async move {
+            let started = std::time::Instant::now();
+            let response = client()
+                .get(url)
+                .header("x-test-hold", "1")
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            (response, started.elapsed())
+        }
+    };
+    let ((first, first_took), (second, second_took)) =
+        tokio::join!(held("/api/v1/held/a"), held("/api/v1/held/b"));
+
+    for (response, took) in [(first, first_took), (second, second_took)] {
+        // Never before its limit; within a few seconds even on a loaded
+        // machine.
+        assert!(took >= Duration::from_millis(400), "cut after {took:?}");
+        assert!(took < Duration::from_secs(5), "cut after {took:?}");
+        envelope(response, 504, "GATEWAY_TIMEOUT").await;
+    }
+    upstream.release();
+}
