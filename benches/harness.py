@@ -206,7 +206,7 @@ wrk.body = [[{body}]]
 
 # Each tollgate case and the peer case that does the same work: its "÷ peer"
 # figures are tollgate's divided by that peer's.
-PEER_OF = {3: 13, 4: 11, 5: 14, 7: 12, 16: 15}
+PEER_OF = {3: 13, 4: 11, 5: 14, 7: 12, 16: 15, 18: 12}
 
 
 def chat_body():
@@ -667,9 +667,10 @@ def main():
         cases += [("16. tollgate, estimate 1 KB chat + usage, redis", "redis_gw", "/v1/chat/completions", "chat_1k")]
         cases += [(f"17. tollgate, fixed cost, API key, {GROWN_ROUTES:,} routes before the hit and {GROWN_KEYS:,} file "
                    "keys, redis", "keys_grown", "/run", "file_key")]
+        cases += [("18. tollgate, 402 path (all denied), memory store", "memory", "/run", "broke")]
         # BENCH_CASES=2,5 runs a subset while working on one path; nginx (2)
         # always runs, as every ratio is taken against it.
-        wanted = {int(n) for n in os.environ.get("BENCH_CASES", ",".join(str(n) for n in range(1, 18))).split(",")}
+        wanted = {int(n) for n in os.environ.get("BENCH_CASES", ",".join(str(n) for n in range(1, 19))).split(",")}
         wanted |= {2}
         # Every case runs once per round, rounds one after another, and each
         # figure reported is the median over the rounds: on a shared machine
