@@ -116,45 +116,35 @@ impl<'a> Scanner<'a> {
         mut member: impl FnMut(&mut Self, Text<'a>) -> Option<()>,
     ) -> Option<usize> {
         self.eat(b'{')?;
-        self.nest()?;
-        self.space();
-        let mut count = 0;
-        if self.eat(b'}').is_none() {
-            loop {
-                self.eat(b'"')?;
-                let key = self.string()?;
-                self.space();
-                self.eat(b':')?;
-                self.space();
-                member(self, key)?;
-                count += 1;
-                self.space();
-                match self.peek()? {
-                    b',' => {
-                        self.at += 1;
-                        self.space();
-                    }
-                    b'}' => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        self.depth -= 1;
-        Some(count)
+        self.listed(b'}', |s| {
+            s.eat(b'"')?;
+            let key = s.string()?;
+            s.space();
+            s.eat(b':')?;
+            s.space();
+            member(s, key)
+        })
     }
 
     /// The items of the array here, each left to `item`.
-    fn items(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
+    fn items(&mut self, item: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
         self.eat(b'[')?;
+        self.listed(b']', item)
+    }
+
+    /// After an opening bracket: entries, each read by `entry`, separated
+    /// by commas up to `close`; how many there were.
+    fn listed(
+        &mut self,
+        close: u8,
+        mut entry: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<usize> {
         self.nest()?;
         self.space();
         let mut count = 0;
-        if self.eat(b']').is_none() {
+        if self.eat(close).is_none() {
             loop {
-                item(self)?;
+                entry(self)?;
                 count += 1;
                 self.space();
                 match self.peek()? {
@@ -162,7 +152,7 @@ impl<'a> Scanner<'a> {
                         self.at += 1;
                         self.space();
                     }
-                    b']' => {
+                    byte if byte == close => {
                         self.at += 1;
                         break;
                     }
