@@ -721,6 +721,7 @@ mod tests {
 
     mod properties {
         use super::*;
+        use crate::llm::scan::arbitrary;
         use proptest::prelude::*;
 
         /// A message whose text sits in one of the places a provider reads.
@@ -746,124 +747,40 @@ mod tests {
             })
         }
 
-        /// A JSON value, written out as text by [`write`]: members may repeat,
-        /// strings may be written with escapes, numbers in any form.
-        #[derive(Clone, Debug)]
-        enum Node {
-            Null,
-            Bool(bool),
-            Number(String),
-            Text(String, bool),
-            List(Vec<Node>),
-            Object(Vec<(String, Node)>),
-        }
-
-        fn key() -> impl Strategy<Value = String> {
-            prop_oneof![
-                4 => proptest::sample::select(vec![
-                    "model", "messages", "system", "prompt", "input", "instructions", "content",
-                    "text", "type", "role", "name", "id", "tools", "functions", "tool_choice",
-                    "response_format", "prediction", "max_tokens", "max_completion_tokens",
-                    "max_output_tokens", "n", "best_of", "stream", "stream_options",
-                    "include_usage", "metadata", "temperature", "cache_control", "source", "data",
-                ]).prop_map(str::to_owned),
-                1 => "[a-z_\"\\\\\\x00-\\x1f\u{e9}\u{1F600}]{0,6}",
-            ]
-        }
-
-        fn text() -> impl Strategy<Value = String> {
-            prop_oneof![
-                proptest::sample::select(vec![
-                    "image",
-                    "image_url",
-                    "input_image",
-                    "text",
-                    "tool_use"
-                ])
-                .prop_map(str::to_owned),
-                "[a-z \"\\\\\\x00-\\x1f\u{e9}\u{7f}\u{1F600}]{0,12}",
-            ]
-        }
-
-        fn number() -> impl Strategy<Value = String> {
-            prop_oneof![
-                3 => (-3i64..5000).prop_map(|n| n.to_string()),
-                1 => any::<u64>().prop_map(|n| n.to_string()),
-                1 => "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?",
-            ]
-        }
-
-        fn node() -> impl Strategy<Value = Node> {
-            let leaf = prop_oneof![
-                Just(Node::Null),
-                any::<bool>().prop_map(Node::Bool),
-                number().prop_map(Node::Number),
-                (text(), proptest::bool::weighted(0.2))
-                    .prop_map(|(text, escaped)| Node::Text(text, escaped)),
-            ];
-            leaf.prop_recursive(5, 48, 6, |inner| {
-                prop_oneof![
-                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Node::List),
-                    proptest::collection::vec((key(), inner), 0..6).prop_map(Node::Object),
-                ]
-            })
-        }
-
         /// A body: mostly an object, of keys the estimate knows.
         fn body() -> impl Strategy<Value = Vec<u8>> {
-            let object = proptest::collection::vec((key(), node()), 0..10).prop_map(Node::Object);
-            (prop_oneof![9 => object, 1 => node()], any::<bool>()).prop_map(|(node, spaced)| {
-                let mut out = String::new();
-                write(&node, spaced, &mut out);
-                out.into_bytes()
-            })
-        }
-
-        fn write_text(text: &str, escaped: bool, out: &mut String) {
-            if !escaped {
-                out.push_str(&serde_json::to_string(text).unwrap());
-                return;
-            }
-            out.push('"');
-            for unit in text.encode_utf16() {
-                out.push_str(&format!("\\u{unit:04x}"));
-            }
-            out.push('"');
-        }
-
-        fn write(node: &Node, spaced: bool, out: &mut String) {
-            let gap = if spaced { " \n" } else { "" };
-            match node {
-                Node::Null => out.push_str("null"),
-                Node::Bool(value) => out.push_str(&value.to_string()),
-                Node::Number(number) => out.push_str(number),
-                Node::Text(text, escaped) => write_text(text, *escaped, out),
-                Node::List(items) => {
-                    out.push('[');
-                    for (i, item) in items.iter().enumerate() {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        out.push_str(gap);
-                        write(item, spaced, out);
-                    }
-                    out.push(']');
-                }
-                Node::Object(members) => {
-                    out.push('{');
-                    for (i, (key, value)) in members.iter().enumerate() {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        // Some keys with escapes, where the hand-written pass gives up.
-                        write_text(key, spaced && key.len() % 4 == 1, out);
-                        out.push(':');
-                        out.push_str(gap);
-                        write(value, spaced, out);
-                    }
-                    out.push('}');
-                }
-            }
+            arbitrary::body(vec![
+                "model",
+                "messages",
+                "system",
+                "prompt",
+                "input",
+                "instructions",
+                "content",
+                "text",
+                "type",
+                "role",
+                "name",
+                "id",
+                "tools",
+                "functions",
+                "tool_choice",
+                "response_format",
+                "prediction",
+                "max_tokens",
+                "max_completion_tokens",
+                "max_output_tokens",
+                "n",
+                "best_of",
+                "stream",
+                "stream_options",
+                "include_usage",
+                "metadata",
+                "temperature",
+                "cache_control",
+                "source",
+                "data",
+            ])
         }
 
         fn api() -> impl Strategy<Value = Api> {
@@ -899,16 +816,9 @@ mod tests {
                 api in api(),
                 at in any::<prop::sample::Index>(),
                 how in 0..3u8,
-                byte in proptest::sample::select(b"{}[],:\"\\ 0-e.xn\xff".to_vec()),
+                byte in arbitrary::byte(),
             ) {
-                let mut body = body;
-                let at = at.index(body.len() + 1);
-                match how {
-                    0 => body.truncate(at),
-                    1 => body.insert(at, byte),
-                    _ if at < body.len() => body[at] = byte,
-                    _ => body.push(byte),
-                }
+                let body = arbitrary::broken(body, at, how, byte);
                 let (scanned, tree) = (scan(api, &body, &RULES), by_tree(api, &body));
                 prop_assert_eq!(&scanned, &tree, "{}", String::from_utf8_lossy(&body));
                 if let Some(fast) = fast::read(&body, RULES.image_tokens) {

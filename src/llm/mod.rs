@@ -11,6 +11,11 @@
 //!   (`stream_options.include_usage`, the completion bound); a body it
 //!   writes nothing into goes on as the bytes it arrived as.
 //!
+//! Both sides:
+//! - [`scan`]: a pass over JSON bytes written by hand, which builds no
+//!   tree, for the bodies clients send and the answers providers give; on
+//!   anything it is not sure of, serde_json reads the body.
+//!
 //! Response side:
 //! - [`usage`]: the tokens a JSON answer or a stream's events report, and
 //!   when a stream's report is final;
@@ -30,6 +35,7 @@
 pub mod estimate;
 pub mod json;
 pub mod request;
+mod scan;
 pub mod sse;
 pub mod usage;
 
