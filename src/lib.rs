@@ -41,7 +41,8 @@
 //! meter, the response side for settle), [`config`] (two-stage loading), [`org`] (plans and
 //! per-org policy), [`catalog`] (the runtime orgs and keys, cached from the
 //! store for identify and meter), [`error`] (every gateway-made answer and its JSON
-//! envelope), [`metrics`], [`silence`] (the idle timer of request and
+//! envelope), [`metrics`], [`gathered`] (a body read whole, kept as its one
+//! frame when it comes in one), [`silence`] (the idle timer of request and
 //! response bodies), [`deadline`] (one coarse clock for every upstream
 //! timeout of a worker), [`app`] (wiring a config into a server) and [`demo`].
 
@@ -56,6 +57,7 @@ pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod gathered;
 pub mod identify;
 pub mod ledger;
 pub mod live;

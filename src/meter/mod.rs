@@ -18,15 +18,15 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::Request;
 use http_body::Body as _;
-use http_body_util::{BodyExt, Collected, LengthLimitError, Limited};
-use std::future::Future;
 use std::pin::Pin;
+use std::task::{Poll, ready};
 
 use http::HeaderValue;
 
 use crate::accept::ClientFault;
 use crate::catalog::Catalog;
 use crate::error::{Denial, GatewayError, RateLimitHeaders};
+use crate::gathered::{Gathered, OverLimit};
 use crate::ledger::{Ledger, PendingReservation, Reservation};
 use crate::llm::estimate::{self, Estimate, EstimateError};
 use crate::llm::request::{self, StreamUsage};
@@ -37,7 +37,7 @@ use crate::period::{Period, PeriodCache};
 use crate::quota::{Amounts, Decided, Decision, Dimension, Exceeded, Mode};
 use crate::route::{Cost, Route};
 use crate::store::{OnStoreError, ReservationId, ReserveRequest, StoreError};
-use crate::{Body, BoxError, full_body};
+use crate::{Body, full_body};
 
 /// The source of "now" for billing periods; tests substitute their own.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -429,20 +429,32 @@ impl Meter {
         if declared.is_some_and(|length| length > self.max_body_bytes) {
             return Err(too_large);
         }
-        let (head, body) = request.into_parts();
+        let (head, mut body) = request.into_parts();
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        // Boxed with its Send bound spelled out: rustc cannot otherwise prove
-        // the enclosing future Send across `Limited`'s error conversion.
-        let collecting: Pin<Box<dyn Future<Output = Result<Collected<Bytes>, BoxError>> + Send>> =
-            Box::pin(Limited::new(body, limit).collect());
-        let collected = collecting.await.map_err(|error| {
-            if error.downcast_ref::<LengthLimitError>().is_some() {
-                return too_large;
+        let mut gathered = Gathered::default();
+        let read = std::future::poll_fn(|cx| {
+            while !body.is_end_stream() {
+                match ready!(Pin::new(&mut body).poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        // Trailers of a metered request are not forwarded.
+                        if let Ok(data) = frame.into_data() {
+                            gathered.push(data, limit).map_err(|OverLimit| None)?;
+                        }
+                    }
+                    Some(Err(error)) => return Poll::Ready(Err(Some(error))),
+                    None => break,
+                }
             }
+            Poll::Ready(Ok(()))
+        });
+        read.await.map_err(|error| {
+            let Some(error) = error else {
+                return too_large;
+            };
             let fault = ClientFault::of(&*error).unwrap_or(ClientFault::Unreadable);
             self.ledger.metrics.client_body_failed(fault);
             fault.into()
         })?;
-        Ok((head, collected.to_bytes()))
+        Ok((head, gathered.into_bytes()))
     }
 }

@@ -11,10 +11,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
+use crate::gathered::Gathered;
 use crate::ledger::Reservation;
 use crate::llm::Reading;
 use crate::llm::sse::{SseScanner, concat};
@@ -25,10 +26,8 @@ use crate::{Body, BoxError};
 const MAX_JSON_READ: usize = 4 << 20;
 
 enum Reader {
-    Json {
-        copy: BytesMut,
-        overflowed: bool,
-    },
+    /// `None` once the body is past `MAX_JSON_READ`.
+    Json(Option<Gathered>),
     Stream(SseScanner),
     /// A compressed body, which the gateway does not decode: passed on as it
     /// is, and its estimate stands.
@@ -67,10 +66,7 @@ impl UsageTap {
         } else if is_stream {
             Reader::Stream(SseScanner::new(reading.hide_requested_usage))
         } else {
-            Reader::Json {
-                copy: BytesMut::new(),
-                overflowed: false,
-            }
+            Reader::Json(Some(Gathered::default()))
         };
         UsageTap {
             inner: body,
@@ -88,12 +84,11 @@ impl UsageTap {
 
     fn feed(&mut self, data: Bytes) -> Bytes {
         match &mut self.reader {
-            Reader::Json { copy, overflowed } => {
-                if copy.len() + data.len() > MAX_JSON_READ {
-                    *overflowed = true;
-                    *copy = BytesMut::new();
-                } else if !*overflowed {
-                    copy.extend_from_slice(&data);
+            Reader::Json(read) => {
+                if let Some(gathered) = read
+                    && gathered.push(data.clone(), MAX_JSON_READ).is_err()
+                {
+                    *read = None;
                 }
                 data
             }
@@ -115,9 +110,10 @@ impl UsageTap {
     /// reported (the body's end closes a stream's report too).
     fn finish(&mut self) -> Bytes {
         let (rest, tokens) = match &mut self.reader {
-            Reader::Json { copy, overflowed } => (
+            Reader::Json(read) => (
                 Bytes::new(),
-                (!*overflowed).then(|| tokens_in_json(copy)).flatten(),
+                read.take()
+                    .and_then(|gathered| tokens_in_json(&gathered.into_bytes())),
             ),
             Reader::Stream(scanner) => (scanner.finish(), scanner.tally().and_then(Tally::so_far)),
             Reader::Blind => (Bytes::new(), None),
@@ -137,7 +133,7 @@ impl UsageTap {
     fn abandon(&mut self) {
         let so_far = match &self.reader {
             Reader::Stream(scanner) => scanner.tally().and_then(Tally::so_far),
-            Reader::Json { .. } | Reader::Blind => None,
+            Reader::Json(_) | Reader::Blind => None,
         };
         if let Some(reservation) = self.reservation.take() {
             match so_far {
@@ -213,7 +209,7 @@ impl HttpBody for UsageTap {
     fn size_hint(&self) -> SizeHint {
         match &self.reader {
             Reader::Stream(_) => SizeHint::default(),
-            Reader::Json { .. } | Reader::Blind => self.inner.size_hint(),
+            Reader::Json(_) | Reader::Blind => self.inner.size_hint(),
         }
     }
 }
