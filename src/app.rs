@@ -13,6 +13,7 @@ use crate::BoxError;
 use crate::accept::{HttpService, Tls};
 use crate::catalog::Catalog;
 use crate::config::{Backend, Config, Redacted};
+use crate::deadline::Deadlines;
 use crate::error::GatewayError;
 use crate::forward::Forwarder;
 use crate::identify::Identifier;
@@ -125,7 +126,7 @@ impl App {
         let meter = Meter {
             ledger: Ledger {
                 store,
-                store_timeout: config.store.timeout,
+                store_deadlines: Deadlines::new(config.store.timeout),
                 metrics: self.metrics.clone(),
                 settling: self.settling.clone(),
                 outbox: self.outbox.clone(),

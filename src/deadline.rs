@@ -1,5 +1,6 @@
 //! Deadlines of one length on one coarse clock: the timer of every request
-//! a worker has waiting on its upstreams.
+//! a worker has waiting on its upstreams, and of every call it has waiting
+//! on the store.
 //!
 //! A tokio `Sleep` per request costs its registration in the runtime's
 //! timer wheel and its removal when the upstream answers first, which it
@@ -28,7 +29,9 @@ const MIN_TICK: Duration = Duration::from_millis(1);
 /// Ticks to a limit, where the limit allows.
 const TICKS_PER_LIMIT: u32 = 20;
 
-/// Deadlines of `limit` from when each is first polled.
+/// Deadlines of `limit` from when each is first polled. A clone shares the
+/// clock.
+#[derive(Clone)]
 pub struct Deadlines {
     shared: Arc<Mutex<Wheel>>,
     tick: Duration,
@@ -70,6 +73,18 @@ impl Deadlines {
 
     pub fn limit(&self) -> Duration {
         self.limit
+    }
+
+    /// `future`'s output, or `None` if the limit passes first (from when
+    /// this is first polled).
+    pub async fn bound<F: Future>(&self, future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        let mut deadline = self.start();
+        std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Poll::Ready(Some(output)),
+            Poll::Pending => deadline.poll_expired(cx).map(|()| None),
+        })
+        .await
     }
 
     /// A deadline that starts when first polled.

@@ -43,8 +43,8 @@
 //! store for identify and meter), [`error`] (every gateway-made answer and its JSON
 //! envelope), [`metrics`], [`gathered`] (a body read whole, kept as its one
 //! frame when it comes in one), [`silence`] (the idle timer of request and
-//! response bodies), [`deadline`] (one coarse clock for every upstream
-//! timeout of a worker), [`app`] (wiring a config into a server) and [`demo`].
+//! response bodies), [`deadline`] (one coarse clock for each of a worker's
+//! upstream and store timeouts), [`app`] (wiring a config into a server) and [`demo`].
 
 #![forbid(unsafe_code)]
 

@@ -18,12 +18,12 @@ pub mod outbox;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
 pub use self::outbox::Outbox;
 use self::outbox::{ChargeKey, GiveUp};
+use crate::deadline::Deadlines;
 use crate::metrics::{Metrics, RouteMetrics, StoreOp};
 use crate::org::OrgId;
 use crate::period::Period;
@@ -47,7 +47,8 @@ enum Call {
 #[derive(Clone)]
 pub struct Ledger {
     pub store: Arc<dyn QuotaStore>,
-    pub store_timeout: Duration,
+    /// The store timeout, on the worker's coarse clock for it.
+    pub store_deadlines: Deadlines,
     pub metrics: Arc<Metrics>,
     pub settling: TaskTracker,
     pub outbox: Arc<Outbox>,
@@ -141,13 +142,12 @@ impl PendingReservation {
             ));
         };
         let ledger = &self.ticket.ledger;
-        // One clock read for both the deadline and the duration.
         let started = tokio::time::Instant::now();
-        let decided = tokio::time::timeout_at(started + ledger.store_timeout, call).await;
+        let decided = ledger.store_deadlines.bound(call).await;
         ledger
             .metrics
             .observe_store(StoreOp::Reserve, started.elapsed());
-        let decided = decided.map_err(|_| StoreError::Timeout)?;
+        let decided = decided.ok_or(StoreError::Timeout)?;
         self.call = None;
         decided
     }
@@ -287,16 +287,16 @@ fn send(ledger: Ledger, settlement: Settlement) {
     ledger.settling.clone().spawn(async move {
         let Ledger {
             store,
-            store_timeout,
+            store_deadlines,
             metrics,
             outbox,
             ..
         } = ledger;
-        let settling = tokio::time::timeout(store_timeout, store.settle(&settlement));
+        let settling = store_deadlines.bound(store.settle(&settlement));
         let error = match metrics.timed(StoreOp::Settle, settling).await {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error,
-            Err(_elapsed) => StoreError::Timeout,
+            Some(Ok(())) => return,
+            Some(Err(error)) => error,
+            None => StoreError::Timeout,
         };
         metrics.store_failed(StoreOp::Settle, &error);
         match error {
@@ -322,6 +322,8 @@ impl Drop for Reservation {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::quota::{Limits, Mode};
     use crate::store::MemoryStore;
@@ -330,7 +332,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         Ledger {
             store,
-            store_timeout: Duration::from_secs(1),
+            store_deadlines: Deadlines::new(Duration::from_secs(1)),
             metrics: metrics.clone(),
             settling: TaskTracker::new(),
             outbox: Arc::new(Outbox::new(16, Duration::from_secs(1), metrics)),
