@@ -22,6 +22,14 @@ const MAX_LENGTH_DIGITS: usize = 20;
 /// once the count of its items is known: `*` and up to 20 digits, `\r\n`.
 const HEADER_ROOM: usize = 23;
 
+/// "00" to "99", each pair of digits at twice its value.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+      0001020304050607080910111213141516171819\
+      2021222324252627282930313233343536373839\
+      4041424344454647484950515253545556575859\
+      6061626364656667686970717273747576777879\
+      8081828384858687888990919293949596979899";
+
 /// One command being written at the end of a buffer: bulk strings after
 /// room for the array header, which [`Command::finish`] writes once every
 /// item is in, so that the count is always the items written.
@@ -66,22 +74,56 @@ impl<'a> Command<'a> {
         self
     }
 
-    /// A bulk string of `value`'s decimal digits: at most 20, so their
-    /// count is one or two digits, written by hand.
+    /// A bulk string of `value`'s decimal digits. Most are one digit (a
+    /// count, a unit of cost): seven bytes of one shape. Any other is built
+    /// from its end in a buffer on the stack and copied in once: with
+    /// itoa, the nine integers of a reservation and its settlement cost
+    /// 1,200 instructions more (case 16, callgrind).
     pub fn int(&mut self, value: i64) -> &mut Self {
-        let mut digits = itoa::Buffer::new();
-        let digits = digits.format(value).as_bytes();
-        let count = digits.len() as u8;
-        self.out.reserve(digits.len() + 7);
-        self.out.push(b'$');
-        if count >= 10 {
-            self.out.push(b'0' + count / 10);
-        }
-        self.out.push(b'0' + count % 10);
-        self.out.extend_from_slice(b"\r\n");
-        self.out.extend_from_slice(digits);
-        self.out.extend_from_slice(b"\r\n");
         self.items += 1;
+        if let Ok(digit @ 0..=9) = u8::try_from(value) {
+            self.out
+                .extend_from_slice(&[b'$', b'1', b'\r', b'\n', b'0' + digit, b'\r', b'\n']);
+            return self;
+        }
+        // `$`, two digits of length, CRLF, a sign and 19 digits, CRLF.
+        let mut item = [b'\n'; 27];
+        let mut at = item.len() - 2;
+        item[at] = b'\r';
+        // Two digits a step, as itoa does.
+        let mut rest = value.unsigned_abs();
+        while rest >= 100 {
+            let pair = (rest % 100) as usize * 2;
+            rest /= 100;
+            at -= 2;
+            item[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        }
+        if rest >= 10 {
+            let pair = rest as usize * 2;
+            at -= 2;
+            item[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        } else {
+            at -= 1;
+            item[at] = b'0' + rest as u8;
+        }
+        if value < 0 {
+            at -= 1;
+            item[at] = b'-';
+        }
+        let length = (item.len() - 2 - at) as u8;
+        at -= 2;
+        item[at] = b'\r';
+        if length >= 10 {
+            at -= 2;
+            item[at] = b'0' + length / 10;
+            item[at + 1] = b'0' + length % 10;
+        } else {
+            at -= 1;
+            item[at] = b'0' + length;
+        }
+        at -= 1;
+        item[at] = b'$';
+        self.out.extend_from_slice(&item[at..]);
         self
     }
 
@@ -263,7 +305,9 @@ mod tests {
 
     #[test]
     fn integers_of_every_width_are_bulk_strings_of_their_digits() {
-        for value in [0, 9, -9, 1234567890, i64::MAX, i64::MIN] {
+        let powers = (0..19).map(|exponent| 10i64.pow(exponent));
+        let around = powers.flat_map(|power| [power - 1, power, power + 1, -power, 1 - power]);
+        for value in around.chain([0, -1, 1234567890, i64::MAX, i64::MIN]) {
             let text = value.to_string();
             let expected = format!("*1\r\n${}\r\n{text}\r\n", text.len());
             assert_eq!(
