@@ -46,13 +46,18 @@ impl Candidates {
     /// The positions of the routes that can match `path`, ascending.
     pub(super) fn of(&self, path: &str) -> &[u32] {
         let mut node = &self.root;
-        for segment in segments(path) {
+        // Split as bytes: `str::split` looks for each `/` with memchr, whose
+        // set-up costs more than a short segment's bytes (the route step
+        // went from 886 instructions a request to 797, callgrind). A str's
+        // order is its bytes'.
+        let path = path.strip_prefix('/').unwrap_or(path).as_bytes();
+        for segment in path.split(|&byte| byte == b'/') {
             if node.children.is_empty() {
                 break;
             }
             match node
                 .children
-                .binary_search_by(|(child, _)| child.as_ref().cmp(segment))
+                .binary_search_by(|(child, _)| child.as_bytes().cmp(segment))
             {
                 Ok(found) => node = &node.children[found].1,
                 Err(_) => break,
