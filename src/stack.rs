@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use crate::accept::{ClientAddr, HttpFuture, HttpService, client_body};
 use crate::config::Config;
 use crate::error::{GatewayError, RateLimitHeaders};
-use crate::forward::{self, Forwarder};
+use crate::forward::{self, Forwarder, Upload};
 use crate::identify::{Identifier, X_API_KEY};
 use crate::live::Live;
 use crate::meter::{Admitted, Meter};
@@ -249,7 +249,9 @@ impl Steps {
         let Some(cost) = &route.cost else {
             self.identifier
                 .pass_unmetered(request.headers_mut(), peer)?;
-            return self.forward(route, request, client, trail).await;
+            return self
+                .forward(route, request, Upload::FromClient, client, trail)
+                .await;
         };
 
         let org = self.identifier.identify(request.headers_mut(), peer)?;
@@ -258,7 +260,13 @@ impl Steps {
         }
         let admitted = self.meter.admit(route, cost, org, request).await?;
         trail.admitted(&admitted, self.observer.access_log);
-        let forwarded = self.forward(route, admitted.request, client, trail).await;
+        let upload = match admitted.body_in_hand {
+            true => Upload::InHand,
+            false => Upload::FromClient,
+        };
+        let forwarded = self
+            .forward(route, admitted.request, upload, client, trail)
+            .await;
 
         let mut response =
             settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
@@ -281,13 +289,14 @@ impl Steps {
         &self,
         route: &Route,
         request: Request<Body>,
+        upload: Upload,
         client: Option<ClientAddr>,
         trail: &mut Trail<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let started = Instant::now();
         let forwarded = self
             .forwarder
-            .forward(route.upstream, request, client)
+            .forward(route.upstream, request, upload, client)
             .await;
         if forwarded.is_ok() {
             let took = started.elapsed();

@@ -60,6 +60,9 @@ pub struct Meter {
 /// A metered request that may go on to the upstream.
 pub struct Admitted {
     pub request: Request<Body>,
+    /// The body was read whole, as every counted request's is: no part of
+    /// it waits on the client any more.
+    pub body_in_hand: bool,
     /// `None` when nothing was counted: mode `off`, or the store failed and
     /// `on_error = "allow"` let the request through. With `on_error =
     /// "defer"`, a deferred reservation.
@@ -81,6 +84,7 @@ impl Admitted {
     fn uncounted(request: Request<Body>) -> Admitted {
         Admitted {
             request,
+            body_in_hand: false,
             reservation: None,
             over: None,
             reading: None,
@@ -351,6 +355,7 @@ impl Meter {
                 let rate_limit = rate_limit(&counters);
                 Ok(Admitted {
                     request,
+                    body_in_hand: true,
                     reservation: Some(pending.admitted(applied)),
                     over,
                     reading,
@@ -390,6 +395,7 @@ impl Meter {
         let deferred = match route.on_store_error.unwrap_or(self.on_store_error) {
             OnStoreError::Allow => {
                 return Ok(Admitted {
+                    body_in_hand: true,
                     fail_open: true,
                     ..Admitted::uncounted(request)
                 });
@@ -404,6 +410,7 @@ impl Meter {
         };
         Ok(Admitted {
             request,
+            body_in_hand: true,
             reservation: Some(reservation),
             over: None,
             reading,

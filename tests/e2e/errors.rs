@@ -167,6 +167,40 @@ async fn an_upstream_that_does_not_answer_in_time_is_504_and_the_reservation_is_
 }
 
 #[tokio::test]
+async fn a_metered_body_read_whole_is_cut_at_the_upstream_timeout_and_refunded() {
+    let upstream = Upstream::start().await;
+    let config = config_with(|c| {
+        c.replace(
+            crate::support::UPSTREAM_TIMEOUT,
+            "upstream_timeout = \"400ms\"",
+        )
+    });
+    let gateway = Gateway::start(&config, &upstream).await;
+
+    let started = std::time::Instant::now();
+    let response = client()
+        .post(gateway.url("/api/v1/playbooks/pb_1/execute"))
+        .header("x-org-id", "org_slow_body")
+        .header("x-test-hold", "1")
+        .header("content-type", "application/json")
+        .body(r#"{"inputs":{"region":"emea"}}"#)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+
+    // Never before its limit; within a few seconds even on a loaded machine.
+    assert!(took >= Duration::from_millis(400), "cut after {took:?}");
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    envelope(response, 504, "GATEWAY_TIMEOUT").await;
+    gateway
+        .settles_at("org_slow_body", Dimension::PlaybookRuns, 0)
+        .await;
+    upstream.release();
+}
+
+#[tokio::test]
 async fn an_upstream_error_status_passes_through_and_refunds_the_reservation() {
     let upstream = Upstream::start().await;
     let gateway = Gateway::start(&config(), &upstream).await;
