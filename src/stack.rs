@@ -228,75 +228,84 @@ impl Gateway {
     }
 }
 
+// The steps below are not `async fn`s: those move each argument once
+// more, into a local of their future, and keep it there beside the
+// captured one (the future's layout does not overlap the two), so a
+// request was held and copied twice at every step. An `async move` block
+// uses what it captured in place.
 impl Steps {
-    async fn handle<'s>(
+    fn handle<'s>(
         &'s self,
         mut request: Request<Body>,
         client: Option<ClientAddr>,
         trail: &mut Trail<'s>,
-    ) -> Result<Response<Body>, GatewayError> {
-        // First, so that no header the client names in `Connection` can take
-        // away one the gateway sets later: the org header, X-Forwarded-*, an
-        // upstream's `headers`.
-        forward::remove_hop_by_hop(request.headers_mut());
-        let peer = client.as_ref().map(|c| c.ip);
-        let route = self
-            .router
-            .route(&mut request)?
-            .ok_or(GatewayError::NoRoute)?;
-        trail.route = Some(route);
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
+        async move {
+            // First, so that no header the client names in `Connection` can take
+            // away one the gateway sets later: the org header, X-Forwarded-*, an
+            // upstream's `headers`.
+            forward::remove_hop_by_hop(request.headers_mut());
+            let peer = client.as_ref().map(|c| c.ip);
+            let route = self
+                .router
+                .route(&mut request)?
+                .ok_or(GatewayError::NoRoute)?;
+            trail.route = Some(route);
 
-        let Some(cost) = &route.cost else {
-            self.identifier
-                .pass_unmetered(request.headers_mut(), peer)?;
-            return self.forward(route, request, client, trail).await;
-        };
+            let Some(cost) = &route.cost else {
+                self.identifier
+                    .pass_unmetered(request.headers_mut(), peer)?;
+                return self.forward(route, request, client, trail).await;
+            };
 
-        let org = self.identifier.identify(request.headers_mut(), peer)?;
-        if self.observer.access_log {
-            trail.org = Some(org.clone());
-        }
-        let admitted = self.meter.admit(route, cost, org, request).await?;
-        trail.admitted(&admitted, self.observer.access_log);
-        let forwarded = self.forward(route, admitted.request, client, trail).await;
+            let org = self.identifier.identify(request.headers_mut(), peer)?;
+            if self.observer.access_log {
+                trail.org = Some(org.clone());
+            }
+            let admitted = self.meter.admit(route, cost, org, request).await?;
+            trail.admitted(&admitted, self.observer.access_log);
+            let forwarded = self.forward(route, admitted.request, client, trail).await;
 
-        let mut response =
-            settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
-        // The gateway's quota replaces whatever an upstream sent by these names.
-        match admitted.rate_limit {
-            Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
-            None => RateLimitHeaders::clear(response.headers_mut()),
+            let mut response =
+                settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
+            // The gateway's quota replaces whatever an upstream sent by these names.
+            match admitted.rate_limit {
+                Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
+                None => RateLimitHeaders::clear(response.headers_mut()),
+            }
+            if let Some(over) = admitted.over {
+                response.headers_mut().insert(
+                    SHADOW_EXCEEDED,
+                    HeaderValue::from_static(over.dimension.as_str()),
+                );
+            }
+            Ok(response)
         }
-        if let Some(over) = admitted.over {
-            response.headers_mut().insert(
-                SHADOW_EXCEEDED,
-                HeaderValue::from_static(over.dimension.as_str()),
-            );
-        }
-        Ok(response)
     }
 
     /// Forwards `request`, timing the upstream to its response headers.
-    async fn forward(
+    fn forward(
         &self,
         route: &Route,
         request: Request<Body>,
         client: Option<ClientAddr>,
         trail: &mut Trail<'_>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let started = Instant::now();
-        let forwarded = self
-            .forwarder
-            .forward(route.upstream, request, client)
-            .await;
-        if forwarded.is_ok() {
-            let took = started.elapsed();
-            if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
-                histogram.observe(took.as_secs_f64());
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
+        async move {
+            let started = Instant::now();
+            let forwarded = self
+                .forwarder
+                .forward(route.upstream, request, client)
+                .await;
+            if forwarded.is_ok() {
+                let took = started.elapsed();
+                if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
+                    histogram.observe(took.as_secs_f64());
+                }
+                trail.upstream = Some(took);
             }
-            trail.upstream = Some(took);
+            forwarded
         }
-        forwarded
     }
 
     /// The answer for the client, counted (and logged) by its outcome: the
@@ -419,26 +428,32 @@ impl Gateway {
 }
 
 impl Steps {
-    async fn answer_from(
+    fn answer_from(
         self: Arc<Steps>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         client: Option<ClientAddr>,
-    ) -> Response<Body> {
-        // The customers' page is no route: it is neither counted nor
-        // metered, and costs the proxy's requests this one compare.
-        if let Some(page) = &self.usage_page
-            && page.serves(request.uri().path())
-        {
-            return page.answer(&request).await;
+    ) -> impl Future<Output = Response<Body>> {
+        async move {
+            // The customers' page is no route: it is neither counted nor
+            // metered, and costs the proxy's requests this one compare.
+            if let Some(page) = &self.usage_page
+                && page.serves(request.uri().path())
+            {
+                return page.answer(&request).await;
+            }
+            mark_credentials_sensitive(request.headers_mut());
+            // The steps see one request body type: the client's, boxed.
+            let body_read_timeout = self.config.server.body_read_timeout;
+            let mut trail = Trail::new();
+            let answered = self
+                .handle(
+                    request.map(|body| client_body(body, body_read_timeout)),
+                    client,
+                    &mut trail,
+                )
+                .await;
+            self.answer(answered, &trail)
         }
-        let mut request = request;
-        mark_credentials_sensitive(request.headers_mut());
-        // The steps see one request body type: the client's, boxed.
-        let body_read_timeout = self.config.server.body_read_timeout;
-        let request = request.map(|body| client_body(body, body_read_timeout));
-        let mut trail = Trail::new();
-        let answered = self.handle(request, client, &mut trail).await;
-        self.answer(answered, &trail)
     }
 }
 

@@ -114,71 +114,79 @@ impl Forwarder {
 
     /// Sends `request` to upstream number `upstream` and returns its response
     /// head as soon as it arrives; the body follows as the upstream sends it.
-    pub async fn forward(
+    ///
+    /// Not an `async fn`, nor are the sends below it: one would keep its
+    /// arguments twice in its future, and copy them once more.
+    pub fn forward(
         &self,
         upstream: usize,
         mut request: Request<Body>,
         client: Option<ClientAddr>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let (upstream, connections) = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
-        let authority = request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-        let path = upstream_path(upstream, request.uri())?;
-        *request.uri_mut() = match connections {
-            // HTTP/1.1 to an origin server takes the path alone.
-            Connections::Http1(_) => Uri::from(path),
-            Connections::Tls(_) => {
-                let mut parts = upstream.origin.clone().into_parts();
-                parts.path_and_query = Some(path);
-                Uri::from_parts(parts).map_err(|_| GatewayError::Internal)?
-            }
-        };
-        // The client's HTTP version is its own; the upstream connection's is
-        // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
-        *request.version_mut() = Version::HTTP_11;
-        let own_host = match connections {
-            Connections::Http1(pool) => Some(pool.host().clone()),
-            // hyper-util's client sets Host from the URI.
-            Connections::Tls(_) => None,
-        };
-        let headers = request.headers_mut();
-        prepare_headers(headers, authority, own_host, upstream, client.as_ref());
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
+        async move {
+            let (upstream, connections) =
+                self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+            let authority = request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            let path = upstream_path(upstream, request.uri())?;
+            *request.uri_mut() = match connections {
+                // HTTP/1.1 to an origin server takes the path alone.
+                Connections::Http1(_) => Uri::from(path),
+                Connections::Tls(_) => {
+                    let mut parts = upstream.origin.clone().into_parts();
+                    parts.path_and_query = Some(path);
+                    Uri::from_parts(parts).map_err(|_| GatewayError::Internal)?
+                }
+            };
+            // The client's HTTP version is its own; the upstream connection's is
+            // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
+            *request.version_mut() = Version::HTTP_11;
+            let own_host = match connections {
+                Connections::Http1(pool) => Some(pool.host().clone()),
+                // hyper-util's client sets Host from the URI.
+                Connections::Tls(_) => None,
+            };
+            let headers = request.headers_mut();
+            prepare_headers(headers, authority, own_host, upstream, client.as_ref());
 
-        let (mut response, lease) = self.send(upstream, connections, request).await?;
-        remove_hop_by_hop(response.headers_mut());
-        let idle = self.idle_timeout;
-        Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
+            let (mut response, lease) = self.send(upstream, connections, request).await?;
+            remove_hop_by_hop(response.headers_mut());
+            let idle = self.idle_timeout;
+            Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
+        }
     }
 
     /// Sends `request` on `connections`, within `upstream_timeout` of the
     /// upstream's own time (see `upload`).
-    async fn send(
+    fn send(
         &self,
         upstream: &Upstream,
         connections: &Connections,
         request: Request<Body>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), GatewayError> {
-        // A request without a body has nothing to wait on but the upstream.
-        // Its deadline is the worker's shared coarse one (see `deadline`).
-        if request.body().is_end_stream() {
-            let mut sending = std::pin::pin!(send_on(connections, request));
-            let mut deadline = self.deadlines.start();
-            let sent = std::future::poll_fn(|cx| match sending.as_mut().poll(cx) {
-                Poll::Ready(sent) => Poll::Ready(sent),
-                Poll::Pending => deadline.poll_expired(cx).map(|()| Err(SendError::TimedOut)),
-            })
-            .await;
-            return sent.map_err(|error| self.failed(upstream, error, None));
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), GatewayError>> {
+        async move {
+            // A request without a body has nothing to wait on but the upstream.
+            // Its deadline is the worker's shared coarse one (see `deadline`).
+            if request.body().is_end_stream() {
+                let mut sending = std::pin::pin!(send_on(connections, request));
+                let mut deadline = self.deadlines.start();
+                let sent = std::future::poll_fn(|cx| match sending.as_mut().poll(cx) {
+                    Poll::Ready(sent) => Poll::Ready(sent),
+                    Poll::Pending => deadline.poll_expired(cx).map(|()| Err(SendError::TimedOut)),
+                })
+                .await;
+                return sent.map_err(|error| self.failed(upstream, error, None));
+            }
+            let (parts, body) = request.into_parts();
+            let (body, mut clock) = upload::start(body, self.timeout);
+            let sent = tokio::select! {
+                sent = send_on(connections, Request::from_parts(parts, body)) => sent,
+                () = clock.expired() => Err(SendError::TimedOut),
+            };
+            sent.map_err(|error| self.failed(upstream, error, clock.client_fault()))
         }
-        let (parts, body) = request.into_parts();
-        let (body, mut clock) = upload::start(body, self.timeout);
-        let sent = tokio::select! {
-            sent = send_on(connections, Request::from_parts(parts, body)) => sent,
-            () = clock.expired() => Err(SendError::TimedOut),
-        };
-        sent.map_err(|error| self.failed(upstream, error, clock.client_fault()))
     }
 
     /// The answer to a send that failed: the client's fault when its body
@@ -213,20 +221,22 @@ enum SendError {
 }
 
 /// Sends `request` on `connections`, with no timeout of its own.
-async fn send_on(
+fn send_on(
     connections: &Connections,
     request: Request<Body>,
-) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-    match connections {
-        Connections::Http1(pool) => pool
-            .send(request)
-            .await
-            .map(|(response, lease)| (response, Some(lease)))
-            .map_err(SendError::Failed),
-        Connections::Tls(client) => match client.request(request).await {
-            Ok(response) => Ok((response, None)),
-            Err(error) => Err(SendError::Failed(error.into())),
-        },
+) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> {
+    async move {
+        match connections {
+            Connections::Http1(pool) => pool
+                .send(request)
+                .await
+                .map(|(response, lease)| (response, Some(lease)))
+                .map_err(SendError::Failed),
+            Connections::Tls(client) => match client.request(request).await {
+                Ok(response) => Ok((response, None)),
+                Err(error) => Err(SendError::Failed(error.into())),
+            },
+        }
     }
 }
 

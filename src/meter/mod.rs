@@ -117,57 +117,63 @@ fn give_back(pending: PendingReservation, decided: Result<Decided, StoreError>) 
 const FIT_ATTEMPTS: usize = 3;
 
 impl Meter {
-    pub async fn admit(
+    /// Not an `async fn`, nor is `read_body`: one would keep its arguments
+    /// twice in its future, and copy them once more.
+    pub fn admit(
         &self,
         route: &Route,
         cost: &Cost,
         org: OrgId,
         request: Request<Body>,
-    ) -> Result<Admitted, GatewayError> {
-        let policy = self.catalog.policy(&org);
-        if policy.mode == Mode::Off {
-            return Ok(Admitted::uncounted(request));
+    ) -> impl Future<Output = Result<Admitted, GatewayError>> {
+        async move {
+            let policy = self.catalog.policy(&org);
+            if policy.mode == Mode::Off {
+                return Ok(Admitted::uncounted(request));
+            }
+            let (head, body) = self.read_body(request).await?;
+            let now = (self.clock)();
+            let charge = Charge {
+                route,
+                org,
+                period: self.periods.containing(now, policy.period_anchor_day),
+                policy,
+                now,
+            };
+            if cost.estimate_tokens {
+                return self.admit_estimated(charge, cost, head, body).await;
+            }
+            let (pending, decided) = self.reserve(&charge, cost.fixed).await;
+            // An empty body goes on unallocated (a boxed `Empty` takes no room).
+            let body = match body.is_empty() {
+                true => Body::default(),
+                false => full_body(body),
+            };
+            let request = Request::from_parts(head, body);
+            self.conclude(&charge, request, pending, decided, None)
         }
-        let (head, body) = self.read_body(request).await?;
-        let now = (self.clock)();
-        let charge = Charge {
-            route,
-            org,
-            period: self.periods.containing(now, policy.period_anchor_day),
-            policy,
-            now,
-        };
-        if cost.estimate_tokens {
-            return self.admit_estimated(charge, cost, head, body).await;
-        }
-        let (pending, decided) = self.reserve(&charge, cost.fixed).await;
-        // An empty body goes on unallocated (a boxed `Empty` takes no room).
-        let body = match body.is_empty() {
-            true => Body::default(),
-            false => full_body(body),
-        };
-        let request = Request::from_parts(head, body);
-        self.conclude(&charge, request, pending, decided, None)
     }
 
     /// The request's head and its whole body, read within the body's time.
     /// A body already at its end, as most fixed-cost calls have, has
     /// nothing to wait on: skipping the timer and the collecting saves
     /// some 500 instructions a request (callgrind).
-    async fn read_body(
+    fn read_body(
         &self,
         request: Request<Body>,
-    ) -> Result<(http::request::Parts, Bytes), GatewayError> {
-        if request.body().is_end_stream() {
-            let (head, _) = request.into_parts();
-            return Ok((head, Bytes::new()));
+    ) -> impl Future<Output = Result<(http::request::Parts, Bytes), GatewayError>> {
+        async move {
+            if request.body().is_end_stream() {
+                let (head, _) = request.into_parts();
+                return Ok((head, Bytes::new()));
+            }
+            tokio::time::timeout(self.body_read_timeout, self.buffer(request))
+                .await
+                .map_err(|_| {
+                    self.ledger.metrics.client_body_failed(ClientFault::Late);
+                    GatewayError::from(ClientFault::Late)
+                })?
         }
-        tokio::time::timeout(self.body_read_timeout, self.buffer(request))
-            .await
-            .map_err(|_| {
-                self.ledger.metrics.client_body_failed(ClientFault::Late);
-                GatewayError::from(ClientFault::Late)
-            })?
     }
 
     /// An estimate route: the body is priced, and may be rewritten, before
