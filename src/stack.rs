@@ -262,9 +262,9 @@ impl Steps {
             if self.observer.access_log {
                 trail.org = Some(org.clone());
             }
-            let admitted = self.meter.admit(route, cost, org, request).await?;
+            let admitted = self.meter.admit(route, cost, org, &mut request).await?;
             trail.admitted(&admitted, self.observer.access_log);
-            let forwarded = self.forward(route, admitted.request, client, trail).await;
+            let forwarded = self.forward(route, request, client, trail).await;
 
             let mut response =
                 settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
