@@ -252,19 +252,36 @@ impl Steps {
                 .ok_or(GatewayError::NoRoute)?;
             trail.route = Some(route);
 
-            let Some(cost) = &route.cost else {
-                self.identifier
-                    .pass_unmetered(request.headers_mut(), peer)?;
-                return self.forward(route, request, client, trail).await;
+            let admitted = match &route.cost {
+                None => {
+                    self.identifier
+                        .pass_unmetered(request.headers_mut(), peer)?;
+                    None
+                }
+                Some(cost) => {
+                    let org = self.identifier.identify(request.headers_mut(), peer)?;
+                    if self.observer.access_log {
+                        trail.org = Some(org.clone());
+                    }
+                    let admitted = self.meter.admit(route, cost, org, &mut request).await?;
+                    trail.admitted(&admitted, self.observer.access_log);
+                    Some(admitted)
+                }
             };
-
-            let org = self.identifier.identify(request.headers_mut(), peer)?;
-            if self.observer.access_log {
-                trail.org = Some(org.clone());
+            // One forward for both kinds of route, awaited here rather than
+            // in a step of its own: each level of futures copies the
+            // request on its way down and the response on its way up.
+            let started = Instant::now();
+            let forwarded = self
+                .forwarder
+                .forward(route.upstream, request, client)
+                .await;
+            if forwarded.is_ok() {
+                self.upstream_answered(route, started.elapsed(), trail);
             }
-            let admitted = self.meter.admit(route, cost, org, &mut request).await?;
-            trail.admitted(&admitted, self.observer.access_log);
-            let forwarded = self.forward(route, request, client, trail).await;
+            let Some(admitted) = admitted else {
+                return forwarded;
+            };
 
             let mut response =
                 settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
@@ -283,29 +300,13 @@ impl Steps {
         }
     }
 
-    /// Forwards `request`, timing the upstream to its response headers.
-    fn forward(
-        &self,
-        route: &Route,
-        request: Request<Body>,
-        client: Option<ClientAddr>,
-        trail: &mut Trail<'_>,
-    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
-        async move {
-            let started = Instant::now();
-            let forwarded = self
-                .forwarder
-                .forward(route.upstream, request, client)
-                .await;
-            if forwarded.is_ok() {
-                let took = started.elapsed();
-                if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
-                    histogram.observe(took.as_secs_f64());
-                }
-                trail.upstream = Some(took);
-            }
-            forwarded
+    /// Records that the upstream sent its response headers `took` after
+    /// the request was forwarded.
+    fn upstream_answered(&self, route: &Route, took: Duration, trail: &mut Trail<'_>) {
+        if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
+            histogram.observe(took.as_secs_f64());
         }
+        trail.upstream = Some(took);
     }
 
     /// The answer for the client, counted (and logged) by its outcome: the

@@ -17,6 +17,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -221,22 +223,21 @@ enum SendError {
 }
 
 /// Sends `request` on `connections`, with no timeout of its own.
+/// Not a future of its own around the client's: that would be one more
+/// level to copy the request down and the response up.
 fn send_on(
     connections: &Connections,
     request: Request<Body>,
 ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> {
-    async move {
-        match connections {
-            Connections::Http1(pool) => pool
-                .send(request)
-                .await
-                .map(|(response, lease)| (response, Some(lease)))
-                .map_err(SendError::Failed),
-            Connections::Tls(client) => match client.request(request).await {
-                Ok(response) => Ok((response, None)),
-                Err(error) => Err(SendError::Failed(error.into())),
-            },
-        }
+    match connections {
+        Connections::Http1(pool) => Either::Left(pool.send(request).map(|sent| {
+            sent.map(|(response, lease)| (response, Some(lease)))
+                .map_err(SendError::Failed)
+        })),
+        Connections::Tls(client) => Either::Right(client.request(request).map(|sent| {
+            sent.map(|response| (response, None))
+                .map_err(|error| SendError::Failed(error.into()))
+        })),
     }
 }
 
