@@ -234,6 +234,10 @@ impl Gateway {
 // request was held and copied twice at every step. An `async move` block
 // uses what it captured in place.
 impl Steps {
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
     fn handle<'s>(
         &'s self,
         mut request: Request<Body>,
@@ -429,6 +433,10 @@ impl Gateway {
 }
 
 impl Steps {
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
     fn answer_from(
         self: Arc<Steps>,
         mut request: Request<Incoming>,

@@ -119,6 +119,10 @@ impl Forwarder {
     ///
     /// Not an `async fn`, nor are the sends below it: one would keep its
     /// arguments twice in its future, and copy them once more.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
     pub fn forward(
         &self,
         upstream: usize,
@@ -162,6 +166,10 @@ impl Forwarder {
 
     /// Sends `request` on `connections`, within `upstream_timeout` of the
     /// upstream's own time (see `upload`).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
     fn send(
         &self,
         upstream: &Upstream,

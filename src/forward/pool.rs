@@ -83,6 +83,10 @@ impl Http1Pool {
     /// new one; a request that was sent is never sent twice.
     ///
     /// Not an `async fn`, which would keep `request` twice in its future.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
     pub fn send(
         &self,
         mut request: Request<Body>,
