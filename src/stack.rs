@@ -228,84 +228,93 @@ impl Gateway {
     }
 }
 
+// The steps below are not `async fn`s: those move each argument once
+// more, into a local of their future, and keep it there beside the
+// captured one (the future's layout does not overlap the two), so a
+// request was held and copied twice at every step. An `async move` block
+// uses what it captured in place.
 impl Steps {
-    async fn handle<'s>(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    fn handle<'s>(
         &'s self,
         mut request: Request<Body>,
         client: Option<ClientAddr>,
         trail: &mut Trail<'s>,
-    ) -> Result<Response<Body>, GatewayError> {
-        // First, so that no header the client names in `Connection` can take
-        // away one the gateway sets later: the org header, X-Forwarded-*, an
-        // upstream's `headers`.
-        forward::remove_hop_by_hop(request.headers_mut());
-        let peer = client.as_ref().map(|c| c.ip);
-        let route = self
-            .router
-            .route(&mut request)?
-            .ok_or(GatewayError::NoRoute)?;
-        trail.route = Some(route);
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
+        async move {
+            // First, so that no header the client names in `Connection` can take
+            // away one the gateway sets later: the org header, X-Forwarded-*, an
+            // upstream's `headers`.
+            forward::remove_hop_by_hop(request.headers_mut());
+            let peer = client.as_ref().map(|c| c.ip);
+            let route = self
+                .router
+                .route(&mut request)?
+                .ok_or(GatewayError::NoRoute)?;
+            trail.route = Some(route);
 
-        let Some(cost) = &route.cost else {
-            self.identifier
-                .pass_unmetered(request.headers_mut(), peer)?;
-            return self
-                .forward(route, request, Upload::FromClient, client, trail)
+            let admitted = match &route.cost {
+                None => {
+                    self.identifier
+                        .pass_unmetered(request.headers_mut(), peer)?;
+                    None
+                }
+                Some(cost) => {
+                    let org = self.identifier.identify(request.headers_mut(), peer)?;
+                    if self.observer.access_log {
+                        trail.org = Some(org.clone());
+                    }
+                    let admitted = self.meter.admit(route, cost, org, &mut request).await?;
+                    trail.admitted(&admitted, self.observer.access_log);
+                    Some(admitted)
+                }
+            };
+            // One forward for both kinds of route, awaited here rather than
+            // in a step of its own: each level of futures copies the
+            // request on its way down and the response on its way up.
+            let upload = match &admitted {
+                Some(admitted) if admitted.body_in_hand => Upload::InHand,
+                _ => Upload::FromClient,
+            };
+            let started = Instant::now();
+            let forwarded = self
+                .forwarder
+                .forward(route.upstream, request, upload, client)
                 .await;
-        };
+            if forwarded.is_ok() {
+                self.upstream_answered(route, started.elapsed(), trail);
+            }
+            let Some(admitted) = admitted else {
+                return forwarded;
+            };
 
-        let org = self.identifier.identify(request.headers_mut(), peer)?;
-        if self.observer.access_log {
-            trail.org = Some(org.clone());
+            let mut response =
+                settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
+            // The gateway's quota replaces whatever an upstream sent by these names.
+            match admitted.rate_limit {
+                Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
+                None => RateLimitHeaders::clear(response.headers_mut()),
+            }
+            if let Some(over) = admitted.over {
+                response.headers_mut().insert(
+                    SHADOW_EXCEEDED,
+                    HeaderValue::from_static(over.dimension.as_str()),
+                );
+            }
+            Ok(response)
         }
-        let admitted = self.meter.admit(route, cost, org, request).await?;
-        trail.admitted(&admitted, self.observer.access_log);
-        let upload = match admitted.body_in_hand {
-            true => Upload::InHand,
-            false => Upload::FromClient,
-        };
-        let forwarded = self
-            .forward(route, admitted.request, upload, client, trail)
-            .await;
-
-        let mut response =
-            settle::settle(route, admitted.reservation, admitted.reading, forwarded)?;
-        // The gateway's quota replaces whatever an upstream sent by these names.
-        match admitted.rate_limit {
-            Some(rate_limit) => rate_limit.set_on(response.headers_mut()),
-            None => RateLimitHeaders::clear(response.headers_mut()),
-        }
-        if let Some(over) = admitted.over {
-            response.headers_mut().insert(
-                SHADOW_EXCEEDED,
-                HeaderValue::from_static(over.dimension.as_str()),
-            );
-        }
-        Ok(response)
     }
 
-    /// Forwards `request`, timing the upstream to its response headers.
-    async fn forward(
-        &self,
-        route: &Route,
-        request: Request<Body>,
-        upload: Upload,
-        client: Option<ClientAddr>,
-        trail: &mut Trail<'_>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let started = Instant::now();
-        let forwarded = self
-            .forwarder
-            .forward(route.upstream, request, upload, client)
-            .await;
-        if forwarded.is_ok() {
-            let took = started.elapsed();
-            if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
-                histogram.observe(took.as_secs_f64());
-            }
-            trail.upstream = Some(took);
+    /// Records that the upstream sent its response headers `took` after
+    /// the request was forwarded.
+    fn upstream_answered(&self, route: &Route, took: Duration, trail: &mut Trail<'_>) {
+        if let Some(histogram) = self.observer.upstreams.get(route.upstream) {
+            histogram.observe(took.as_secs_f64());
         }
-        forwarded
+        trail.upstream = Some(took);
     }
 
     /// The answer for the client, counted (and logged) by its outcome: the
@@ -413,34 +422,51 @@ impl Gateway {
         let Ok(steps) = std::panic::catch_unwind(AssertUnwindSafe(|| self.steps())) else {
             return Box::pin(std::future::ready(GatewayError::Internal.into_response()));
         };
-        Box::pin(Caught {
-            future: steps.answer_from(request, client),
-            panicked: false,
-        })
+        // Allocated before the future is made, so that it is written in
+        // place: `Box::pin` moves the whole state (some 5 KB, though only
+        // its arguments are live) from the stack into the box.
+        let boxed = Box::write(
+            Box::new_uninit(),
+            Caught {
+                future: steps.answer_from(request, client),
+                panicked: false,
+            },
+        );
+        Box::into_pin(boxed)
     }
 }
 
 impl Steps {
-    async fn answer_from(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    fn answer_from(
         self: Arc<Steps>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         client: Option<ClientAddr>,
-    ) -> Response<Body> {
-        // The customers' page is no route: it is neither counted nor
-        // metered, and costs the proxy's requests this one compare.
-        if let Some(page) = &self.usage_page
-            && page.serves(request.uri().path())
-        {
-            return page.answer(&request).await;
+    ) -> impl Future<Output = Response<Body>> {
+        async move {
+            // The customers' page is no route: it is neither counted nor
+            // metered, and costs the proxy's requests this one compare.
+            if let Some(page) = &self.usage_page
+                && page.serves(request.uri().path())
+            {
+                return page.answer(&request).await;
+            }
+            mark_credentials_sensitive(request.headers_mut());
+            // The steps see one request body type: the client's, boxed.
+            let body_read_timeout = self.config.server.body_read_timeout;
+            let mut trail = Trail::new();
+            let answered = self
+                .handle(
+                    request.map(|body| client_body(body, body_read_timeout)),
+                    client,
+                    &mut trail,
+                )
+                .await;
+            self.answer(answered, &trail)
         }
-        let mut request = request;
-        mark_credentials_sensitive(request.headers_mut());
-        // The steps see one request body type: the client's, boxed.
-        let body_read_timeout = self.config.server.body_read_timeout;
-        let request = request.map(|body| client_body(body, body_read_timeout));
-        let mut trail = Trail::new();
-        let answered = self.handle(request, client, &mut trail).await;
-        self.answer(answered, &trail)
     }
 }
 

@@ -16,6 +16,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -124,70 +126,87 @@ impl Forwarder {
 
     /// Sends `request` to upstream number `upstream` and returns its response
     /// head as soon as it arrives; the body follows as the upstream sends it.
-    pub async fn forward(
+    ///
+    /// Not an `async fn`, nor are the sends below it: one would keep its
+    /// arguments twice in its future, and copy them once more.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    pub fn forward(
         &self,
         upstream: usize,
         mut request: Request<Body>,
         upload: Upload,
         client: Option<ClientAddr>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let (upstream, connections) = self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
-        let authority = request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-        let path = upstream_path(upstream, request.uri())?;
-        *request.uri_mut() = match connections {
-            // HTTP/1.1 to an origin server takes the path alone.
-            Connections::Http1(_) => Uri::from(path),
-            Connections::Tls(_) => {
-                let mut parts = upstream.origin.clone().into_parts();
-                parts.path_and_query = Some(path);
-                Uri::from_parts(parts).map_err(|_| GatewayError::Internal)?
-            }
-        };
-        // The client's HTTP version is its own; the upstream connection's is
-        // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
-        *request.version_mut() = Version::HTTP_11;
-        let own_host = match connections {
-            Connections::Http1(pool) => Some(pool.host().clone()),
-            // hyper-util's client sets Host from the URI.
-            Connections::Tls(_) => None,
-        };
-        let headers = request.headers_mut();
-        prepare_headers(headers, authority, own_host, upstream, client.as_ref());
+    ) -> impl Future<Output = Result<Response<Body>, GatewayError>> {
+        async move {
+            let (upstream, connections) =
+                self.upstreams.get(upstream).ok_or(GatewayError::Internal)?;
+            let authority = request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            let path = upstream_path(upstream, request.uri())?;
+            *request.uri_mut() = match connections {
+                // HTTP/1.1 to an origin server takes the path alone.
+                Connections::Http1(_) => Uri::from(path),
+                Connections::Tls(_) => {
+                    let mut parts = upstream.origin.clone().into_parts();
+                    parts.path_and_query = Some(path);
+                    Uri::from_parts(parts).map_err(|_| GatewayError::Internal)?
+                }
+            };
+            // The client's HTTP version is its own; the upstream connection's is
+            // chosen by ALPN (HTTP/2 where offered), else HTTP/1.1.
+            *request.version_mut() = Version::HTTP_11;
+            let own_host = match connections {
+                Connections::Http1(pool) => Some(pool.host().clone()),
+                // hyper-util's client sets Host from the URI.
+                Connections::Tls(_) => None,
+            };
+            let headers = request.headers_mut();
+            prepare_headers(headers, authority, own_host, upstream, client.as_ref());
 
-        let (mut response, lease) = self.send(upstream, connections, request, upload).await?;
-        remove_hop_by_hop(response.headers_mut());
-        let idle = self.idle_timeout;
-        Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
+            let (mut response, lease) = self.send(upstream, connections, request, upload).await?;
+            remove_hop_by_hop(response.headers_mut());
+            let idle = self.idle_timeout;
+            Ok(response.map(|body| Body::new(UpstreamBody::new(body, idle, lease))))
+        }
     }
 
     /// Sends `request` on `connections`, within `upstream_timeout` of the
     /// upstream's own time (see `upload`).
-    async fn send(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    fn send(
         &self,
         upstream: &Upstream,
         connections: &Connections,
         request: Request<Body>,
         upload: Upload,
-    ) -> Result<(Response<Incoming>, Option<Lease>), GatewayError> {
-        // A request without a body, or with one read whole, has nothing to
-        // wait on but the upstream. Its deadline is the worker's shared
-        // coarse one (see `deadline`): a metered body's watched upload cost
-        // 4,300 instructions a request more (case 16, callgrind).
-        if upload == Upload::InHand || request.body().is_end_stream() {
-            let sent = self.deadlines.bound(send_on(connections, request)).await;
-            let sent = sent.unwrap_or(Err(SendError::TimedOut));
-            return sent.map_err(|error| self.failed(upstream, error, None));
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), GatewayError>> {
+        async move {
+            // A request without a body, or with one read whole, has nothing
+            // to wait on but the upstream. Its deadline is the worker's
+            // shared coarse one (see `deadline`): a metered body's watched
+            // upload cost 4,300 instructions a request more (case 16,
+            // callgrind).
+            if upload == Upload::InHand || request.body().is_end_stream() {
+                let sent = self.deadlines.bound(send_on(connections, request)).await;
+                let sent = sent.unwrap_or(Err(SendError::TimedOut));
+                return sent.map_err(|error| self.failed(upstream, error, None));
+            }
+            let (parts, body) = request.into_parts();
+            let (body, mut clock) = upload::start(body, self.timeout);
+            let sent = tokio::select! {
+                sent = send_on(connections, Request::from_parts(parts, body)) => sent,
+                () = clock.expired() => Err(SendError::TimedOut),
+            };
+            sent.map_err(|error| self.failed(upstream, error, clock.client_fault()))
         }
-        let (parts, body) = request.into_parts();
-        let (body, mut clock) = upload::start(body, self.timeout);
-        let sent = tokio::select! {
-            sent = send_on(connections, Request::from_parts(parts, body)) => sent,
-            () = clock.expired() => Err(SendError::TimedOut),
-        };
-        sent.map_err(|error| self.failed(upstream, error, clock.client_fault()))
     }
 
     /// The answer to a send that failed: the client's fault when its body
@@ -222,20 +241,21 @@ enum SendError {
 }
 
 /// Sends `request` on `connections`, with no timeout of its own.
-async fn send_on(
+/// Not a future of its own around the client's: that would be one more
+/// level to copy the request down and the response up.
+fn send_on(
     connections: &Connections,
     request: Request<Body>,
-) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+) -> impl Future<Output = Result<(Response<Incoming>, Option<Lease>), SendError>> {
     match connections {
-        Connections::Http1(pool) => pool
-            .send(request)
-            .await
-            .map(|(response, lease)| (response, Some(lease)))
-            .map_err(SendError::Failed),
-        Connections::Tls(client) => match client.request(request).await {
-            Ok(response) => Ok((response, None)),
-            Err(error) => Err(SendError::Failed(error.into())),
-        },
+        Connections::Http1(pool) => Either::Left(pool.send(request).map(|sent| {
+            sent.map(|(response, lease)| (response, Some(lease)))
+                .map_err(SendError::Failed)
+        })),
+        Connections::Tls(client) => Either::Right(client.request(request).map(|sent| {
+            sent.map(|response| (response, None))
+                .map_err(|error| SendError::Failed(error.into()))
+        })),
     }
 }
 

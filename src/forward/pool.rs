@@ -81,37 +81,45 @@ impl Http1Pool {
     /// new one. A request that an idle connection turned away unsent (the
     /// upstream had closed it) goes again, on another idle connection or a
     /// new one; a request that was sent is never sent twice.
-    pub async fn send(
+    ///
+    /// Not an `async fn`, which would keep `request` twice in its future.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    pub fn send(
         &self,
         mut request: Request<Body>,
-    ) -> Result<(Response<Incoming>, Lease), BoxError> {
-        let mut pooled = self.checkout();
-        loop {
-            let was_pooled = pooled.is_some();
-            let mut sender = match pooled.take() {
-                Some(sender) => sender,
-                // Boxed: the connect future (resolver, connector, handshake)
-                // is most of this one's size, and every request's future
-                // around it would carry and copy it (callgrind).
-                None => Box::pin(self.connect()).await?,
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let lease = Lease {
-                        sender,
-                        idle: Arc::downgrade(&self.idle),
-                    };
-                    return Ok((response, lease));
-                }
-                Err(mut error) => match error.take_message() {
-                    // Only a request that never left can go again.
-                    Some(unsent) if was_pooled => {
-                        tracing::debug!(error = %error.error(), "an idle upstream connection had closed; trying another");
-                        request = unsent;
-                        pooled = self.checkout();
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), BoxError>> {
+        async move {
+            let mut pooled = self.checkout();
+            loop {
+                let was_pooled = pooled.is_some();
+                let mut sender = match pooled.take() {
+                    Some(sender) => sender,
+                    // Boxed: the connect future (resolver, connector, handshake)
+                    // is most of this one's size, and every request's future
+                    // around it would carry and copy it (callgrind).
+                    None => Box::pin(self.connect()).await?,
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let lease = Lease {
+                            sender,
+                            idle: Arc::downgrade(&self.idle),
+                        };
+                        return Ok((response, lease));
                     }
-                    _ => return Err(error.into_error().into()),
-                },
+                    Err(mut error) => match error.take_message() {
+                        // Only a request that never left can go again.
+                        Some(unsent) if was_pooled => {
+                            tracing::debug!(error = %error.error(), "an idle upstream connection had closed; trying another");
+                            request = unsent;
+                            pooled = self.checkout();
+                        }
+                        _ => return Err(error.into_error().into()),
+                    },
+                }
             }
         }
     }
