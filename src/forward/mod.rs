@@ -87,7 +87,8 @@ pub enum Upload {
 
 pub struct Forwarder {
     upstreams: Vec<(Upstream, Connections)>,
-    /// `upstream_timeout`, for the requests that have no body to send.
+    /// `upstream_timeout`, for the requests with no body still to come from
+    /// the client: none at all, or one read whole ([`Upload::InHand`]).
     deadlines: Deadlines,
     timeout: Duration,
     idle_timeout: Duration,
