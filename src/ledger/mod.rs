@@ -28,16 +28,20 @@ use crate::metrics::{Metrics, RouteMetrics, StoreOp};
 use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::{Amounts, Decided, Decision, Dimension, MAX_AMOUNT};
-use crate::store::{QuotaStore, ReservationId, ReserveRequest, Settlement, StoreError};
+use crate::store::{
+    Begun, QuotaStore, Reply, ReservationId, ReserveRequest, Settlement, StoreError,
+};
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decided, StoreError>> + Send>>;
 
-/// A reservation's store call: under way, or answered as it was made
-/// (the memory store's), which spares a request two boxed futures, one of
-/// them `async_trait`'s.
+/// A reservation's store call: answered as it was made (the memory
+/// store's), queued for the store's sender, or under way in a boxed
+/// future. The first two spare a request two boxed futures, one of them
+/// `async_trait`'s.
 enum Call {
-    Waiting(StoreCall),
     Decided(Result<Decided, StoreError>),
+    Queued(Reply<Decided>),
+    Waiting(StoreCall),
 }
 
 /// Where reservations are kept and settled: the store, how long one call to
@@ -110,13 +114,14 @@ impl PendingReservation {
         };
         let cost = request.cost;
         let started = tokio::time::Instant::now();
-        let call = match ledger.store.reserve_at_once(&request) {
-            Some(decided) => {
+        let call = match ledger.store.begin_reserve(request) {
+            Begun::Decided(decided) => {
                 let elapsed = started.elapsed();
                 ledger.metrics.observe_store(StoreOp::Reserve, elapsed);
                 Call::Decided(decided)
             }
-            None => {
+            Begun::Queued(reply) => Call::Queued(reply),
+            Begun::Later(request) => {
                 let store = ledger.store.clone();
                 Call::Waiting(Box::pin(async move { store.reserve(&request).await }))
             }
@@ -136,14 +141,17 @@ impl PendingReservation {
         {
             return decided;
         }
-        let Some(Call::Waiting(call)) = self.call.as_mut() else {
-            return Err(StoreError::Backend(
-                "the reservation was already decided".into(),
-            ));
-        };
         let ledger = &self.ticket.ledger;
         let started = tokio::time::Instant::now();
-        let decided = ledger.store_deadlines.bound(call).await;
+        let decided = match self.call.as_mut() {
+            Some(Call::Queued(reply)) => ledger.store_deadlines.bound(reply).await,
+            Some(Call::Waiting(call)) => ledger.store_deadlines.bound(call).await,
+            Some(Call::Decided(_)) | None => {
+                return Err(StoreError::Backend(
+                    "the reservation was already decided".into(),
+                ));
+            }
+        };
         ledger
             .metrics
             .observe_store(StoreOp::Reserve, started.elapsed());
@@ -194,6 +202,7 @@ impl Drop for PendingReservation {
         let ticket = self.ticket.clone();
         let call = match call {
             Call::Waiting(call) => call,
+            Call::Queued(reply) => Box::pin(reply),
             Call::Decided(decided) => {
                 // Decided at once but never read: applied all the same.
                 if let Ok(Decided {

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use hashbrown::HashTable;
 
 use super::{
-    CatalogChange, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
-    StoreError, StoredCatalog,
+    Begun, CatalogChange, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest,
+    Settlement, StoreError, StoredCatalog,
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -202,8 +202,8 @@ impl QuotaStore for MemoryStore {
         self.reserve_now(request)
     }
 
-    fn reserve_at_once(&self, request: &ReserveRequest) -> Option<Result<Decided, StoreError>> {
-        Some(self.reserve_now(request))
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+        Begun::Decided(self.reserve_now(&request))
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {

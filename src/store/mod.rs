@@ -18,14 +18,17 @@ pub use redis::{PERIOD_KEY_GRACE, RedisStore, RedisTarget};
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -141,6 +144,39 @@ pub enum StoreError {
 }
 
 /// A runtime API key: only its digest is kept, never the key.
+/// A reservation as [`QuotaStore::begin_reserve`] left it.
+pub enum Begun {
+    /// Decided as it was asked.
+    Decided(Result<Decided, StoreError>),
+    /// On its way: the decision comes on this reply.
+    Queued(Reply<Decided>),
+    /// Not begun: the caller awaits [`QuotaStore::reserve`] with it.
+    Later(ReserveRequest),
+}
+
+/// The outcome of a call a store's sender task makes, once it has.
+pub struct Reply<T>(oneshot::Receiver<Result<T, StoreError>>);
+
+impl<T> Reply<T> {
+    /// A reply and where its outcome is sent.
+    pub fn channel() -> (oneshot::Sender<Result<T, StoreError>>, Reply<T>) {
+        let (sender, receiver) = oneshot::channel();
+        (sender, Reply(receiver))
+    }
+}
+
+impl<T> Future for Reply<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|outcome| {
+            outcome.unwrap_or_else(|_| {
+                Err(StoreError::Backend("the store's call queue is gone".into()))
+            })
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
     /// 32 lowercase hex digits, random.
@@ -209,11 +245,13 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// call, from the same atomic step (see [`Decided`]).
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError>;
 
-    /// [`QuotaStore::reserve`]'s answer where the store has it without
-    /// waiting (the memory store always does), so that the ledger boxes no
-    /// future for it; `None` to go through `reserve`.
-    fn reserve_at_once(&self, _request: &ReserveRequest) -> Option<Result<Decided, StoreError>> {
-        None
+    /// Begins [`QuotaStore::reserve`] without a future of its own where
+    /// the store can: decided at once (the memory store), or queued for a
+    /// sender whose reply is awaited (Redis on a single server). The ledger
+    /// then boxes no future for it, nor does `async_trait`; the default
+    /// hands `request` back to go through `reserve`.
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+        Begun::Later(request)
     }
 
     /// Applies a settlement's correction, once: repeating the same

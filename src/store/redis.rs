@@ -68,8 +68,8 @@ mod resp;
 mod wire;
 
 use super::{
-    CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest, Settlement,
-    StoreError, StoredCatalog,
+    Begun, CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, Reply, ReservationId,
+    ReserveRequest, Settlement, StoreError, StoredCatalog,
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -342,19 +342,32 @@ impl RedisStore {
     where
         Lane: Sends<C, O>,
     {
-        match &self.queues {
-            Some(queues) => {
-                let too_late = Instant::now() + self.timeout;
-                queue(queue_of(queues), call.clone(), too_late).await
-            }
-            None => {
+        match self.queued(queue_of, call.clone()) {
+            Ok(reply) => reply.await,
+            Err(call) => {
                 let mut lane = Lane {
                     redis: self.redis.clone(),
                     wire: None,
                 };
-                only(lane.send(std::slice::from_ref(call)).await?)?
+                only(lane.send(std::slice::from_ref(&call)).await?)?
             }
         }
+    }
+
+    /// `call`, queued for its batch sender, which must send it within the
+    /// store timeout; handed back on a cluster, which has no queues.
+    fn queued<C, O>(
+        &self,
+        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, O>>,
+        call: C,
+    ) -> Result<Reply<O>, C> {
+        let Some(queues) = &self.queues else {
+            return Err(call);
+        };
+        let (outcome, reply) = Reply::channel();
+        // A sender task gone drops the outcome, which the reply reports.
+        let _ = queue_of(queues).send((call, outcome, Instant::now() + self.timeout));
+        Ok(reply)
     }
 }
 
@@ -495,18 +508,6 @@ fn deliver<O>(
             }
         }
     }
-}
-
-/// Queues `call` for its batch sender and waits for its outcome.
-async fn queue<C, O>(
-    queue: &mpsc::UnboundedSender<Queued<C, O>>,
-    call: C,
-    too_late: Instant,
-) -> Result<O, StoreError> {
-    let (sender, outcome) = oneshot::channel();
-    let gone = || StoreError::Backend("the store's call queue is gone".into());
-    queue.send((call, sender, too_late)).map_err(|_| gone())?;
-    outcome.await.map_err(|_| gone())?
 }
 
 /// The only outcome of a batch of one.
@@ -956,6 +957,13 @@ fn expire_at(period: &Period) -> i64 {
 impl QuotaStore for RedisStore {
     async fn reserve(&self, request: &ReserveRequest) -> Result<Decided, StoreError> {
         self.call(|queues| &queues.reservations, request).await
+    }
+
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+        match self.queued(|queues| &queues.reservations, request) {
+            Ok(reply) => Begun::Queued(reply),
+            Err(request) => Begun::Later(request),
+        }
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
