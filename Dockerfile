@@ -16,6 +16,10 @@
 # The toolchain the project is built and tested with (rustc 1.95) on
 # Debian 12, the release the runtime stage below runs.
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc, the binary's allocator, is built from its C sources with make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The registry and target caches survive between builds; the binary is

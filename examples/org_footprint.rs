@@ -14,7 +14,7 @@ use tollgate::store::{QuotaStore, ReservationId, ReserveRequest};
 
 // As the gateway's binary does.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Resident memory in bytes, from /proc/self/statm (pages of 4 KiB).
 fn resident() -> u64 {

@@ -11,10 +11,15 @@ use std::sync::Arc;
 
 use tollgate::{App, Config, admin, demo};
 
-// Each request allocates and frees a few dozen small, short-lived buffers;
-// mimalloc's per-thread heaps serve that pattern well.
+// Each request allocates and frees a few dozen short-lived buffers, which
+// jemalloc's thread caches serve without a lock. Measured against mimalloc
+// 0.1.52 (whose `GlobalAlloc` sends every allocation through
+// `mi_malloc_aligned`, and in its v3 a block over 1 KiB or a refill through
+// the over-allocating path), in one benchmark run: 600 to 1,200 fewer
+// instructions a request (callgrind; 1 KB chat 67,761 -> 66,583), and peak
+// RSS under load 18.7 MB rather than 30.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// A reverse proxy that enforces billing quotas.
 #[derive(Parser)]
