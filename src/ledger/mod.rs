@@ -289,31 +289,58 @@ impl Reservation {
     }
 }
 
-/// Sends `settlement` to the store in a task of its own, so that it
-/// completes even if the request that made it is dropped midway; if the
-/// store does not confirm it, to the outbox.
+/// Sends `settlement` to the store: applied at once where the store can,
+/// else awaited in a task of its own, so that it completes even if the
+/// request that made it is dropped midway; if the store does not confirm
+/// it, to the outbox.
 fn send(ledger: Ledger, settlement: Settlement) {
-    ledger.settling.clone().spawn(async move {
-        let Ledger {
-            store,
-            store_deadlines,
-            metrics,
-            outbox,
-            ..
-        } = ledger;
-        let settling = store_deadlines.bound(store.settle(&settlement));
-        let error = match metrics.timed(StoreOp::Settle, settling).await {
+    let started = tokio::time::Instant::now();
+    match ledger.store.begin_settle(settlement.clone()) {
+        Begun::Decided(outcome) => {
+            ledger
+                .metrics
+                .observe_store(StoreOp::Settle, started.elapsed());
+            ledger.settled(settlement, Some(outcome));
+        }
+        Begun::Queued(reply) => {
+            ledger.settling.clone().spawn(async move {
+                let outcome = ledger.awaited(reply).await;
+                ledger.settled(settlement, outcome);
+            });
+        }
+        Begun::Later(settlement) => {
+            ledger.settling.clone().spawn(async move {
+                let outcome = ledger.awaited(ledger.store.settle(&settlement)).await;
+                ledger.settled(settlement, outcome);
+            });
+        }
+    }
+}
+
+impl Ledger {
+    /// A settlement's store call, timed, or `None` after the store timeout.
+    async fn awaited(
+        &self,
+        call: impl Future<Output = Result<(), StoreError>>,
+    ) -> Option<Result<(), StoreError>> {
+        let settling = self.store_deadlines.bound(call);
+        self.metrics.timed(StoreOp::Settle, settling).await
+    }
+
+    /// Hands `settlement` to the outbox unless the store confirmed it.
+    fn settled(&self, settlement: Settlement, outcome: Option<Result<(), StoreError>>) {
+        let error = match outcome {
             Some(Ok(())) => return,
             Some(Err(error)) => error,
             None => StoreError::Timeout,
         };
-        metrics.store_failed(StoreOp::Settle, &error);
+        self.metrics.store_failed(StoreOp::Settle, &error);
         match error {
             // A damaged key stays so until someone repairs it.
-            StoreError::DamagedKey(_) => outbox.give_up(&settlement, GiveUp::DamagedKey),
-            _ => outbox.retry(settlement),
+            StoreError::DamagedKey(_) => self.outbox.give_up(&settlement, GiveUp::DamagedKey),
+            _ => self.outbox.retry(settlement),
         }
-    });
+    }
 }
 
 impl Drop for Reservation {

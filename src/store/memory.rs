@@ -181,6 +181,22 @@ impl MemoryStore {
         Ok(state.reserve(hash, request))
     }
 
+    /// A settlement, applied under the lock with nothing to wait for.
+    fn settle_now(&self, settlement: &Settlement) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        if state
+            .settled
+            .insert(settlement.id, Instant::now())
+            .is_none()
+        {
+            let hash = state.counters.hash(&settlement.org);
+            let current = state.read(hash, &settlement.org, &settlement.period);
+            let correction = crate::quota::clamp_releases(&current, &settlement.correction);
+            state.add(hash, &settlement.org, &settlement.period, &correction);
+        }
+        Ok(())
+    }
+
     /// Applies `change`, counting it in the version if it changed anything.
     fn change(&self, change: CatalogChange) -> Result<CatalogWrite, StoreError> {
         let mut catalog = self
@@ -202,23 +218,16 @@ impl QuotaStore for MemoryStore {
         self.reserve_now(request)
     }
 
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
         Begun::Decided(self.reserve_now(&request))
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError> {
-        let mut state = self.state()?;
-        if state
-            .settled
-            .insert(settlement.id, Instant::now())
-            .is_none()
-        {
-            let hash = state.counters.hash(&settlement.org);
-            let current = state.read(hash, &settlement.org, &settlement.period);
-            let correction = crate::quota::clamp_releases(&current, &settlement.correction);
-            state.add(hash, &settlement.org, &settlement.period, &correction);
-        }
-        Ok(())
+        self.settle_now(settlement)
+    }
+
+    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
+        Begun::Decided(self.settle_now(&settlement))
     }
 
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {

@@ -144,14 +144,15 @@ pub enum StoreError {
 }
 
 /// A runtime API key: only its digest is kept, never the key.
-/// A reservation as [`QuotaStore::begin_reserve`] left it.
-pub enum Begun {
-    /// Decided as it was asked.
-    Decided(Result<Decided, StoreError>),
-    /// On its way: the decision comes on this reply.
-    Queued(Reply<Decided>),
-    /// Not begun: the caller awaits [`QuotaStore::reserve`] with it.
-    Later(ReserveRequest),
+/// A call `C` as [`QuotaStore::begin_reserve`] or
+/// [`QuotaStore::begin_settle`] left it, its outcome `O`.
+pub enum Begun<O, C> {
+    /// Answered as it was asked.
+    Decided(Result<O, StoreError>),
+    /// On its way: the outcome comes on this reply.
+    Queued(Reply<O>),
+    /// Not begun: the caller awaits the call's async method with it.
+    Later(C),
 }
 
 /// The outcome of a call a store's sender task makes, once it has.
@@ -250,7 +251,7 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// sender whose reply is awaited (Redis on a single server). The ledger
     /// then boxes no future for it, nor does `async_trait`; the default
     /// hands `request` back to go through `reserve`.
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
         Begun::Later(request)
     }
 
@@ -259,6 +260,12 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// neither does a second settlement of the same reservation made in
     /// the same moment. Each reservation is settled by one `Settlement`.
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError>;
+
+    /// Begins [`QuotaStore::settle`] as `begin_reserve` begins a
+    /// reservation: applied at once, queued for a sender, or handed back.
+    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
+        Begun::Later(settlement)
+    }
 
     /// The org's counters in `period` (seats: the current gauge).
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError>;

@@ -959,10 +959,17 @@ impl QuotaStore for RedisStore {
         self.call(|queues| &queues.reservations, request).await
     }
 
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
         match self.queued(|queues| &queues.reservations, request) {
             Ok(reply) => Begun::Queued(reply),
             Err(request) => Begun::Later(request),
+        }
+    }
+
+    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
+        match self.queued(|queues| &queues.settlements, settlement) {
+            Ok(reply) => Begun::Queued(reply),
+            Err(settlement) => Begun::Later(settlement),
         }
     }
 
