@@ -229,6 +229,14 @@ impl Router {
     }
 
     fn find_loosely(&self, method: &Method, path: &str) -> Option<&Arc<Route>> {
+        // Most paths an unmetered route takes share no first segment with
+        // any metered route's: those need no loose key.
+        if !self
+            .loose
+            .may_meet(path, self.rules.case == PathCase::Insensitive)
+        {
+            return None;
+        }
         let key = loose_key(path, self.rules.case);
         let key_differs = matches!(key, Cow::Owned(_));
         self.tried(&self.loose, &key)
