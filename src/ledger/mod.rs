@@ -21,15 +21,16 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
+use self::outbox::ChargeKey;
 pub use self::outbox::Outbox;
-use self::outbox::{ChargeKey, GiveUp};
 use crate::deadline::Deadlines;
 use crate::metrics::{Metrics, RouteMetrics, StoreOp};
 use crate::org::OrgId;
 use crate::period::Period;
 use crate::quota::{Amounts, Decided, Decision, Dimension, MAX_AMOUNT};
 use crate::store::{
-    Begun, QuotaStore, Reply, ReservationId, ReserveRequest, Settlement, StoreError,
+    Begun, QuotaStore, Reply, Report, ReservationId, ReserveRequest, SettleBegun, Settlement,
+    StoreError,
 };
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Decided, StoreError>> + Send>>;
@@ -289,58 +290,29 @@ impl Reservation {
     }
 }
 
-/// Sends `settlement` to the store: applied at once where the store can,
-/// else awaited in a task of its own, so that it completes even if the
-/// request that made it is dropped midway; if the store does not confirm
-/// it, to the outbox.
+/// Sends `settlement` to the store: seen to by the store itself where it
+/// can (applied at once, or sent with its batch), else awaited in a task
+/// of its own, so that it completes even if the request that made it is
+/// dropped midway. Either way its outcome goes to the outbox
+/// (as [`crate::store::Settled`]), which keeps it if the store did not
+/// confirm it; and shutdown waits for it, by its hold on `settling`.
 fn send(ledger: Ledger, settlement: Settlement) {
-    let started = tokio::time::Instant::now();
-    match ledger.store.begin_settle(settlement.clone()) {
-        Begun::Decided(outcome) => {
-            ledger
-                .metrics
-                .observe_store(StoreOp::Settle, started.elapsed());
-            ledger.settled(settlement, Some(outcome));
-        }
-        Begun::Queued(reply) => {
-            ledger.settling.clone().spawn(async move {
-                let outcome = ledger.awaited(reply).await;
-                ledger.settled(settlement, outcome);
-            });
-        }
-        Begun::Later(settlement) => {
-            ledger.settling.clone().spawn(async move {
-                let outcome = ledger.awaited(ledger.store.settle(&settlement)).await;
-                ledger.settled(settlement, outcome);
-            });
-        }
-    }
-}
-
-impl Ledger {
-    /// A settlement's store call, timed, or `None` after the store timeout.
-    async fn awaited(
-        &self,
-        call: impl Future<Output = Result<(), StoreError>>,
-    ) -> Option<Result<(), StoreError>> {
-        let settling = self.store_deadlines.bound(call);
-        self.metrics.timed(StoreOp::Settle, settling).await
-    }
-
-    /// Hands `settlement` to the outbox unless the store confirmed it.
-    fn settled(&self, settlement: Settlement, outcome: Option<Result<(), StoreError>>) {
-        let error = match outcome {
-            Some(Ok(())) => return,
-            Some(Err(error)) => error,
-            None => StoreError::Timeout,
-        };
-        self.metrics.store_failed(StoreOp::Settle, &error);
-        match error {
-            // A damaged key stays so until someone repairs it.
-            StoreError::DamagedKey(_) => self.outbox.give_up(&settlement, GiveUp::DamagedKey),
-            _ => self.outbox.retry(settlement),
-        }
-    }
+    let report = Report {
+        to: ledger.outbox.clone(),
+        hold: ledger.settling.token(),
+        begun: tokio::time::Instant::now(),
+    };
+    let SettleBegun::Later(settlement, report) = ledger.store.begin_settle(settlement, report)
+    else {
+        return;
+    };
+    ledger.settling.clone().spawn(async move {
+        let settling = ledger
+            .store_deadlines
+            .bound(ledger.store.settle(&settlement));
+        let outcome = settling.await.unwrap_or(Err(StoreError::Timeout));
+        report.settled(&settlement, outcome);
+    });
 }
 
 impl Drop for Reservation {

@@ -64,7 +64,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, StoreOp};
 use crate::quota::Dimension;
-use crate::store::{QuotaStore, Settlement, StoreError};
+use crate::store::{QuotaStore, Settled, Settlement, StoreError};
 
 /// The longest pause between two attempts while the store fails: a store
 /// that is back is noticed within this.
@@ -155,6 +155,21 @@ impl State {
         self.entries.insert(key, entry);
         self.order.push_back(key);
         key
+    }
+}
+
+/// A settlement's first attempt, reported by the store or the task that
+/// awaited it: timed, and kept here if the store did not confirm it.
+impl Settled for Outbox {
+    fn settled(&self, settlement: &Settlement, outcome: Result<(), StoreError>, took: Duration) {
+        self.metrics.observe_store(StoreOp::Settle, took);
+        let Err(error) = outcome else { return };
+        self.metrics.store_failed(StoreOp::Settle, &error);
+        match error {
+            // A damaged key stays so until someone repairs it.
+            StoreError::DamagedKey(_) => self.give_up(settlement, GiveUp::DamagedKey),
+            _ => self.retry(settlement.clone()),
+        }
     }
 }
 

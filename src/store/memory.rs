@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use hashbrown::HashTable;
 
 use super::{
-    Begun, CatalogChange, CatalogWrite, KeyRecord, QuotaStore, ReservationId, ReserveRequest,
-    Settlement, StoreError, StoredCatalog,
+    Begun, CatalogChange, CatalogWrite, KeyRecord, QuotaStore, Report, ReservationId,
+    ReserveRequest, SettleBegun, Settlement, StoreError, StoredCatalog,
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -218,7 +218,7 @@ impl QuotaStore for MemoryStore {
         self.reserve_now(request)
     }
 
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
         Begun::Decided(self.reserve_now(&request))
     }
 
@@ -226,8 +226,10 @@ impl QuotaStore for MemoryStore {
         self.settle_now(settlement)
     }
 
-    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
-        Begun::Decided(self.settle_now(&settlement))
+    fn begin_settle(&self, settlement: Settlement, report: Report) -> SettleBegun {
+        let outcome = self.settle_now(&settlement);
+        report.settled(&settlement, outcome);
+        SettleBegun::Taken
     }
 
     async fn usage(&self, org: &OrgId, period: Period) -> Result<Amounts, StoreError> {

@@ -21,14 +21,15 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -144,15 +145,46 @@ pub enum StoreError {
 }
 
 /// A runtime API key: only its digest is kept, never the key.
-/// A call `C` as [`QuotaStore::begin_reserve`] or
-/// [`QuotaStore::begin_settle`] left it, its outcome `O`.
-pub enum Begun<O, C> {
-    /// Answered as it was asked.
-    Decided(Result<O, StoreError>),
-    /// On its way: the outcome comes on this reply.
-    Queued(Reply<O>),
-    /// Not begun: the caller awaits the call's async method with it.
-    Later(C),
+/// A reservation as [`QuotaStore::begin_reserve`] left it.
+pub enum Begun {
+    /// Decided as it was asked.
+    Decided(Result<Decided, StoreError>),
+    /// On its way: the decision comes on this reply.
+    Queued(Reply<Decided>),
+    /// Not begun: the caller awaits [`QuotaStore::reserve`] with it.
+    Later(ReserveRequest),
+}
+
+/// Where the outcome of a settlement goes when the store sees to it
+/// itself ([`QuotaStore::begin_settle`]): the ledger's outbox, which
+/// keeps what the store did not confirm.
+pub trait Settled: Send + Sync + 'static {
+    /// `settlement` was applied (`Ok`), or not confirmed, `took` after it
+    /// was begun.
+    fn settled(&self, settlement: &Settlement, outcome: Result<(), StoreError>, took: Duration);
+}
+
+/// A settlement as [`QuotaStore::begin_settle`] left it.
+pub enum SettleBegun {
+    /// The store sees to it, its outcome to the report.
+    Taken,
+    /// Handed back, for the caller to await [`QuotaStore::settle`].
+    Later(Settlement, Report),
+}
+
+/// Whom a settlement's outcome is reported to, and the hold on the
+/// ledger's tracker that keeps shutdown waiting until it has been.
+pub struct Report {
+    pub to: Arc<dyn Settled>,
+    pub hold: TaskTrackerToken,
+    pub begun: tokio::time::Instant,
+}
+
+impl Report {
+    /// Reports `outcome` of `settlement`, letting go of the hold.
+    pub fn settled(self, settlement: &Settlement, outcome: Result<(), StoreError>) {
+        self.to.settled(settlement, outcome, self.begun.elapsed());
+    }
 }
 
 /// The outcome of a call a store's sender task makes, once it has.
@@ -251,7 +283,7 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// sender whose reply is awaited (Redis on a single server). The ledger
     /// then boxes no future for it, nor does `async_trait`; the default
     /// hands `request` back to go through `reserve`.
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
         Begun::Later(request)
     }
 
@@ -261,10 +293,14 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// the same moment. Each reservation is settled by one `Settlement`.
     async fn settle(&self, settlement: &Settlement) -> Result<(), StoreError>;
 
-    /// Begins [`QuotaStore::settle`] as `begin_reserve` begins a
-    /// reservation: applied at once, queued for a sender, or handed back.
-    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
-        Begun::Later(settlement)
+    /// Sees to `settlement` without a task of the caller's where the store
+    /// can: applied at once (the memory store), or queued for its sender
+    /// (Redis on a single server, which sends settlements in batches); its
+    /// outcome goes to `report` either way. Else both are handed back, for
+    /// the caller to await [`QuotaStore::settle`]. Spares each settlement a
+    /// spawned task, its boxed future and `async_trait`'s.
+    fn begin_settle(&self, settlement: Settlement, report: Report) -> SettleBegun {
+        SettleBegun::Later(settlement, report)
     }
 
     /// The org's counters in `period` (seats: the current gauge).

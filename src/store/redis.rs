@@ -68,8 +68,8 @@ mod resp;
 mod wire;
 
 use super::{
-    Begun, CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, Reply, ReservationId,
-    ReserveRequest, Settlement, StoreError, StoredCatalog,
+    Begun, CatalogNotice, CatalogWrite, KeyRecord, QuotaStore, Reply, Report, ReservationId,
+    ReserveRequest, SettleBegun, Settlement, StoreError, StoredCatalog,
 };
 use crate::org::{OrgId, OrgRecord};
 use crate::period::Period;
@@ -179,16 +179,16 @@ pub struct RedisStore {
 }
 
 struct Queues {
-    reservations: mpsc::UnboundedSender<Queued<ReserveRequest, Decided>>,
-    settlements: mpsc::UnboundedSender<Queued<Settlement, ()>>,
+    reservations: mpsc::UnboundedSender<Queued<ReserveRequest, Outcome<Decided>>>,
+    settlements: mpsc::UnboundedSender<Queued<Settlement, SettleAnswer>>,
 }
 
 /// The most reservations (or settlements) sent in one script call.
 const MAX_BATCH: usize = 64;
 
-/// A call waiting to be sent, where its outcome goes, and when it is too
-/// late to send it.
-type Queued<C, O> = (C, Outcome<O>, Instant);
+/// A call waiting to be sent, where its outcome goes ([`Answer`]), and
+/// when it is too late to send it.
+type Queued<C, A> = (C, A, Instant);
 
 /// The connection and the key layout: everything a call to Redis needs.
 #[derive(Clone)]
@@ -334,40 +334,89 @@ impl RedisStore {
 impl RedisStore {
     /// One call: through its batch queue on a single server, alone on a
     /// cluster.
-    async fn call<C: Clone, O>(
+    async fn call<C: Clone, O, A: From<Outcome<O>>>(
         &self,
-        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, O>>,
+        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, A>>,
         call: &C,
     ) -> Result<O, StoreError>
     where
         Lane: Sends<C, O>,
     {
-        match self.queued(queue_of, call.clone()) {
-            Ok(reply) => reply.await,
-            Err(call) => {
+        let (outcome, reply) = Reply::channel();
+        match self.queued(queue_of, call.clone(), outcome.into()) {
+            Ok(()) => reply.await,
+            Err(_) => {
                 let mut lane = Lane {
                     redis: self.redis.clone(),
                     wire: None,
                 };
-                only(lane.send(std::slice::from_ref(&call)).await?)?
+                only(lane.send(std::slice::from_ref(call)).await?)?
             }
         }
     }
 
     /// `call`, queued for its batch sender, which must send it within the
-    /// store timeout; handed back on a cluster, which has no queues.
-    fn queued<C, O>(
+    /// store timeout, its outcome to `answer`; both handed back on a
+    /// cluster, which has no queues. (A sender task gone drops the answer,
+    /// which its reply reports.)
+    fn queued<C, A>(
         &self,
-        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, O>>,
+        queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, A>>,
         call: C,
-    ) -> Result<Reply<O>, C> {
+        answer: A,
+    ) -> Result<(), (C, A)> {
         let Some(queues) = &self.queues else {
-            return Err(call);
+            return Err((call, answer));
         };
-        let (outcome, reply) = Reply::channel();
-        // A sender task gone drops the outcome, which the reply reports.
-        let _ = queue_of(queues).send((call, outcome, Instant::now() + self.timeout));
-        Ok(reply)
+        let _ = queue_of(queues).send((call, answer, Instant::now() + self.timeout));
+        Ok(())
+    }
+}
+
+/// Where a queued call's outcome goes.
+trait Answer<C, O>: Send + 'static {
+    /// Whether a call sent but unanswered by its time is answered then as
+    /// timed out, rather than when Redis replies. Only for calls that may
+    /// be sent again, as a settlement may (its marker applies it once):
+    /// the outbox sends it again, as it did when each settlement was
+    /// awaited by a task that gave up at the store timeout. A reservation's
+    /// reply is awaited to the end, so that one applied is refunded.
+    const EXPIRES_IN_FLIGHT: bool;
+
+    fn answer(self, call: &C, outcome: Result<O, StoreError>);
+}
+
+impl<C, O: Send + 'static> Answer<C, O> for Outcome<O> {
+    const EXPIRES_IN_FLIGHT: bool = false;
+
+    fn answer(self, _: &C, outcome: Result<O, StoreError>) {
+        let _ = self.send(outcome);
+    }
+}
+
+/// Where a settlement's outcome goes: a caller awaiting it, or the
+/// ledger's report.
+enum SettleAnswer {
+    Reply(Outcome<()>),
+    Report(Report),
+}
+
+impl From<Outcome<()>> for SettleAnswer {
+    fn from(outcome: Outcome<()>) -> SettleAnswer {
+        SettleAnswer::Reply(outcome)
+    }
+}
+
+impl Answer<Settlement, ()> for SettleAnswer {
+    const EXPIRES_IN_FLIGHT: bool = true;
+
+    fn answer(self, settlement: &Settlement, outcome: Result<(), StoreError>) {
+        match self {
+            SettleAnswer::Reply(reply) => {
+                let _ = reply.send(outcome);
+            }
+            SettleAnswer::Report(report) => report.settled(settlement, outcome),
+        }
     }
 }
 
@@ -389,16 +438,17 @@ trait Sends<C, O>: Send + 'static {
 /// not sent at all: its caller has gone on without it, and the calls queued
 /// behind a stalled Redis must not all land on it once it is back. Ends
 /// with the store.
-async fn send_batches<C, O, S>(mut sender: S, mut queued: mpsc::UnboundedReceiver<Queued<C, O>>)
+async fn send_batches<C, O, A, S>(mut sender: S, mut queued: mpsc::UnboundedReceiver<Queued<C, A>>)
 where
     C: Send + Sync + 'static,
     O: Send + 'static,
+    A: Answer<C, O>,
     S: Sends<C, O>,
 {
     let mut waiting = VecDeque::new();
     // Kept from one call to the next, as their allocations are.
     let mut calls = Vec::with_capacity(MAX_BATCH);
-    let mut outcomes = Vec::with_capacity(MAX_BATCH);
+    let mut answers = Vec::with_capacity(MAX_BATCH);
     loop {
         if waiting.is_empty() {
             let Some(first) = queued.recv().await else {
@@ -409,59 +459,84 @@ where
         while let Ok(next) = queued.try_recv() {
             waiting.push_back(next);
         }
-        batch(&mut waiting, &mut calls, &mut outcomes);
-        if calls.is_empty() {
+        let Some(until) = batch(&mut waiting, &mut calls, &mut answers) else {
             continue;
-        }
+        };
         // A request that stopped waiting after its call was sent still
         // awaits the outcome in the background (ledger::PendingReservation).
-        let sent = meanwhile(sender.send(&calls), &mut queued, &mut waiting).await;
+        let in_flight = InFlight {
+            calls: &calls,
+            answers: &mut answers,
+            until,
+        };
+        let sent = meanwhile(sender.send(&calls), &mut queued, &mut waiting, in_flight).await;
+        deliver(&calls, answers.drain(..), sent);
         calls.clear();
-        deliver(outcomes.drain(..), sent);
     }
 }
 
 type Outcome<O> = oneshot::Sender<Result<O, StoreError>>;
 
-/// Up to [`MAX_BATCH`] calls from the front of `waiting`; those past their
-/// time are answered instead.
-fn batch<C, O>(
-    waiting: &mut VecDeque<Queued<C, O>>,
+/// Up to [`MAX_BATCH`] calls from the front of `waiting`, and the time of
+/// the first (calls time out in the order they queued); those past their
+/// time are answered instead. `None` when none is left to send.
+fn batch<C, O, A: Answer<C, O>>(
+    waiting: &mut VecDeque<Queued<C, A>>,
     calls: &mut Vec<C>,
-    outcomes: &mut Vec<Outcome<O>>,
-) {
+    answers: &mut Vec<Option<A>>,
+) -> Option<Instant> {
     let now = Instant::now();
+    let mut first = None;
     while calls.len() < MAX_BATCH {
-        let Some((call, outcome, too_late)) = waiting.pop_front() else {
+        let Some((call, answer, too_late)) = waiting.pop_front() else {
             break;
         };
         if now < too_late {
+            first.get_or_insert(too_late);
             calls.push(call);
-            outcomes.push(outcome);
+            answers.push(Some(answer));
         } else {
-            let _ = outcome.send(Err(StoreError::Timeout));
+            answer.answer(&call, Err(StoreError::Timeout));
         }
     }
+    first
+}
+
+/// The calls of the batch being sent, their answers (`None` once given),
+/// and the time of the first.
+struct InFlight<'a, C, A> {
+    calls: &'a [C],
+    answers: &'a mut [Option<A>],
+    until: Instant,
 }
 
 /// Awaits `sent`, meanwhile taking in the calls that queue and answering
 /// each as its time passes, so that a call held up by a stalled Redis holds
-/// up no caller behind it longer than the store timeout.
-async fn meanwhile<C, O, T>(
+/// up no caller behind it longer than the store timeout; and, of a kind
+/// whose calls in flight expire ([`Answer::EXPIRES_IN_FLIGHT`]), answering
+/// the batch in flight as timed out once its first call's time passes.
+async fn meanwhile<C, O, A: Answer<C, O>, T>(
     sent: impl Future<Output = T>,
-    queued: &mut mpsc::UnboundedReceiver<Queued<C, O>>,
-    waiting: &mut VecDeque<Queued<C, O>>,
+    queued: &mut mpsc::UnboundedReceiver<Queued<C, A>>,
+    waiting: &mut VecDeque<Queued<C, A>>,
+    in_flight: InFlight<'_, C, A>,
 ) -> T {
     let mut sent = std::pin::pin!(sent);
     let mut expiry = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     let mut open = true;
+    let mut in_flight_expires = A::EXPIRES_IN_FLIGHT;
     loop {
-        // Set only when the first waiting call changes: calls time out in
-        // the order they queued.
-        if let Some(&(_, _, too_late)) = waiting.front()
-            && expiry.deadline() != too_late
+        let first_waiting = waiting.front().map(|&(_, _, too_late)| too_late);
+        let next = match (first_waiting, in_flight_expires) {
+            (Some(waiting), true) => Some(waiting.min(in_flight.until)),
+            (None, true) => Some(in_flight.until),
+            (waiting, false) => waiting,
+        };
+        // Reset only when the next time changes.
+        if let Some(next) = next
+            && expiry.deadline() != next
         {
-            expiry.as_mut().reset(too_late);
+            expiry.as_mut().reset(next);
         }
         tokio::select! {
             biased;
@@ -470,13 +545,21 @@ async fn meanwhile<C, O, T>(
                 Some(next) => waiting.push_back(next),
                 None => open = false,
             },
-            () = &mut expiry, if !waiting.is_empty() => {
+            () = &mut expiry, if next.is_some() => {
                 let now = Instant::now();
                 while let Some((_, _, too_late)) = waiting.front()
                     && *too_late <= now
                 {
-                    if let Some((_, outcome, _)) = waiting.pop_front() {
-                        let _ = outcome.send(Err(StoreError::Timeout));
+                    if let Some((call, answer, _)) = waiting.pop_front() {
+                        answer.answer(&call, Err(StoreError::Timeout));
+                    }
+                }
+                if in_flight_expires && in_flight.until <= now {
+                    in_flight_expires = false;
+                    for (call, answer) in in_flight.calls.iter().zip(in_flight.answers.iter_mut()) {
+                        if let Some(answer) = answer.take() {
+                            answer.answer(call, Err(StoreError::Timeout));
+                        }
                     }
                 }
             }
@@ -484,29 +567,36 @@ async fn meanwhile<C, O, T>(
     }
 }
 
-/// Hands each caller its outcome from a batch's `sent` result.
-fn deliver<O>(
-    outcomes: impl ExactSizeIterator<Item = Outcome<O>>,
+/// Gives each call its outcome from its batch's `sent` result, where it
+/// has not been answered already.
+fn deliver<C, O, A: Answer<C, O>>(
+    calls: &[C],
+    answers: impl Iterator<Item = Option<A>>,
     sent: Result<Vec<Result<O, StoreError>>, StoreError>,
 ) {
+    let failed = |message: String| {
+        move |(call, answer): (&C, Option<A>)| {
+            if let Some(answer) = answer {
+                answer.answer(call, Err(StoreError::Backend(message.clone())));
+            }
+        }
+    };
     match sent {
-        Ok(results) if results.len() == outcomes.len() => {
-            for (outcome, result) in outcomes.zip(results) {
-                let _ = outcome.send(result);
+        Ok(results) if results.len() == calls.len() => {
+            for ((call, answer), result) in calls.iter().zip(answers).zip(results) {
+                if let Some(answer) = answer {
+                    answer.answer(call, result);
+                }
             }
         }
-        Ok(_) => {
-            for outcome in outcomes {
-                let _ = outcome.send(Err(StoreError::Backend(
-                    "a reply for each call was expected".into(),
-                )));
-            }
-        }
-        Err(error) => {
-            for outcome in outcomes {
-                let _ = outcome.send(Err(StoreError::Backend(error.to_string())));
-            }
-        }
+        Ok(_) => calls
+            .iter()
+            .zip(answers)
+            .for_each(failed("a reply for each call was expected".into())),
+        Err(error) => calls
+            .iter()
+            .zip(answers)
+            .for_each(failed(error.to_string())),
     }
 }
 
@@ -959,17 +1049,22 @@ impl QuotaStore for RedisStore {
         self.call(|queues| &queues.reservations, request).await
     }
 
-    fn begin_reserve(&self, request: ReserveRequest) -> Begun<Decided, ReserveRequest> {
-        match self.queued(|queues| &queues.reservations, request) {
-            Ok(reply) => Begun::Queued(reply),
-            Err(request) => Begun::Later(request),
+    fn begin_reserve(&self, request: ReserveRequest) -> Begun {
+        let (outcome, reply) = Reply::channel();
+        match self.queued(|queues| &queues.reservations, request, outcome) {
+            Ok(()) => Begun::Queued(reply),
+            Err((request, _)) => Begun::Later(request),
         }
     }
 
-    fn begin_settle(&self, settlement: Settlement) -> Begun<(), Settlement> {
-        match self.queued(|queues| &queues.settlements, settlement) {
-            Ok(reply) => Begun::Queued(reply),
-            Err(settlement) => Begun::Later(settlement),
+    fn begin_settle(&self, settlement: Settlement, report: Report) -> SettleBegun {
+        let answer = SettleAnswer::Report(report);
+        match self.queued(|queues| &queues.settlements, settlement, answer) {
+            Err((settlement, SettleAnswer::Report(report))) => {
+                SettleBegun::Later(settlement, report)
+            }
+            // The answer handed back is the one given, never a reply.
+            Ok(()) | Err((_, SettleAnswer::Reply(_))) => SettleBegun::Taken,
         }
     }
 

@@ -508,3 +508,41 @@ async fn behind_a_stopped_redis_only_the_call_under_way_waits_for_it() {
     settled(std::slice::from_ref(&gateway)).await;
     assert_eq!(counter(&redis), 1);
 }
+
+#[tokio::test]
+async fn a_settlement_redis_holds_past_the_store_timeout_goes_to_the_outbox_and_is_applied_once() {
+    let redis = RedisServer::start_durable().await;
+    let upstream = Upstream::start().await;
+    let gateway = gateway(&redis, &upstream, "deny", "").await;
+    // Admitted, then failed upstream: its refund is the settlement.
+    let request = tokio::spawn(
+        client()
+            .post(gateway.url("/one"))
+            .header("x-org-id", "org_load")
+            .header("x-test-hold", "1")
+            .header("x-test-status", "500")
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+    assert_eq!(counter(&redis), 1);
+    redis.signal("STOP");
+    upstream.release();
+    let response = within(Duration::from_secs(10), request)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 500);
+
+    // Sent to a Redis that runs nothing, the refund is unconfirmed at the
+    // store timeout (100 ms) and goes to the outbox, though still in flight.
+    let metrics = gateway.app.metrics();
+    eventually("the refund Redis holds is in the outbox", async || {
+        metrics.settlements_queued.get() == 1
+    })
+    .await;
+    redis.signal("CONT");
+    settled(std::slice::from_ref(&gateway)).await;
+    // Applied once: by the call in flight or by the outbox's, not by both.
+    assert_eq!(counter(&redis), 0);
+    assert_eq!(metrics.settlements_failed.get(), 0);
+}
