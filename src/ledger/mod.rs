@@ -301,6 +301,7 @@ fn send(ledger: Ledger, settlement: Settlement) {
         to: ledger.outbox.clone(),
         hold: ledger.settling.token(),
         begun: tokio::time::Instant::now(),
+        timeout: ledger.store_deadlines.limit(),
     };
     let SettleBegun::Later(settlement, report) = ledger.store.begin_settle(settlement, report)
     else {

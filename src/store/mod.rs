@@ -144,7 +144,6 @@ pub enum StoreError {
     DamagedKey(OrgId),
 }
 
-/// A runtime API key: only its digest is kept, never the key.
 /// A reservation as [`QuotaStore::begin_reserve`] left it.
 pub enum Begun {
     /// Decided as it was asked.
@@ -172,12 +171,14 @@ pub enum SettleBegun {
     Later(Settlement, Report),
 }
 
-/// Whom a settlement's outcome is reported to, and the hold on the
-/// ledger's tracker that keeps shutdown waiting until it has been.
+/// Whom a settlement's outcome is reported to, the hold on the ledger's
+/// tracker that keeps shutdown waiting until it has been, and how long the
+/// store has to confirm it (`store.timeout`, as the config now says).
 pub struct Report {
     pub to: Arc<dyn Settled>,
     pub hold: TaskTrackerToken,
     pub begun: tokio::time::Instant,
+    pub timeout: Duration,
 }
 
 impl Report {
@@ -210,6 +211,7 @@ impl<T> Future for Reply<T> {
     }
 }
 
+/// A runtime API key: only its digest is kept, never the key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
     /// 32 lowercase hex digits, random.

@@ -230,8 +230,10 @@ impl RedisStore {
     /// Prepares the connection; it is made on first use, so the gateway
     /// starts (and fails open or closed per `on_error`) while Redis is down.
     ///
-    /// The gateway bounds its wait for each call by `timeout` itself, and a
-    /// call that could not be sent within it is not sent. A call sent is
+    /// The gateway bounds its wait for each reservation by `timeout` itself
+    /// (a settlement's the sender bounds, by the timeout its report
+    /// carries), and a call that could not be sent within it is not sent. A
+    /// reservation sent is
     /// waited for longer in the background, so that a reservation the
     /// gateway stopped waiting for still gets its reply and can be undone:
     /// on a single server for as long as the reply takes (a stalled Redis
@@ -343,7 +345,7 @@ impl RedisStore {
         Lane: Sends<C, O>,
     {
         let (outcome, reply) = Reply::channel();
-        match self.queued(queue_of, call.clone(), outcome.into()) {
+        match self.queued(queue_of, call.clone(), outcome.into(), self.timeout) {
             Ok(()) => reply.await,
             Err(_) => {
                 let mut lane = Lane {
@@ -355,21 +357,22 @@ impl RedisStore {
         }
     }
 
-    /// `call`, queued for its batch sender, which must send it within the
-    /// store timeout, its outcome to `answer`; both handed back on a
-    /// cluster, which has no queues. (A sender task gone drops the answer,
-    /// which its reply reports.)
+    /// `call`, queued for its batch sender, which must have its outcome
+    /// within `timeout`, for `answer`; both handed back on a cluster, which
+    /// has no queues, or if the sender task is gone.
     fn queued<C, A>(
         &self,
         queue_of: fn(&Queues) -> &mpsc::UnboundedSender<Queued<C, A>>,
         call: C,
         answer: A,
+        timeout: Duration,
     ) -> Result<(), (C, A)> {
         let Some(queues) = &self.queues else {
             return Err((call, answer));
         };
-        let _ = queue_of(queues).send((call, answer, Instant::now() + self.timeout));
-        Ok(())
+        queue_of(queues)
+            .send((call, answer, Instant::now() + timeout))
+            .map_err(|unsent| (unsent.0.0, unsent.0.1))
     }
 }
 
@@ -459,78 +462,102 @@ where
         while let Ok(next) = queued.try_recv() {
             waiting.push_back(next);
         }
-        let Some(until) = batch(&mut waiting, &mut calls, &mut answers) else {
+        batch(&mut waiting, &mut calls, &mut answers);
+        if calls.is_empty() {
             continue;
-        };
+        }
         // A request that stopped waiting after its call was sent still
         // awaits the outcome in the background (ledger::PendingReservation).
         let in_flight = InFlight {
             calls: &calls,
             answers: &mut answers,
-            until,
         };
         let sent = meanwhile(sender.send(&calls), &mut queued, &mut waiting, in_flight).await;
-        deliver(&calls, answers.drain(..), sent);
+        deliver(&calls, answers.drain(..).map(|(answer, _)| answer), sent);
         calls.clear();
     }
 }
 
 type Outcome<O> = oneshot::Sender<Result<O, StoreError>>;
 
-/// Up to [`MAX_BATCH`] calls from the front of `waiting`, and the time of
-/// the first (calls time out in the order they queued); those past their
-/// time are answered instead. `None` when none is left to send.
+/// Up to [`MAX_BATCH`] calls from the front of `waiting`, each answer with
+/// its call's time; those past their time are answered instead.
 fn batch<C, O, A: Answer<C, O>>(
     waiting: &mut VecDeque<Queued<C, A>>,
     calls: &mut Vec<C>,
-    answers: &mut Vec<Option<A>>,
-) -> Option<Instant> {
+    answers: &mut Vec<(Option<A>, Instant)>,
+) {
     let now = Instant::now();
-    let mut first = None;
     while calls.len() < MAX_BATCH {
         let Some((call, answer, too_late)) = waiting.pop_front() else {
             break;
         };
         if now < too_late {
-            first.get_or_insert(too_late);
             calls.push(call);
-            answers.push(Some(answer));
+            answers.push((Some(answer), too_late));
         } else {
             answer.answer(&call, Err(StoreError::Timeout));
         }
     }
-    first
 }
 
-/// The calls of the batch being sent, their answers (`None` once given),
-/// and the time of the first.
+/// The calls of the batch being sent, and their answers (`None` once
+/// given), each with its call's time.
 struct InFlight<'a, C, A> {
     calls: &'a [C],
-    answers: &'a mut [Option<A>],
-    until: Instant,
+    answers: &'a mut [(Option<A>, Instant)],
+}
+
+impl<C, A> InFlight<'_, C, A> {
+    /// The earliest time of a call not yet answered.
+    fn next(&self) -> Option<Instant> {
+        self.answers
+            .iter()
+            .filter(|(answer, _)| answer.is_some())
+            .map(|&(_, too_late)| too_late)
+            .min()
+    }
+
+    /// Answers each call whose time is over at `now` as timed out.
+    fn expire<O>(&mut self, now: Instant)
+    where
+        A: Answer<C, O>,
+    {
+        for (call, (answer, too_late)) in self.calls.iter().zip(self.answers.iter_mut()) {
+            if *too_late <= now
+                && let Some(answer) = answer.take()
+            {
+                answer.answer(call, Err(StoreError::Timeout));
+            }
+        }
+    }
 }
 
 /// Awaits `sent`, meanwhile taking in the calls that queue and answering
 /// each as its time passes, so that a call held up by a stalled Redis holds
 /// up no caller behind it longer than the store timeout; and, of a kind
 /// whose calls in flight expire ([`Answer::EXPIRES_IN_FLIGHT`]), answering
-/// the batch in flight as timed out once its first call's time passes.
+/// each call of the batch in flight as timed out once its time passes.
 async fn meanwhile<C, O, A: Answer<C, O>, T>(
     sent: impl Future<Output = T>,
     queued: &mut mpsc::UnboundedReceiver<Queued<C, A>>,
     waiting: &mut VecDeque<Queued<C, A>>,
-    in_flight: InFlight<'_, C, A>,
+    mut in_flight: InFlight<'_, C, A>,
 ) -> T {
     let mut sent = std::pin::pin!(sent);
     let mut expiry = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
     let mut open = true;
-    let mut in_flight_expires = A::EXPIRES_IN_FLIGHT;
     loop {
+        // Calls wait to be sent in the order they queued.
         let first_waiting = waiting.front().map(|&(_, _, too_late)| too_late);
-        let next = match (first_waiting, in_flight_expires) {
-            (Some(waiting), true) => Some(waiting.min(in_flight.until)),
-            (None, true) => Some(in_flight.until),
-            (waiting, false) => waiting,
+        let first_in_flight = if A::EXPIRES_IN_FLIGHT {
+            in_flight.next()
+        } else {
+            None
+        };
+        let next = match (first_waiting, first_in_flight) {
+            (Some(waiting), Some(in_flight)) => Some(waiting.min(in_flight)),
+            (waiting, in_flight) => waiting.or(in_flight),
         };
         // Reset only when the next time changes.
         if let Some(next) = next
@@ -554,13 +581,8 @@ async fn meanwhile<C, O, A: Answer<C, O>, T>(
                         answer.answer(&call, Err(StoreError::Timeout));
                     }
                 }
-                if in_flight_expires && in_flight.until <= now {
-                    in_flight_expires = false;
-                    for (call, answer) in in_flight.calls.iter().zip(in_flight.answers.iter_mut()) {
-                        if let Some(answer) = answer.take() {
-                            answer.answer(call, Err(StoreError::Timeout));
-                        }
-                    }
+                if A::EXPIRES_IN_FLIGHT {
+                    in_flight.expire(now);
                 }
             }
         }
@@ -1051,15 +1073,21 @@ impl QuotaStore for RedisStore {
 
     fn begin_reserve(&self, request: ReserveRequest) -> Begun {
         let (outcome, reply) = Reply::channel();
-        match self.queued(|queues| &queues.reservations, request, outcome) {
+        match self.queued(
+            |queues| &queues.reservations,
+            request,
+            outcome,
+            self.timeout,
+        ) {
             Ok(()) => Begun::Queued(reply),
             Err((request, _)) => Begun::Later(request),
         }
     }
 
     fn begin_settle(&self, settlement: Settlement, report: Report) -> SettleBegun {
+        let timeout = report.timeout;
         let answer = SettleAnswer::Report(report);
-        match self.queued(|queues| &queues.settlements, settlement, answer) {
+        match self.queued(|queues| &queues.settlements, settlement, answer, timeout) {
             Err((settlement, SettleAnswer::Report(report))) => {
                 SettleBegun::Later(settlement, report)
             }
@@ -1232,7 +1260,41 @@ async fn pass_notices(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::quota::MAX_AMOUNT;
+
+    #[test]
+    fn a_call_in_flight_times_out_at_its_own_time_not_at_its_batch_first() {
+        let now = Instant::now();
+        let (first, mut first_reply) = oneshot::channel::<Result<(), StoreError>>();
+        let (second, mut second_reply) = oneshot::channel::<Result<(), StoreError>>();
+        let (early, late) = (
+            now + Duration::from_millis(100),
+            now + Duration::from_millis(200),
+        );
+        let calls = [1_u8, 2];
+        let mut answers = [(Some(first), early), (Some(second), late)];
+        let mut in_flight = InFlight {
+            calls: &calls,
+            answers: &mut answers,
+        };
+        assert_eq!(in_flight.next(), Some(early));
+
+        in_flight.expire(now + Duration::from_millis(150));
+        assert!(matches!(
+            first_reply.try_recv(),
+            Ok(Err(StoreError::Timeout))
+        ));
+        assert!(second_reply.try_recv().is_err(), "answered before its time");
+        assert_eq!(in_flight.next(), Some(late));
+
+        in_flight.expire(late);
+        assert!(matches!(
+            second_reply.try_recv(),
+            Ok(Err(StoreError::Timeout))
+        ));
+        assert_eq!(in_flight.next(), None);
+    }
 
     #[test]
     fn the_scripts_hold_counters_to_max_amount() {
