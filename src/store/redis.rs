@@ -232,10 +232,10 @@ impl RedisStore {
     ///
     /// The gateway bounds its wait for each reservation by `timeout` itself
     /// (a settlement's the sender bounds, by the timeout its report
-    /// carries), and a call that could not be sent within it is not sent. A
-    /// reservation sent is
-    /// waited for longer in the background, so that a reservation the
-    /// gateway stopped waiting for still gets its reply and can be undone:
+    /// carries), and a call that could not be sent within it is not sent.
+    /// A reservation sent is waited for longer in the background, so that
+    /// one the gateway stopped waiting for still gets its reply and can be
+    /// undone:
     /// on a single server for as long as the reply takes (a stalled Redis
     /// holds at most one call of each kind per connection, as calls go one
     /// at a time), on a cluster, whose client resends, for ten timeouts.
