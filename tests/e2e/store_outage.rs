@@ -53,7 +53,10 @@ async fn launch(config: &str, redis: &RedisServer, upstream: &Upstream) -> Gatew
 enum Fault {
     /// SIGSTOP for 1.5 s (fifteen store timeouts), then SIGCONT.
     Stopped,
-    /// kill -9, then a new server on the same port, from its append-only file.
+    /// kill -9, down for 300 ms (three store timeouts), then a new server
+    /// on the same port, from its append-only file. Down that long, it
+    /// meets calls: a restart quick enough to meet none (the new server up
+    /// before any client had run) went unfelt now and then.
     Restarted,
     /// `CLIENT KILL TYPE normal`: every client's connection cut.
     ClientsKilled,
@@ -76,7 +79,11 @@ impl Fault {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 redis.signal("CONT");
             }
-            Fault::Restarted => redis.restart().await,
+            Fault::Restarted => {
+                redis.stop();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                redis.restart().await;
+            }
             Fault::ClientsKilled => {
                 let killed = blocking(redis, &["CLIENT", "KILL", "TYPE", "normal"]).await;
                 // This command's own connection is one of them.
