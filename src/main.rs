@@ -13,9 +13,9 @@ use tollgate::{App, Config, admin, demo};
 
 // Each request allocates and frees a few dozen short-lived buffers, which
 // jemalloc's thread caches serve without a lock. Measured against mimalloc
-// 0.1.52 (whose `GlobalAlloc` sends every allocation through
-// `mi_malloc_aligned`, and in its v3 a block over 1 KiB or a refill through
-// the over-allocating path), in one benchmark run: 600 to 1,200 fewer
+// 0.1.52, whose `GlobalAlloc` sends every allocation through
+// `mi_malloc_aligned` (in its v3 a block over 1 KiB, or a refill, then takes
+// an over-allocating path), in one benchmark run: 600 to 1,200 fewer
 // instructions a request (callgrind; 1 KB chat 67,761 -> 66,583), and peak
 // RSS under load 18.7 MB rather than 30.
 #[global_allocator]

@@ -344,17 +344,20 @@ impl RedisStore {
     where
         Lane: Sends<C, O>,
     {
-        let (outcome, reply) = Reply::channel();
-        match self.queued(queue_of, call.clone(), outcome.into(), self.timeout) {
-            Ok(()) => reply.await,
-            Err(_) => {
-                let mut lane = Lane {
-                    redis: self.redis.clone(),
-                    wire: None,
-                };
-                only(lane.send(std::slice::from_ref(call)).await?)?
+        if self.queues.is_some() {
+            let (outcome, reply) = Reply::channel();
+            if self
+                .queued(queue_of, call.clone(), outcome.into(), self.timeout)
+                .is_ok()
+            {
+                return reply.await;
             }
         }
+        let mut lane = Lane {
+            redis: self.redis.clone(),
+            wire: None,
+        };
+        only(lane.send(std::slice::from_ref(call)).await?)?
     }
 
     /// `call`, queued for its batch sender, which must have its outcome
