@@ -12,9 +12,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::LazyLock;
-
-use memchr::memmem;
 
 /// What the gateway does with a path holding an [`Ambiguity`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,24 +103,24 @@ pub fn normalize(path: &str, ambiguous: AmbiguousPaths) -> Result<Normal<'_>, Pa
     Ok(Normal { forwarded, routed })
 }
 
-/// A repeated slash, searched for with a searcher built once.
-static REPEATED_SLASH: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"//"));
-
 /// Whether [`resolve`] would leave `path` as it is: the fast path, which
-/// nearly every request takes, and which allocates nothing. It searches for
-/// the few bytes that can need work rather than walking every byte.
+/// nearly every request takes, and which allocates nothing. One pass over
+/// the bytes: a path is tens of bytes, where memchr's and memmem's
+/// searchers cost more to start than this loop to finish (on case 3's
+/// `/unmetered`, the route step took some 1,230 instructions a request
+/// with them, 940 this way, under callgrind).
 fn is_normal(path: &[u8], ambiguous: AmbiguousPaths) -> bool {
     let keeps_ambiguous = ambiguous == AmbiguousPaths::Forward;
-    REPEATED_SLASH.find(path).is_none()
-        && memchr::memchr3_iter(b'%', b'\\', b'.', path).all(|at| match path[at] {
-            b'%' => escape_at(path, at).is_some_and(|value| {
-                (stays_escaped(value) || keeps_ambiguous && ambiguity_of(value).is_some())
-                    && is_upper_hex(&path[at + 1..at + 3])
-            }),
-            b'\\' => keeps_ambiguous,
-            _ => !(at > 0 && path[at - 1] == b'/' && is_dot_segment(&path[at..])),
-        })
+    path.iter().enumerate().all(|(at, &byte)| match byte {
+        b'/' => path.get(at + 1) != Some(&b'/'),
+        b'%' => escape_at(path, at).is_some_and(|value| {
+            (stays_escaped(value) || keeps_ambiguous && ambiguity_of(value).is_some())
+                && is_upper_hex(&path[at + 1..at + 3])
+        }),
+        b'\\' => keeps_ambiguous,
+        b'.' => !(at > 0 && path[at - 1] == b'/' && is_dot_segment(&path[at..])),
+        _ => true,
+    })
 }
 
 /// Whether the segment that `rest`, starting with a `.`, begins is `.` or `..`.
