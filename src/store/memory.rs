@@ -42,9 +42,10 @@ struct State {
 /// The counters of one org: those of one period (`start` its first second),
 /// or its gauges (`start` is [`GAUGES`]). 40 bytes: each kind keeps only its
 /// own dimensions, in the slots [`slot`] gives, and the period's start in
-/// seconds rather than as a date and time (a counter was 56 bytes).
+/// seconds rather than as a date and time (a counter was 56 bytes). `org`
+/// is `None` in a slot a sweep emptied, until a new counter takes it.
 struct Counter {
-    org: OrgId,
+    org: Option<OrgId>,
     start: i64,
     counts: [i64; 2],
 }
@@ -113,6 +114,8 @@ impl Counter {
 struct Counters {
     index: HashTable<u32>,
     chunks: Vec<Vec<Counter>>,
+    /// Positions a sweep emptied, taken before the chunks grow.
+    vacant: Vec<u32>,
     hasher: RandomState,
 }
 
@@ -129,17 +132,10 @@ impl Counters {
         self.chunks.get(position / CHUNK)?.get(position % CHUNK)
     }
 
-    fn at_mut(&mut self, position: u32) -> Option<&mut Counter> {
-        let position = position as usize;
-        self.chunks
-            .get_mut(position / CHUNK)?
-            .get_mut(position % CHUNK)
-    }
-
     fn find(&self, hash: u64, org: &OrgId, start: i64) -> Option<u32> {
         let is = |position: &u32| {
             self.at(*position)
-                .is_some_and(|c| c.start == start && c.org == *org)
+                .is_some_and(|c| c.start == start && c.org.as_ref() == Some(org))
         };
         self.index.find(hash, is).copied()
     }
@@ -162,9 +158,9 @@ impl Counters {
         let start = start_of(start);
         let position = match self.find(hash, org, start) {
             Some(position) => position,
-            None => self.push(hash, org, start),
+            None => self.add(hash, org, start),
         };
-        let Some(counter) = self.at_mut(position) else {
+        let Some(counter) = slot_mut(&mut self.chunks, position) else {
             // Not reached: a position the table holds is in a chunk.
             let mut unkept = Amounts::ZERO;
             return change(&mut unkept);
@@ -175,18 +171,36 @@ impl Counters {
         changed
     }
 
-    /// Adds zeroed counters for `org` at `start`, and returns their position.
-    fn push(&mut self, hash: u64, org: &OrgId, start: i64) -> u32 {
-        let position = self.place(Counter {
-            org: org.clone(),
+    /// Adds zeroed counters for `org` at `start`, in a vacant slot if there
+    /// is one, and returns their position.
+    fn add(&mut self, hash: u64, org: &OrgId, start: i64) -> u32 {
+        let counter = Counter {
+            org: Some(org.clone()),
             start,
             counts: [0; 2],
-        });
-        self.index_at(hash, position);
+        };
+        let vacant = self.vacant.pop();
+        let position = match vacant.and_then(|at| slot_mut(&mut self.chunks, at).map(|s| (at, s))) {
+            Some((at, slot)) => {
+                *slot = counter;
+                at
+            }
+            None => self.push(counter),
+        };
+        let (hasher, chunks) = (&self.hasher, &self.chunks);
+        let rehash = |position: &u32| {
+            let position = *position as usize;
+            chunks
+                .get(position / CHUNK)
+                .and_then(|chunk| chunk.get(position % CHUNK))
+                .and_then(|c| c.org.as_ref())
+                .map_or(0, |org| hasher.hash_one(org))
+        };
+        self.index.insert_unique(hash, position, rehash);
         position
     }
 
-    fn place(&mut self, counter: Counter) -> u32 {
+    fn push(&mut self, counter: Counter) -> u32 {
         let count =
             self.chunks.len().saturating_sub(1) * CHUNK + self.chunks.last().map_or(0, Vec::len);
         match self.chunks.last_mut() {
@@ -201,39 +215,28 @@ impl Counters {
         u32::try_from(count).unwrap_or(u32::MAX)
     }
 
-    fn index_at(&mut self, hash: u64, position: u32) {
-        let (hasher, chunks) = (&self.hasher, &self.chunks);
-        let rehash = |position: &u32| {
-            let position = *position as usize;
-            chunks
-                .get(position / CHUNK)
-                .and_then(|chunk| chunk.get(position % CHUNK))
-                .map_or(0, |c| hasher.hash_one(&c.org))
-        };
-        self.index.insert_unique(hash, position, rehash);
-    }
-
-    /// Keeps the counters whose start `keep` keeps. Those that stay move
-    /// up into the room of those dropped, and the table is made anew, each
-    /// org hashed once more: a sweep drops counters only when a period has
-    /// ended, so this runs once a month, if at all.
+    /// Keeps the counters whose start `keep` keeps. The slots of the others
+    /// are emptied for new counters to take: nothing moves, and nothing is
+    /// hashed again.
     fn retain(&mut self, keep: impl Fn(i64) -> bool) {
-        let all = self.chunks.iter().flatten();
-        if all.clone().all(|c| keep(c.start)) {
-            return;
-        }
-        let kept: Vec<Counter> = std::mem::take(&mut self.chunks)
-            .into_iter()
-            .flatten()
-            .filter(|c| keep(c.start))
-            .collect();
-        self.index.clear();
-        for counter in kept {
-            let hash = self.hash(&counter.org);
-            let position = self.place(counter);
-            self.index_at(hash, position);
-        }
+        let (chunks, vacant) = (&mut self.chunks, &mut self.vacant);
+        self.index.retain(|position| {
+            let Some(counter) = slot_mut(chunks, *position) else {
+                return false;
+            };
+            if keep(counter.start) {
+                return true;
+            }
+            counter.org = None;
+            vacant.push(*position);
+            false
+        });
     }
+}
+
+fn slot_mut(chunks: &mut [Vec<Counter>], position: u32) -> Option<&mut Counter> {
+    let position = position as usize;
+    chunks.get_mut(position / CHUNK)?.get_mut(position % CHUNK)
 }
 
 impl State {
@@ -567,6 +570,8 @@ mod tests {
             assert_eq!(runs(&this), now, "{org}'s period");
             assert_eq!(state.read(hash, org, &this).get(Dimension::Seats), seats);
         }
+        let slots = |state: &State| state.counters.chunks.iter().map(Vec::len).sum::<usize>();
+        let before = slots(&state);
         let newcomer = org("org_new");
         let hash = state.counters.hash(&newcomer);
         state.add(
@@ -576,6 +581,7 @@ mod tests {
             &Amounts::ZERO.with(Dimension::Tokens, 9),
         );
         assert_eq!(state.read(hash, &newcomer, &this).get(Dimension::Tokens), 9);
+        assert_eq!(slots(&state), before, "a new counter takes an emptied slot");
         let hash = state.counters.hash(&orgs[3]);
         assert_eq!(
             state
