@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
@@ -376,6 +377,13 @@ impl Worker {
         // `conn`, which times both).
         builder.http1().header_read_timeout(None).keep_alive(true);
         builder.http2().timer(TokioTimer::new());
+        // The same HTTP/1.1 server, for connections that cannot be HTTP/2.
+        let mut http1 = http1::Builder::new();
+        http1.header_read_timeout(None).keep_alive(true);
+        let servers = Servers {
+            http1,
+            auto: builder,
+        };
         let limits = IdleLimits {
             first_request: server.header_read_timeout,
             between_requests: server.keepalive_timeout,
@@ -394,9 +402,9 @@ impl Worker {
             };
             let (limits, shutdown) = (limits, shutdown.clone());
             match &self.tls {
-                None => open.spawn(opened.serve(&builder, limits, shutdown)),
+                None => open.spawn(opened.serve(&servers, limits, shutdown)),
                 Some(tls) => {
-                    let (builder, metrics) = (builder.clone(), self.metrics.clone());
+                    let (builder, metrics) = (servers.auto.clone(), self.metrics.clone());
                     open.spawn(opened.serve_tls(tls, builder, metrics, limits, shutdown))
                 }
             };
@@ -437,10 +445,31 @@ async fn drain(mut open: JoinSet<()>, deadline: Instant) {
     }
 }
 
+/// A worker's servers of plain connections: hyper's HTTP/1.1 one, and
+/// hyper-util's, which reads the first bytes itself to choose between
+/// HTTP/1.1 and HTTP/2.
+struct Servers {
+    http1: http1::Builder,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// The first bytes of an HTTP/2 connection with prior knowledge.
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes `stream` has for reading could begin the HTTP/2
+/// preface. `false` also when it closed with none: HTTP/1.1 reads the end.
+async fn may_be_http2(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0; HTTP2_PREFACE.len()];
+    let seen = stream.peek(&mut first).await?;
+    Ok(seen > 0 && first[..seen] == HTTP2_PREFACE[..seen])
+}
+
 /// An accepted connection, on its worker's runtime.
 struct Opened {
     stream: TcpStream,
     peer: SocketAddr,
+    /// When it was accepted, from which its first request is timed.
+    accepted_at: Instant,
     activity: Activity,
     service: ConnectionService,
     /// Its place under `max_connections`, given back when it closes.
@@ -467,30 +496,56 @@ impl Opened {
         Some(Opened {
             stream,
             peer,
+            accepted_at: at,
             activity,
             service,
             permit,
         })
     }
 
-    /// The task that serves this plain connection to its close.
+    /// The task that serves this plain connection to its close. Its first
+    /// bytes, peeked at, choose the server: hyper's HTTP/1.1 one, unless they
+    /// could begin the HTTP/2 preface. So HTTP/1.1 requests are read
+    /// without hyper-util's rewinding reader and its choosing, some 180
+    /// instructions a request (case 3, callgrind). A connection that sends
+    /// nothing in `first_request` is closed, as one that sent part of a
+    /// request would be.
     fn serve(
         self,
-        builder: &auto::Builder<TokioExecutor>,
+        servers: &Servers,
         limits: IdleLimits,
         shutdown: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let connection = builder
-            .serve_connection(TokioIo::new(self.stream), self.service)
-            .into_owned();
-        drive(
-            connection,
-            self.activity,
-            limits,
-            shutdown,
-            self.peer,
-            self.permit,
-        )
+        let (http1, auto) = (servers.http1.clone(), servers.auto.clone());
+        let first_bytes_by = self.accepted_at + limits.first_request;
+        async move {
+            let peeked = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                peeked = tokio::time::timeout_at(first_bytes_by, may_be_http2(&self.stream)) => peeked,
+            };
+            let Opened {
+                stream,
+                peer,
+                activity,
+                service,
+                permit,
+                ..
+            } = self;
+            let io = TokioIo::new(stream);
+            match peeked {
+                Ok(Ok(false)) => {
+                    let connection = http1.serve_connection(io, service);
+                    drive(connection, activity, limits, shutdown, peer, permit).await;
+                }
+                Ok(Ok(true)) => {
+                    let connection = auto.serve_connection(io, service).into_owned();
+                    drive(connection, activity, limits, shutdown, peer, permit).await;
+                }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "connection ended with an error"),
+                Err(_silent) => {}
+            }
+        }
     }
 
     /// The task that serves this connection to its close, TLS first. The
@@ -510,6 +565,7 @@ impl Opened {
             activity,
             mut service,
             permit,
+            ..
         } = self;
         async move {
             let handshake = tls::handshake(stream, settings, plain_http, peer, &metrics);

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate::quota::Dimension;
 
 use crate::support::{Gateway, Upstream, client, config_with, envelope, eventually, within};
 
@@ -118,6 +119,56 @@ async fn a_connection_that_trickles_its_header_is_closed_at_header_read_timeout_
         "closed after {after:?}"
     );
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
+}
+
+/// Writes `pieces` one at a time, each after the gateway has had 50 ms to
+/// read the last, as a client on a slow link sends them.
+async fn trickle(stream: &mut TcpStream, pieces: &[&[u8]]) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(50));
+    for piece in pieces {
+        ticks.tick().await;
+        stream.write_all(piece).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn requests_whose_first_bytes_could_begin_the_http2_preface_are_served_as_http1() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&config_with_server(""), &upstream).await;
+
+    // `P` alone, and `PR`, begin `PRI * HTTP/2.0` as well as these methods:
+    // the gateway cannot tell the protocol from the first piece, and must
+    // lose none of it choosing.
+    let requests = [
+        [
+            &b"P"[..],
+            b"OST /api/v1/playbooks/pb_1/execute HTTP/1.1\r\n",
+        ],
+        [&b"PR"[..], b"OPFIND /elsewhere HTTP/1.1\r\n"],
+    ];
+    for pieces in requests {
+        let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+        trickle(&mut stream, &pieces).await;
+        let rest =
+            "host: t\r\nx-org-id: org_acme\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        stream.write_all(rest.as_bytes()).await.unwrap();
+        let (head, body) = read_response(&mut stream).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "{pieces:?}: {head}\n{body}"
+        );
+    }
+
+    let seen: Vec<String> = upstream
+        .seen()
+        .iter()
+        .map(|seen| format!("{} {}", seen.method, seen.path))
+        .collect();
+    assert_eq!(
+        seen,
+        ["POST /api/v1/playbooks/pb_1/execute", "PROPFIND /elsewhere"]
+    );
+    assert_eq!(gateway.used("org_acme", Dimension::PlaybookRuns).await, 1);
 }
 
 #[tokio::test]
