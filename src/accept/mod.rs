@@ -506,7 +506,7 @@ impl Opened {
     /// The task that serves this plain connection to its close. Its first
     /// bytes, peeked at, choose the server: hyper's HTTP/1.1 one, unless they
     /// could begin the HTTP/2 preface. So HTTP/1.1 requests are read
-    /// without hyper-util's rewinding reader and its choosing, some 180
+    /// without hyper-util's rewinding reader and its choosing, some 120
     /// instructions a request (case 3, callgrind). A connection that sends
     /// nothing in `first_request` is closed, as one that sent part of a
     /// request would be.
