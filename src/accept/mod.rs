@@ -519,10 +519,12 @@ impl Opened {
         let (http1, auto) = (servers.http1.clone(), servers.auto.clone());
         let first_bytes_by = self.accepted_at + limits.first_request;
         async move {
+            // Bytes first: a request already sent when shutdown begins is
+            // answered, as one read before it began would be.
             let peeked = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return,
                 peeked = tokio::time::timeout_at(first_bytes_by, may_be_http2(&self.stream)) => peeked,
+                () = shutdown.cancelled() => return,
             };
             let Opened {
                 stream,
