@@ -35,11 +35,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let limits = Limits::UNLIMITED.with(Dimension::PlaybookRuns, 500);
     let cost = Amounts::ZERO.with(Dimension::PlaybookRuns, 1);
     // The names are made before the first reading, so only what the store
-    // keeps is counted.
-    let names: Vec<OrgId> = (0..orgs)
-        .map(|i| OrgId::parse(&format!("org_{i:08}")))
-        .collect::<Option<_>>()
-        .ok_or("an org id the gateway would refuse")?;
+    // keeps is counted; in a vector of their final size, and through one
+    // buffer, so that nothing freed before that reading (still resident)
+    // is handed to the store and left uncounted.
+    let mut names: Vec<OrgId> = Vec::with_capacity(orgs);
+    let mut name = String::new();
+    for i in 0..orgs {
+        use std::fmt::Write;
+        name.clear();
+        write!(name, "org_{i:08}")?;
+        names.push(OrgId::parse(&name).ok_or("an org id the gateway would refuse")?);
+    }
     let before = resident();
     for org in &names {
         let request = ReserveRequest {

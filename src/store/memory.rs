@@ -98,7 +98,7 @@ impl Counter {
 /// one the sweep keeps) share a hash and are told apart on compare.
 ///
 /// The counters sit in chunks that never move, and the hash table holds
-/// only their positions, 4 bytes a slot: a table of the counters
+/// only their positions, 5 bytes a slot with its control byte: a table of the counters
 /// themselves is between half and seven eighths full, and a vector of them
 /// leaves its last copy behind each time it grows. 500,000 orgs cost 127
 /// bytes each that way, 44 this way, and a million 55, the table having
