@@ -98,11 +98,13 @@ impl Counter {
 /// one the sweep keeps) share a hash and are told apart on compare.
 ///
 /// The counters sit in chunks that never move, and the hash table holds
-/// only their positions, 5 bytes a slot with its control byte: a table of the counters
-/// themselves is between half and seven eighths full, and a vector of them
-/// leaves its last copy behind each time it grows. 500,000 orgs cost 127
-/// bytes each that way, 44 this way, and a million 55, the table having
-/// just doubled (`examples/org_footprint`).
+/// only their positions, 5 bytes a slot with its control byte: a table of
+/// the counters themselves is between half and seven eighths full, and a
+/// vector of them leaves its last copy behind each time it grows. 500,000
+/// orgs cost 135 bytes each that way and 60 this way, a million 63
+/// (`examples/org_footprint`): the counter's 40, the table's slots (there
+/// are twice as many as counters just after it doubles), and the smaller
+/// tables it grew out of, not yet given back by the allocator.
 ///
 /// The hash stays SipHash under a per-process key, not foldhash: an org id
 /// reaches the store from a trusted peer's org header as well as from the
