@@ -10,7 +10,8 @@ use tollgate::quota::Dimension;
 
 use crate::support::redis::{RedisServer, counter_key};
 use crate::support::{
-    Gateway, Upstream, client, config_with, envelope, eventually, post, run_clock, within,
+    Gateway, Upstream, client, config_with, envelope, eventually, held_failing_request, post,
+    run_clock, within,
 };
 
 /// The shared test config on Redis, with a route costing 10 tokens, an org
@@ -342,31 +343,12 @@ async fn a_reservation_the_store_confirms_after_its_timeout_is_refunded() {
     .await;
 }
 
-/// Sends org_pair's request to `/ten`, which the upstream holds until
-/// released and then fails with a 503 (so it is refunded); returns once the
-/// request has reached the upstream.
-async fn held_failing_request(
-    gateway: &Gateway,
-    upstream: &Upstream,
-) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
-    let failing = tokio::spawn(
-        client()
-            .post(gateway.url("/ten"))
-            .header("x-org-id", "org_pair")
-            .header("x-test-hold", "1")
-            .header("x-test-status", "503")
-            .send(),
-    );
-    upstream.wait_for_arrivals(1).await;
-    failing
-}
-
 #[tokio::test]
 async fn a_refund_due_at_shutdown_reaches_redis_before_the_gateway_exits() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     let mut gateway = start(&redis, &upstream, "deny").await;
-    let failing = held_failing_request(&gateway, &upstream).await;
+    let failing = held_failing_request(&gateway, &upstream, "/ten", "org_pair", 503).await;
     assert_eq!(gateway.used("org_pair", Dimension::Tokens).await, 10);
 
     let stopped = tokio::spawn(gateway.shut_down());
@@ -387,7 +369,7 @@ async fn a_refund_against_a_damaged_counter_is_given_up_at_once_and_leaves_the_c
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
     let mut gateway = start(&redis, &upstream, "allow").await;
-    let failing = held_failing_request(&gateway, &upstream).await;
+    let failing = held_failing_request(&gateway, &upstream, "/ten", "org_pair", 503).await;
     // Lua's `tonumber` reads this as a number; written back, it would no
     // longer stop any limit.
     let _: () = redis.command(&["SET", &counter_key("org_pair", "tokens"), "nan"]);

@@ -17,7 +17,8 @@ use serde_json::json;
 use crate::support::provider::{OPENAI_USAGE, Provider};
 use crate::support::redis::{RedisServer, counter_key};
 use crate::support::{
-    Gateway, Upstream, client, config_with, count, eventually, run_clock, within,
+    Gateway, Upstream, client, config_with, count, eventually, held_failing_request, run_clock,
+    within,
 };
 
 /// The shared test config on Redis with a store timeout of 100ms, the
@@ -522,15 +523,7 @@ async fn a_settlement_redis_holds_past_the_store_timeout_goes_to_the_outbox_and_
     let upstream = Upstream::start().await;
     let gateway = gateway(&redis, &upstream, "deny", "").await;
     // Admitted, then failed upstream: its refund is the settlement.
-    let request = tokio::spawn(
-        client()
-            .post(gateway.url("/one"))
-            .header("x-org-id", "org_load")
-            .header("x-test-hold", "1")
-            .header("x-test-status", "500")
-            .send(),
-    );
-    upstream.wait_for_arrivals(1).await;
+    let request = held_failing_request(&gateway, &upstream, "/one", "org_load", 500).await;
     assert_eq!(counter(&redis), 1);
     redis.signal("STOP");
     upstream.release();

@@ -376,6 +376,28 @@ pub async fn post(gateway: &Gateway, path: &str, org: &str) -> reqwest::Response
         .unwrap()
 }
 
+/// A bodiless POST to `path` for `org` that the upstream holds until
+/// released and then fails with `status` (so that its reservation is
+/// refunded); returns once the request has reached the upstream.
+pub async fn held_failing_request(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    path: &str,
+    org: &str,
+    status: u16,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let failing = tokio::spawn(
+        client()
+            .post(gateway.url(path))
+            .header("x-org-id", org)
+            .header("x-test-hold", "1")
+            .header("x-test-status", status.to_string())
+            .send(),
+    );
+    upstream.wait_for_arrivals(1).await;
+    failing
+}
+
 /// A raw HTTP/1.1 answer: its status and body.
 pub struct RawAnswer {
     pub status: u16,
