@@ -130,8 +130,7 @@ impl Counters {
     }
 
     fn at(&self, position: u32) -> Option<&Counter> {
-        let position = position as usize;
-        self.chunks.get(position / CHUNK)?.get(position % CHUNK)
+        in_chunks(&self.chunks, position)
     }
 
     fn find(&self, hash: u64, org: &OrgId, start: i64) -> Option<u32> {
@@ -162,7 +161,7 @@ impl Counters {
             Some(position) => position,
             None => self.add(hash, org, start),
         };
-        let Some(counter) = slot_mut(&mut self.chunks, position) else {
+        let Some(counter) = in_chunks_mut(&mut self.chunks, position) else {
             // Not reached: a position the table holds is in a chunk.
             let mut unkept = Amounts::ZERO;
             return change(&mut unkept);
@@ -182,19 +181,17 @@ impl Counters {
             counts: [0; 2],
         };
         let vacant = self.vacant.pop();
-        let position = match vacant.and_then(|at| slot_mut(&mut self.chunks, at).map(|s| (at, s))) {
-            Some((at, slot)) => {
+        let slot = vacant.and_then(|at| in_chunks_mut(&mut self.chunks, at));
+        let position = match (vacant, slot) {
+            (Some(at), Some(slot)) => {
                 *slot = counter;
                 at
             }
-            None => self.push(counter),
+            _ => self.push(counter),
         };
         let (hasher, chunks) = (&self.hasher, &self.chunks);
         let rehash = |position: &u32| {
-            let position = *position as usize;
-            chunks
-                .get(position / CHUNK)
-                .and_then(|chunk| chunk.get(position % CHUNK))
+            in_chunks(chunks, *position)
                 .and_then(|c| c.org.as_ref())
                 .map_or(0, |org| hasher.hash_one(org))
         };
@@ -223,7 +220,7 @@ impl Counters {
     fn retain(&mut self, keep: impl Fn(i64) -> bool) {
         let (chunks, vacant) = (&mut self.chunks, &mut self.vacant);
         self.index.retain(|position| {
-            let Some(counter) = slot_mut(chunks, *position) else {
+            let Some(counter) = in_chunks_mut(chunks, *position) else {
                 return false;
             };
             if keep(counter.start) {
@@ -236,7 +233,13 @@ impl Counters {
     }
 }
 
-fn slot_mut(chunks: &mut [Vec<Counter>], position: u32) -> Option<&mut Counter> {
+/// The counter at `position` in `chunks`.
+fn in_chunks(chunks: &[Vec<Counter>], position: u32) -> Option<&Counter> {
+    let position = position as usize;
+    chunks.get(position / CHUNK)?.get(position % CHUNK)
+}
+
+fn in_chunks_mut(chunks: &mut [Vec<Counter>], position: u32) -> Option<&mut Counter> {
     let position = position as usize;
     chunks.get_mut(position / CHUNK)?.get_mut(position % CHUNK)
 }
